@@ -1,0 +1,1 @@
+"""Sources: one module per format, registered in ``connectors.registry``."""

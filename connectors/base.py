@@ -1,0 +1,141 @@
+"""The connector contract: list shards, read one shard.
+
+A connector implements two methods, ``list_shards`` and ``read_shard``; this base class owns the
+rest: finding files through fsspec, mapping record fields to ``Document``, and the error policy —
+bad records and unreadable files become ``BadRecord``s (quarantined by the runner) instead of
+exceptions, so bad input never kills a job.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar
+
+from embedder.config import SourceConfig
+from embedder.records import BadRecord, Document, Shard
+from embedder.storage import filesystem
+
+
+class ConnectorError(ValueError):
+    """The source cannot be read at all (wrong path, nothing to read): a usage error."""
+
+
+class Connector(ABC):
+    """Base class of every source format.
+
+    Subclasses set ``suffixes`` (file endings kept when the source is a folder or glob) and
+    implement ``list_shards`` and ``read_shard``.
+
+    Args:
+        config: The job's ``source`` section.
+    """
+
+    name: ClassVar[str] = ""
+    suffixes: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: SourceConfig) -> None:
+        self.config = config
+        self.fs, self.root = filesystem(config.uri, config.storage_options)
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        self._prefix = "" if protocol in ("file", "local") else f"{protocol}://"
+
+    # --- to implement -------------------------------------------------------------------------
+
+    @abstractmethod
+    def list_shards(self) -> list[Shard]:
+        """All shards of the source, deterministically: same source, same shards, same order."""
+
+    @abstractmethod
+    def read_shard(self, shard: Shard) -> Iterator[Document | BadRecord]:
+        """Yields the shard's documents (and bad records) in a deterministic order."""
+
+    # --- shared -------------------------------------------------------------------------------
+
+    @property
+    def shard_bytes(self) -> int:
+        return max(1, int(self.config.shard_size_mb * 1024 * 1024))
+
+    def url(self, path: str) -> str:
+        """The fsspec URL of a path of this connector's filesystem."""
+        return path if "://" in path or not self._prefix else f"{self._prefix}{path}"
+
+    def list_files(self) -> list[tuple[str, int]]:
+        """``(path, size)`` of the source's files, sorted; a folder is walked recursively.
+
+        Raises:
+            ConnectorError: when the path does not exist or holds no file of this format.
+        """
+        root = self.root
+        if any(ch in root for ch in "*?["):
+            paths = self.fs.glob(root)
+        elif self.fs.isdir(root):
+            paths = [p for p in self.fs.find(root) if self._keeps(p)]
+        elif self.fs.exists(root):
+            paths = [root]
+        else:
+            raise ConnectorError(f"source {self.config.uri!r} does not exist: check source.uri / --source")
+        paths = sorted(p for p in paths if not self.fs.isdir(p))
+        if not paths:
+            wanted = ", ".join(self.suffixes) or "any"
+            raise ConnectorError(
+                f"source {self.config.uri!r} holds no {self.name} files ({wanted}); "
+                "check source.uri or set source.format"
+            )
+        return [(p, int(self.fs.size(p) or 0)) for p in paths]
+
+    def _keeps(self, path: str) -> bool:
+        base = path.rsplit("/", 1)[-1]
+        if base.startswith((".", "_")):
+            return False
+        return not self.suffixes or base.lower().endswith(self.suffixes)
+
+    def relative(self, path: str) -> str:
+        """A path relative to the source root (used in stable shard and document ids)."""
+        root = self.root.rstrip("/")
+        if any(ch in root for ch in "*?["):
+            root = root.rsplit("/", 1)[0]
+        if path == root:
+            return path.rsplit("/", 1)[-1]
+        if path.startswith(root + "/"):
+            return path[len(root) + 1 :]
+        return path
+
+    def documents(self, shard: Shard) -> Iterator[Document | BadRecord]:
+        """``read_shard`` with the error policy applied: a failure mid-shard keeps what was read
+        and quarantines the rest with the reason."""
+        produced = 0
+        try:
+            for item in self.read_shard(shard):
+                if isinstance(item, Document):
+                    produced += 1
+                yield item
+        except Exception as err:  # the policy: any failure of a shard becomes a quarantine record
+            yield BadRecord(
+                shard.id,
+                f"after document {produced}",
+                f"shard unreadable from here on: {type(err).__name__}: {err}",
+            )
+
+    def make_document(self, record: Mapping[str, Any], shard: Shard, location: str) -> Document | BadRecord:
+        """Maps one record to a Document with the configured id/text/title/metadata fields."""
+        cfg = self.config
+        text = record.get(cfg.text_field)
+        raw_id = record.get(cfg.id_field)
+        doc_id = None if raw_id is None else str(raw_id)
+        if doc_id is None or doc_id == "":
+            return BadRecord(shard.id, location, f"no id field {cfg.id_field!r}", snippet=_snippet(record))
+        if text is None:
+            return BadRecord(shard.id, location, f"no text field {cfg.text_field!r}", doc_id=doc_id, snippet=_snippet(record))
+        if not isinstance(text, str):
+            return BadRecord(shard.id, location, f"text field {cfg.text_field!r} is {type(text).__name__}, not a string", doc_id=doc_id)
+        if not text.strip():
+            return BadRecord(shard.id, location, "empty or whitespace-only text", doc_id=doc_id)
+        title = record.get(cfg.title_field) if cfg.title_field else None
+        metadata = {name: record.get(name) for name in cfg.metadata_fields}
+        return Document(id=doc_id, text=text, title=None if title is None else str(title), metadata=metadata)
+
+
+def _snippet(record: Any, limit: int = 200) -> str:
+    text = repr(record)
+    return text if len(text) <= limit else text[:limit] + "…"

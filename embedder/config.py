@@ -1,0 +1,206 @@
+"""The job configuration: a typed, validated pydantic model loaded from YAML.
+
+A job says where the corpus is (``source``), which model embeds it (``model``), how documents are cut
+into chunks (``chunking``), where vectors go (``output``) and what runs it (``runner``). Unknown keys
+and invalid values are errors that name the key and the valid choices; the CLI turns them into exit
+code 2. The resolved job is saved under ``<output>/_embedder/job.yaml`` with credentials redacted.
+
+Example:
+    >>> job = Job.model_validate({"source": {"uri": "docs/"}, "output": {"uri": "out/"}})
+    >>> job.model.name
+    'all-MiniLM-L6-v2'
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+FormatName = Literal["auto", "jsonl", "parquet", "text", "wikipedia", "lance"]
+SinkName = Literal["auto", "lance", "parquet"]
+DeviceName = Literal["auto", "cpu", "cuda"]
+DtypeName = Literal["auto", "float32", "float16", "bfloat16"]
+ContextName = Literal["none", "title", "section"]
+RunnerName = Literal["local", "ray"]
+ModeName = Literal["full", "incremental", "reembed"]
+
+_SECRET_KEY = re.compile(r"key|secret|token|password|passwd|credential|session", re.IGNORECASE)
+REDACTED = "***redacted***"
+
+
+class ConfigError(ValueError):
+    """A job configuration that cannot run, with a message that names the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceConfig(_Section):
+    """Where the corpus is and how to read it."""
+
+    uri: str = Field(description="File, folder, glob or fsspec URL (s3://bucket/prefix/*.jsonl).")
+    format: FormatName = "auto"
+    id_field: str = "id"
+    text_field: str = "text"
+    title_field: str | None = "title"
+    metadata_fields: list[str] = Field(default_factory=list, description="Passthrough columns.")
+    shard_size_mb: float = Field(64.0, gt=0, description="Target input bytes per shard.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Connector-specific options.")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec storage options.")
+    limit: int | None = Field(None, ge=1, description="Stop after this many documents (for trials).")
+
+
+class ModelConfig(_Section):
+    """Which model embeds, on what device and in what precision."""
+
+    name: str = Field("all-MiniLM-L6-v2", description="Bundled alias, local directory or hub id.")
+    device: DeviceName = "auto"
+    dtype: DtypeName = "auto"
+    trust_remote_code: bool = False
+    document_prompt: str | None = Field(None, description="Override the model's document prompt.")
+    query_prompt: str | None = Field(None, description="Override the model's query prompt.")
+    max_seq_length: int | None = Field(None, ge=8, description="Lower the model's own limit.")
+    token_budget: int | Literal["auto"] = Field("auto", description="Tokens per packed batch.")
+    compile: bool = False
+    packed: bool = Field(True, description="Use the padding-free forward where the family has one.")
+
+
+class ChunkingConfig(_Section):
+    """How documents become token windows."""
+
+    max_tokens: int | None = Field(None, ge=8, description="Tokens per chunk (default: the model's limit).")
+    overlap_tokens: int = Field(0, ge=0)
+    context: ContextName = Field("none", description="Prefix each chunk with the title or 'Title — Section'.")
+    max_document_chars: int = Field(2_000_000, ge=1000, description="Longer documents are trimmed.")
+
+
+class OutputConfig(_Section):
+    """Where vectors go."""
+
+    uri: str
+    sink: SinkName = "auto"
+    table: str = "chunks"
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    mode: ModeName = "full"
+
+
+class RunnerConfig(_Section):
+    """What drives the job."""
+
+    kind: RunnerName = "local"
+    workers: int | Literal["auto"] = Field("auto", description="Reader/tokenizer processes.")
+    address: str | None = Field(None, description="Ray cluster address (runner: ray).")
+    show_progress: bool = True
+
+
+class Job(_Section):
+    """A whole embedding job."""
+
+    source: SourceConfig
+    output: OutputConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    chunking: ChunkingConfig = Field(default_factory=ChunkingConfig)
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
+
+    @field_validator("chunking")
+    @classmethod
+    def _overlap_below_max(cls, value: ChunkingConfig) -> ChunkingConfig:
+        if value.max_tokens is not None and value.overlap_tokens >= value.max_tokens // 2:
+            raise ValueError(
+                f"overlap_tokens ({value.overlap_tokens}) must be below half of max_tokens ({value.max_tokens})"
+            )
+        return value
+
+    def redacted(self) -> dict[str, Any]:
+        """The job as a dict with every credential-like storage option replaced by a placeholder."""
+        data = self.model_dump(mode="json")
+        for section in ("source", "output"):
+            data[section]["storage_options"] = _redact(data[section]["storage_options"])
+        return data
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.redacted(), sort_keys=False)
+
+
+def _redact(value: Any, key: str = "") -> Any:
+    if isinstance(value, dict):
+        return {k: _redact(v, str(k)) for k, v in value.items()}
+    if key and _SECRET_KEY.search(key) and value not in (None, "", False):
+        return REDACTED
+    if isinstance(value, list):
+        return [_redact(v) for v in value]
+    return value
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key {loc!r}")
+        elif e["type"] == "literal_error":
+            expected = e.get("ctx", {}).get("expected", "")
+            lines.append(f"invalid value {e.get('input')!r} for {loc!r}. Valid: {expected}")
+        elif e["type"] == "missing":
+            lines.append(f"missing key {loc!r}")
+        else:
+            lines.append(f"{loc}: {e['msg']}")
+    return "; ".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parses ``section.key=value`` (value read as YAML, so ``true``, ``3``, ``[a, b]`` work)."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects section.key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"--set expects section.key=value, got {item!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {'.'.join(path)}: {part!r} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def build_job(data: dict[str, Any], overrides: list[str] | None = None) -> Job:
+    """Validates a job dict after applying ``section.key=value`` overrides."""
+    data = dict(data)
+    for item in overrides or []:
+        path, value = parse_override(item)
+        apply_override(data, path, value)
+    try:
+        return Job.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"invalid job: {_format_validation_error(err)}") from None
+
+
+def load_job_dict(path: str | Path) -> dict[str, Any]:
+    """Safe-loads a YAML job file; paths in it stay as written (relative to the working directory)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections (source, output, model...)")
+    return data

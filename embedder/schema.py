@@ -1,0 +1,75 @@
+"""The output table: columns of ARCHITECTURE.md plus passthrough metadata, provenance in the schema.
+
+Both sinks write exactly this schema, so the same job gives the same table in LanceDB and Parquet.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from embedder.records import Chunk
+
+PROVENANCE_KEY = b"embedder"
+BASE_COLUMNS = ("id", "doc_id", "chunk_index", "text", "title", "content_hash", "shard_id", "vector")
+
+
+def output_schema(dim: int, metadata_fields: Sequence[str] = (), provenance: dict[str, Any] | None = None) -> pa.Schema:
+    """The output schema for vectors of ``dim`` floats.
+
+    Passthrough metadata columns are stored as strings (JSON for non-string values), so a column's
+    type never depends on which shard was written first.
+    """
+    fields = [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("chunk_index", pa.int32(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("title", pa.string()),
+        pa.field("content_hash", pa.string(), nullable=False),
+        pa.field("shard_id", pa.string(), nullable=False),
+        pa.field("vector", pa.list_(pa.float32(), dim)),
+    ]
+    for name in metadata_fields:
+        if name in BASE_COLUMNS:
+            raise ValueError(f"metadata field {name!r} clashes with an output column; rename it")
+        fields.append(pa.field(name, pa.string()))
+    meta = {PROVENANCE_KEY: json.dumps(provenance or {}, sort_keys=True).encode()}
+    return pa.schema(fields, metadata=meta)
+
+
+def provenance_of(schema: pa.Schema) -> dict[str, Any]:
+    """The provenance dict stored in a schema (empty when absent)."""
+    raw = (schema.metadata or {}).get(PROVENANCE_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def _metadata_value(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def chunks_to_table(chunks: Sequence[Chunk], vectors: np.ndarray, schema: pa.Schema) -> pa.Table:
+    """Builds output rows for chunks and their vectors (``[n, dim]`` float32, same order)."""
+    n = len(chunks)
+    dim = schema.field("vector").type.list_size
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(n, dim)
+    columns: dict[str, pa.Array] = {
+        "id": pa.array([c.id for c in chunks], pa.string()),
+        "doc_id": pa.array([c.doc_id for c in chunks], pa.string()),
+        "chunk_index": pa.array([c.chunk_index for c in chunks], pa.int32()),
+        "text": pa.array([c.text for c in chunks], pa.string()),
+        "title": pa.array([c.title for c in chunks], pa.string()),
+        "content_hash": pa.array([c.content_hash for c in chunks], pa.string()),
+        "shard_id": pa.array([c.shard_id for c in chunks], pa.string()),
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim),
+    }
+    for field in schema:
+        if field.name not in columns:
+            columns[field.name] = pa.array([_metadata_value(c.metadata.get(field.name)) for c in chunks], pa.string())
+    return pa.table([columns[f.name] for f in schema], schema=schema)

@@ -1,0 +1,72 @@
+"""Storage access through fsspec: local paths and object stores (``s3://``...) alike.
+
+Credentials come from where fsspec and the cloud SDKs look for them (environment, AWS config chain,
+``storage_options``); this module never logs them.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+
+class StorageError(OSError):
+    """A path that cannot be reached, with the fix in the message."""
+
+
+def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Returns the filesystem of ``uri`` and the path within it.
+
+    Raises:
+        StorageError: when the protocol needs a package that is not installed.
+    """
+    try:
+        return url_to_fs(uri, **(storage_options or {}))
+    except ImportError as err:
+        protocol = uri.split("://", 1)[0]
+        package = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}.get(protocol, protocol)
+        raise StorageError(f"reading {protocol}:// needs {package}: pip install 'embedder[s3]' or pip install {package}") from err
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")
+
+
+def join(base: str, *parts: str) -> str:
+    """Joins path parts with ``/`` (works for local paths and URLs)."""
+    out = base.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Writes a whole file so readers see either the old content or the new one, never a part.
+
+    Local disk: a temp file in the same folder, fsync, then ``os.replace``. Object stores: a single
+    PUT, which is atomic by itself (the object appears whole or not at all).
+    """
+    if is_local(fs):
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes | None:
+    """The file's content, or None when it does not exist."""
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        return None
