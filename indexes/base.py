@@ -71,6 +71,11 @@ class Sink(ABC):
     def abort(self, shard_id: str) -> None:
         """Removes whatever any earlier attempt left of the shard (committed or not)."""
 
+    def abort_many(self, shard_ids: list[str]) -> None:
+        """``abort`` for many shards at once (sinks override this to do it in one pass)."""
+        for shard_id in shard_ids:
+            self.abort(shard_id)
+
     def finish(self) -> None:  # noqa: B027 - optional hook
         """Called once after the last shard: compaction, index builds."""
 
