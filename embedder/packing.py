@@ -1,0 +1,150 @@
+"""Length bucketing and token-budget packing: chunks → ``PackedBatch``es with no padding.
+
+Chunks arrive in document order with all lengths mixed. The packer keeps a window of them (a few
+token budgets' worth), sorts the window by length and cuts it into batches of at most
+``token_budget`` tokens. Sorting keeps sequences of a batch of similar length (cheaper attention,
+better kernel shapes); the window bound keeps memory flat and guarantees every chunk leaves within
+one window, so shards complete in bounded time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from embedder.records import Chunk, PackedBatch
+
+
+@dataclass(slots=True, frozen=True)
+class SequenceLayout:
+    """How the encoder's model wants one sequence laid out around a chunk's own tokens.
+
+    ``[prefix_ids] + [prompt_ids] + chunk.token_ids + [suffix_ids]``, positions counted from
+    ``position_offset`` (0 for BERT, ``padding_idx + 1`` for XLM-RoBERTa).
+    """
+
+    prefix_ids: np.ndarray
+    prompt_ids: np.ndarray
+    suffix_ids: np.ndarray
+    position_offset: int = 0
+
+    @property
+    def overhead(self) -> int:
+        """Tokens each sequence carries besides the chunk's own."""
+        return len(self.prefix_ids) + len(self.prompt_ids) + len(self.suffix_ids)
+
+
+def build_batch(chunks: Sequence[Chunk], layout: SequenceLayout) -> PackedBatch:
+    """Packs chunks end to end, in the given order, into one ``PackedBatch``."""
+    head = np.concatenate([layout.prefix_ids, layout.prompt_ids]).astype(np.int64)
+    tail = layout.suffix_ids.astype(np.int64)
+    pieces: list[np.ndarray] = []
+    for chunk in chunks:  # one step per chunk, never per token
+        pieces.append(head)
+        pieces.append(chunk.token_ids)
+        pieces.append(tail)
+    input_ids = np.concatenate(pieces).astype(np.int64, copy=False) if pieces else np.zeros(0, np.int64)
+    lengths = np.fromiter((len(c.token_ids) for c in chunks), dtype=np.int64, count=len(chunks)) + layout.overhead
+    cu_seqlens = np.zeros(len(chunks) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=cu_seqlens[1:])
+    starts = np.repeat(cu_seqlens[:-1].astype(np.int64), lengths)
+    position_ids = np.arange(len(input_ids), dtype=np.int64) - starts + layout.position_offset
+    prompt_lengths = np.full(len(chunks), len(layout.prompt_ids), dtype=np.int32)
+    return PackedBatch(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        cu_seqlens=cu_seqlens,
+        max_seqlen=int(lengths.max()) if len(chunks) else 0,
+        chunk_ids=[c.id for c in chunks],
+        prompt_lengths=prompt_lengths,
+    )
+
+
+def plan_batches(lengths: np.ndarray, token_budget: int, max_sequences: int | None = None) -> list[np.ndarray]:
+    """Splits sequence indices, longest first, into groups of at most ``token_budget`` tokens.
+
+    A sequence longer than the budget gets a group of its own (the budget is always at least the
+    model's max length in practice, so this only guards odd configs).
+    """
+    order = np.argsort(-lengths, kind="stable")
+    sorted_lengths = lengths[order]
+    groups: list[np.ndarray] = []
+    start = 0
+    n = len(order)
+    cum = np.concatenate([[0], np.cumsum(sorted_lengths)])
+    while start < n:
+        # largest end with cum[end] - cum[start] <= budget
+        end = int(np.searchsorted(cum, cum[start] + token_budget, side="right")) - 1
+        end = max(end, start + 1)
+        if max_sequences:
+            end = min(end, start + max_sequences)
+        groups.append(order[start:end])
+        start = end
+    return groups
+
+
+class TokenBudgetPacker:
+    """Buffers chunks in a window, emits length-sorted batches of at most ``token_budget`` tokens.
+
+    Args:
+        layout: The encoder's sequence layout (adds specials and prompt to each chunk).
+        token_budget: Max tokens per batch (specials and prompt included).
+        window_batches: Window size in budgets: more sorts better, holds more chunks.
+        max_sequences: Optional cap on sequences per batch.
+
+    Example:
+        >>> packer = TokenBudgetPacker(layout, token_budget=16384)
+        >>> for batch in packer.add(chunks): ...
+        >>> for batch in packer.flush(): ...
+    """
+
+    def __init__(
+        self,
+        layout: SequenceLayout,
+        token_budget: int,
+        window_batches: int = 8,
+        max_sequences: int | None = None,
+    ) -> None:
+        if token_budget < 1:
+            raise ValueError("token_budget must be positive")
+        self.layout = layout
+        self.token_budget = token_budget
+        self.window_tokens = token_budget * window_batches
+        self.max_sequences = max_sequences
+        self._buffer: list[Chunk] = []
+        self._buffered_tokens = 0
+
+    @property
+    def buffered_chunks(self) -> int:
+        return len(self._buffer)
+
+    def add(self, chunks: Sequence[Chunk]) -> Iterator[PackedBatch]:
+        """Adds chunks; yields batches whenever a full window is buffered."""
+        overhead = self.layout.overhead
+        for chunk in chunks:
+            self._buffer.append(chunk)
+            self._buffered_tokens += len(chunk.token_ids) + overhead
+        if self._buffered_tokens >= self.window_tokens:
+            yield from self._emit(final=False)
+
+    def flush(self) -> Iterator[PackedBatch]:
+        """Yields every buffered chunk."""
+        yield from self._emit(final=True)
+
+    def _emit(self, final: bool) -> Iterator[PackedBatch]:
+        if not self._buffer:
+            return
+        buffer = self._buffer
+        lengths = np.fromiter((len(c.token_ids) for c in buffer), dtype=np.int64, count=len(buffer)) + self.layout.overhead
+        groups = plan_batches(lengths, self.token_budget, self.max_sequences)
+        keep: list[Chunk] = []
+        if not final and len(groups) > 1:
+            # The last (shortest) group is usually not full: keep it to fill with later chunks.
+            last = groups.pop()
+            keep = [buffer[i] for i in last]
+        self._buffer = keep
+        self._buffered_tokens = int(sum(len(c.token_ids) for c in keep)) + self.layout.overhead * len(keep)
+        for group in groups:
+            yield build_batch([buffer[i] for i in group], self.layout)
