@@ -59,6 +59,7 @@ def build_batch(chunks: Sequence[Chunk], layout: SequenceLayout) -> PackedBatch:
         max_seqlen=int(lengths.max()) if len(chunks) else 0,
         chunk_ids=[c.id for c in chunks],
         prompt_lengths=prompt_lengths,
+        chunks=list(chunks),
     )
 
 

@@ -116,6 +116,8 @@ class PackedBatch:
         chunk_ids: ``doc_id#chunk_index`` of each sequence, in order.
         prompt_lengths: int32 ``[n]``, tokens of prompt in each sequence (after the leading special
             token), for models whose pooling excludes the prompt.
+        chunks: The packed chunks themselves (host side only, for the runner to build output rows;
+            never sent to the device).
     """
 
     input_ids: np.ndarray
@@ -124,6 +126,7 @@ class PackedBatch:
     max_seqlen: int
     chunk_ids: list[str]
     prompt_lengths: np.ndarray | None = None
+    chunks: list[Chunk] | None = None
 
     @property
     def num_sequences(self) -> int:
