@@ -1,0 +1,213 @@
+"""The JSONL connector: byte-range shards, compression, bad lines, object storage."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import fsspec
+import pytest
+import zstandard
+
+from connectors.base import Connector, ConnectorError
+from connectors.registry import CONNECTORS
+from embedder.config import SourceConfig
+from embedder.records import BadRecord, Document
+
+
+def _connector(uri: str, **options: object) -> Connector:
+    return CONNECTORS.get("jsonl")(SourceConfig(uri=uri, **options))
+
+
+def _read_all(connector: Connector) -> list[Document | BadRecord]:
+    return [item for shard in connector.list_shards() for item in connector.documents(shard)]
+
+
+def _docs(items: list[Document | BadRecord]) -> list[Document]:
+    return [item for item in items if isinstance(item, Document)]
+
+
+def _bad(items: list[Document | BadRecord]) -> list[BadRecord]:
+    return [item for item in items if isinstance(item, BadRecord)]
+
+
+def _corpus(n: int = 300) -> bytes:
+    """n records of varied lengths, non-ASCII text included, one per line."""
+    lines = [
+        json.dumps(
+            {"id": f"doc-{i}", "text": f"Document {i}: " + "naïve café " * (i % 23 + 1), "title": f"Title {i}", "lang": "fr"},
+            ensure_ascii=False,
+        )
+        for i in range(n)
+    ]
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+@pytest.fixture()
+def corpus_file(tmp_path: Path) -> Path:
+    path = tmp_path / "docs.jsonl"
+    path.write_bytes(_corpus())
+    return path
+
+
+def test_byte_range_shards_yield_every_line_once_in_order(corpus_file: Path) -> None:
+    whole = _read_all(_connector(str(corpus_file), metadata_fields=["lang"]))
+    split_connector = _connector(str(corpus_file), shard_size_mb=0.001, metadata_fields=["lang"])
+    shards = split_connector.list_shards()
+    assert len(shards) >= 3
+    split = _read_all(split_connector)
+    assert _bad(whole) == [] and _bad(split) == []
+    assert [d.id for d in _docs(whole)] == [f"doc-{i}" for i in range(300)]
+    assert _docs(split) == _docs(whole)
+    assert _docs(whole)[7].title == "Title 7" and _docs(whole)[7].metadata == {"lang": "fr"}
+    assert "naïve café" in _docs(whole)[7].text
+
+
+@pytest.mark.parametrize("shard_bytes", [1, 2, 3, 7, 31, 64, 100])
+def test_any_cut_points_keep_each_line_once(tmp_path: Path, shard_bytes: int) -> None:
+    """Cuts landing on a newline, just after one, mid-line, mid-UTF-8 character; CRLF; no final newline."""
+    lines = [json.dumps({"id": i, "text": "é" * (i % 5 + 1)}, ensure_ascii=False) for i in range(25)]
+    path = tmp_path / "crlf.jsonl"
+    path.write_bytes("\r\n".join(lines).encode("utf-8"))
+    split = _read_all(_connector(str(path), shard_size_mb=shard_bytes / 1024 / 1024))
+    assert _bad(split) == []
+    assert [(d.id, d.text) for d in _docs(split)] == [(str(i), "é" * (i % 5 + 1)) for i in range(25)]
+
+
+def test_shard_ids_are_stable_across_listings(corpus_file: Path) -> None:
+    first = [s.id for s in _connector(str(corpus_file), shard_size_mb=0.001).list_shards()]
+    second = [s.id for s in _connector(str(corpus_file), shard_size_mb=0.001).list_shards()]
+    assert first == second
+    assert len(set(first)) == len(first)
+    assert first[0] == "docs.jsonl@0-1048"
+    assert _connector(str(corpus_file)).list_shards()[0].id == "docs.jsonl"
+
+
+def test_gzip_and_zstd_give_the_same_documents(tmp_path: Path) -> None:
+    data = _corpus()
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "docs.jsonl").write_bytes(data)
+    (tmp_path / "gz").mkdir()
+    (tmp_path / "gz" / "docs.jsonl.gz").write_bytes(gzip.compress(data))
+    (tmp_path / "zst").mkdir()
+    # two zstd frames back to back: concatenated files are valid zstd and must read in full
+    half = len(data) // 2
+    zstd = zstandard.ZstdCompressor()
+    (tmp_path / "zst" / "docs.jsonl.zst").write_bytes(zstd.compress(data[:half]) + zstd.compress(data[half:]))
+
+    plain = _docs(_read_all(_connector(str(tmp_path / "plain"))))
+    gz_connector = _connector(str(tmp_path / "gz"), shard_size_mb=0.001)
+    assert len(gz_connector.list_shards()) == 1  # a compressed file cannot be split
+    gz = _read_all(gz_connector)
+    zst = _read_all(_connector(str(tmp_path / "zst")))
+    assert _bad(gz) == [] and _bad(zst) == []
+    assert len(plain) == 300
+    assert _docs(gz) == plain
+    assert _docs(zst) == plain
+
+
+def test_truncated_gzip_keeps_records_before_the_damage(tmp_path: Path) -> None:
+    data = _corpus(2000)
+    compressed = gzip.compress(data)
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(compressed[: len(compressed) * 2 // 3])
+    items = _read_all(_connector(str(path)))
+    docs, bad = _docs(items), _bad(items)
+    assert len(bad) == 1
+    assert "gzip" in bad[0].reason and "truncated" in bad[0].reason
+    assert bad[0].location.startswith("byte ")
+    assert items[-1] is bad[0]  # the report comes after every record that could be read
+    assert 100 < len(docs) < 2000
+    assert [d.id for d in docs] == [f"doc-{i}" for i in range(len(docs))]
+
+
+def test_truncated_zstd_is_reported_not_silently_short(tmp_path: Path) -> None:
+    data = _corpus(2000)
+    compressed = zstandard.ZstdCompressor().compress(data)
+    path = tmp_path / "cut.jsonl.zst"
+    path.write_bytes(compressed[: len(compressed) // 2])
+    items = _read_all(_connector(str(path)))
+    bad = _bad(items)
+    assert len(bad) == 1 and "zstd" in bad[0].reason
+    assert [d.id for d in _docs(items)] == [f"doc-{i}" for i in range(len(_docs(items)))]
+    assert len(_docs(items)) > 100
+
+
+def test_each_kind_of_bad_line_is_quarantined_and_reading_goes_on(tmp_path: Path) -> None:
+    good = [json.dumps({"id": f"g{i}", "text": f"good {i}"}).encode() for i in range(7)]
+    lines = [
+        good[0],
+        b'{"id": "m", "text": "unterminated',  # malformed JSON
+        good[1],
+        b'["an", "array"]',  # not an object
+        good[2],
+        b'{"id": "u", "text": "caf\xe9"}',  # Latin-1 byte: invalid UTF-8
+        good[3],
+        b'{"id": "nt", "body": "no text field"}',
+        good[4],
+        b'{"id": "et", "text": ""}',
+        good[5],
+        b'{"id": "wt", "text": " \\n\\t "}',
+        good[6],
+    ]
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    items = _read_all(_connector(str(path)))
+    assert [d.id for d in _docs(items)] == [f"g{i}" for i in range(7)]
+    bad = _bad(items)
+    assert len(bad) == 6
+    assert all(b.reason and b.shard_id == "bad.jsonl" for b in bad)
+    reasons = [b.reason for b in bad]
+    assert reasons[0].startswith("malformed JSON")
+    assert "array, not an object" in reasons[1]
+    assert "invalid UTF-8" in reasons[2]
+    assert "no text field 'text'" in reasons[3]
+    assert "empty or whitespace-only" in reasons[4] and "empty or whitespace-only" in reasons[5]
+    # locations are byte offsets of the offending lines
+    offsets = {b.location for b in bad}
+    starts = [sum(len(line) + 1 for line in lines[:k]) for k in range(len(lines))]
+    assert offsets == {f"byte {starts[k]}" for k in (1, 3, 5, 7, 9, 11)}
+
+
+def test_records_without_id_get_stable_offset_ids(tmp_path: Path) -> None:
+    lines = [b'{"text": "first"}', b'{"id": null, "text": "second"}', b'{"id": 7, "text": "third"}']
+    path = tmp_path / "noid.jsonl"
+    path.write_bytes(b"\n".join(lines))
+    docs = _docs(_read_all(_connector(str(path))))
+    assert [d.id for d in docs] == ["noid.jsonl@0", f"noid.jsonl@{len(lines[0]) + 1}", "7"]
+    again = _docs(_read_all(_connector(str(path), shard_size_mb=10 / 1024 / 1024)))
+    assert [d.id for d in again] == [d.id for d in docs]
+
+
+def test_custom_fields(tmp_path: Path) -> None:
+    path = tmp_path / "custom.ndjson"
+    path.write_text(json.dumps({"uid": 1, "body": "hello", "name": "Greeting", "url": "http://x"}) + "\n")
+    docs = _docs(_read_all(_connector(str(path), id_field="uid", text_field="body", title_field="name", metadata_fields=["url"])))
+    assert docs == [Document(id="1", text="hello", title="Greeting", metadata={"url": "http://x"})]
+
+
+def test_s3_gives_the_same_documents_as_local(s3_bucket: str, tmp_path: Path) -> None:
+    data = _corpus()
+    fs = fsspec.filesystem("s3")
+    fs.pipe_file(f"{s3_bucket}/corpus/a.jsonl", data)
+    fs.pipe_file(f"{s3_bucket}/corpus/b.jsonl.gz", gzip.compress(data.replace(b'"doc-', b'"b-doc-')))
+    fs.invalidate_cache()
+    (tmp_path / "a.jsonl").write_bytes(data)
+    (tmp_path / "b.jsonl.gz").write_bytes(gzip.compress(data.replace(b'"doc-', b'"b-doc-')))
+
+    remote = _connector(f"{s3_bucket}/corpus/", shard_size_mb=0.002)
+    local = _connector(str(tmp_path), shard_size_mb=0.002)
+    assert [s.id for s in remote.list_shards()] == [s.id for s in local.list_shards()]
+    assert remote.list_shards()[0].path.startswith("s3://")
+    remote_docs = _read_all(remote)
+    assert _bad(remote_docs) == []
+    assert len(remote_docs) == 600
+    assert _docs(remote_docs) == _docs(_read_all(local))
+
+
+def test_missing_path_names_source_uri(tmp_path: Path) -> None:
+    uri = str(tmp_path / "nowhere.jsonl")
+    with pytest.raises(ConnectorError, match="nowhere.jsonl") as err:
+        _connector(uri).list_shards()
+    assert "source.uri" in str(err.value)
