@@ -1,0 +1,29 @@
+"""embedder: embed whole corpora with BGE/E5-class models, padding-free, resumable.
+
+Public API (imported lazily so ``embedder --help`` starts fast)::
+
+    from embedder import Job, run, open_index
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+__all__ = ["Job", "RunResult", "load_job", "open_index", "run", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Job":
+        from embedder.config import Job
+
+        return Job
+    if name in ("run", "open_index", "load_job"):
+        from embedder import api
+
+        return getattr(api, name)
+    if name == "RunResult":
+        from embedder.runners.local import RunResult
+
+        return RunResult
+    raise AttributeError(f"module 'embedder' has no attribute {name!r}")

@@ -1,0 +1,46 @@
+"""The Python API: build a ``Job``, ``run`` it, ``open_index`` the output and search it.
+
+Example:
+    >>> from embedder import Job, run, open_index
+    >>> result = run(Job.model_validate({"source": {"uri": "docs/"}, "output": {"uri": "out/db"}}))
+    >>> hits = open_index("out/db").search("how do I reset my password?", k=5)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from embedder.config import Job, build_job, load_job_dict
+from embedder.runners.local import RunResult
+
+
+def load_job(path: str | Path, overrides: list[str] | None = None) -> Job:
+    """Loads a YAML job file, applying ``section.key=value`` overrides."""
+    return build_job(load_job_dict(path), overrides)
+
+
+def run(job: Job | dict[str, Any], on_progress: Callable[[RunResult, int], None] | None = None) -> RunResult:
+    """Runs a job to completion and returns its counts and timings.
+
+    Args:
+        job: A ``Job`` or a dict with its sections.
+        on_progress: Optional callback ``(result_so_far, sequences_just_encoded)``.
+    """
+    if isinstance(job, dict):
+        job = build_job(job)
+    if job.runner.kind == "ray":
+        from embedder.runners.ray import run_ray  # type: ignore[import-not-found]
+
+        return run_ray(job, on_progress=on_progress)
+    from embedder.runners.local import run_local
+
+    return run_local(job, on_progress=on_progress)
+
+
+def open_index(uri: str, storage_options: dict[str, Any] | None = None, table: str = "chunks", **kwargs: Any):  # noqa: ANN201
+    """Opens an output (LanceDB or Parquet) for search; see ``indexes.search.open_index``."""
+    from indexes.search import open_index as _open_index
+
+    return _open_index(uri, storage_options=storage_options, table=table, **kwargs)

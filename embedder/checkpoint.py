@@ -1,0 +1,123 @@
+"""Job state under ``<output>/_embedder/``: the resolved job, shard completion records, the quarantine
+and run records.
+
+A shard's completion record is written only after the sink committed the shard, and its quarantine
+file just before that record, so a rerun skips exactly the shards whose rows and bad records are
+both in place. Every file is written whole (temp + rename locally; one PUT on object stores).
+
+Layout::
+
+    _embedder/job.yaml                  the resolved job (credentials redacted)
+    _embedder/shards/<key>.json         one per committed shard: shard id, rows, counts
+    _embedder/quarantine/<key>.jsonl    bad records of a shard (absent when none)
+    _embedder/runs/<run_id>.json        one per run attempt: timings, counts, end state
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import asdict
+from typing import Any
+
+from embedder.records import BadRecord
+from embedder.storage import filesystem, join, read_bytes, write_bytes_atomic
+
+STATE_DIR = "_embedder"
+
+
+def shard_key(shard_id: str) -> str:
+    """A file-name-safe, stable key of a shard id."""
+    return hashlib.sha1(shard_id.encode("utf-8")).hexdigest()[:20]
+
+
+class Checkpoint:
+    """Reads and writes a job's state under ``<output_uri>/_embedder/``.
+
+    Args:
+        output_uri: The job's output URI (local path or fsspec URL).
+        storage_options: fsspec options for that URI.
+    """
+
+    def __init__(self, output_uri: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.output_uri = output_uri
+        self.fs, root = filesystem(join(output_uri, STATE_DIR), storage_options)
+        self.root = root.rstrip("/")
+
+    def _path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def _write_json(self, path: str, data: Any) -> None:
+        write_bytes_atomic(self.fs, path, json.dumps(data, sort_keys=True, default=str).encode("utf-8"))
+
+    def _list(self, folder: str) -> list[str]:
+        try:
+            self.fs.invalidate_cache(self._path(folder))
+            return sorted(p for p in self.fs.ls(self._path(folder), detail=False) if not p.rsplit("/", 1)[-1].startswith("."))
+        except FileNotFoundError:
+            return []
+
+    # --- job ----------------------------------------------------------------------------------
+
+    def save_job(self, job_yaml: str) -> None:
+        write_bytes_atomic(self.fs, self._path("job.yaml"), job_yaml.encode("utf-8"))
+
+    def load_job_yaml(self) -> str | None:
+        raw = read_bytes(self.fs, self._path("job.yaml"))
+        return None if raw is None else raw.decode("utf-8")
+
+    # --- shards -------------------------------------------------------------------------------
+
+    def completed(self) -> dict[str, dict[str, Any]]:
+        """Completion records of committed shards, by shard id."""
+        out: dict[str, dict[str, Any]] = {}
+        for path in self._list("shards"):
+            if path.endswith(".json"):
+                raw = read_bytes(self.fs, path)
+                if raw:
+                    record = json.loads(raw)
+                    out[record["shard_id"]] = record
+        return out
+
+    def record_completion(self, shard_id: str, info: dict[str, Any]) -> None:
+        """Marks a shard done. Call only after the sink committed it and its quarantine is written."""
+        record = {"shard_id": shard_id, "completed_at": time.time(), **info}
+        self._write_json(self._path("shards", f"{shard_key(shard_id)}.json"), record)
+
+    # --- quarantine ---------------------------------------------------------------------------
+
+    def write_quarantine(self, shard_id: str, records: Iterable[BadRecord]) -> int:
+        """Replaces the shard's quarantine file with ``records``; returns how many were written."""
+        path = self._path("quarantine", f"{shard_key(shard_id)}.jsonl")
+        lines = [json.dumps(asdict(r), ensure_ascii=False) for r in records]
+        if lines:
+            write_bytes_atomic(self.fs, path, ("\n".join(lines) + "\n").encode("utf-8"))
+        elif self.fs.exists(path):
+            self.fs.rm(path)
+        return len(lines)
+
+    def quarantine(self) -> list[dict[str, Any]]:
+        """Every quarantined record of the output."""
+        out: list[dict[str, Any]] = []
+        for path in self._list("quarantine"):
+            if path.endswith(".jsonl"):
+                raw = read_bytes(self.fs, path) or b""
+                out.extend(json.loads(line) for line in raw.decode("utf-8").splitlines() if line.strip())
+        return out
+
+    # --- runs ---------------------------------------------------------------------------------
+
+    def write_run(self, record: dict[str, Any]) -> None:
+        self._write_json(self._path("runs", f"{record['run_id']}.json"), record)
+
+    def runs(self) -> list[dict[str, Any]]:
+        """Run records, oldest first."""
+        records = []
+        for path in self._list("runs"):
+            if path.endswith(".json"):
+                raw = read_bytes(self.fs, path)
+                if raw:
+                    records.append(json.loads(raw))
+        return sorted(records, key=lambda r: r.get("started_at", 0))

@@ -1,0 +1,218 @@
+"""The ``embedder`` command line.
+
+Exit codes: 0 done · 1 failed · 2 usage or config error · 75 interrupted (rerun to resume).
+Heavy libraries (torch, lancedb, transformers) are imported inside the commands, so ``--help`` is fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, NoReturn
+
+import typer
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 75
+
+app = typer.Typer(
+    help="Embed whole corpora (Wikipedia dumps, Parquet, JSONL, text) into LanceDB or Parquet.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _usage_error_types() -> tuple[type[BaseException], ...]:
+    from connectors.base import ConnectorError
+    from embedder.config import ConfigError
+    from embedder.registry import RegistryError
+    from embedder.storage import StorageError
+    from indexes.base import SinkError
+
+    types: list[type[BaseException]] = [ConfigError, ConnectorError, RegistryError, StorageError, SinkError]
+    try:
+        from embedder.models.encoder import ModelError
+
+        types.append(ModelError)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _handle(err: BaseException) -> NoReturn:
+    if isinstance(err, typer.Exit):
+        raise err
+    if isinstance(err, KeyboardInterrupt):
+        _fail("interrupted; run the same command again to resume", EXIT_INTERRUPTED)
+    if os.environ.get("EMBEDDER_DEBUG"):
+        import traceback
+
+        traceback.print_exception(err)
+    if isinstance(err, _usage_error_types()):
+        _fail(str(err), EXIT_USAGE)
+    _fail(f"{type(err).__name__}: {err} (set EMBEDDER_DEBUG=1 for the traceback)", EXIT_FAILED)
+
+
+def _build_job(config: str | None, overrides: list[str], flags: dict[str, Any]):  # noqa: ANN202
+    from embedder.config import ConfigError, build_job, load_job_dict
+
+    data: dict[str, Any] = load_job_dict(config) if config else {}
+    sets = [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
+    if not config and (flags.get("source.uri") is None or flags.get("output.uri") is None):
+        raise ConfigError("give a CONFIG file, or both --source and --output")
+    return build_job(data, sets + list(overrides))
+
+
+@app.command()
+def run(
+    config: str = typer.Argument(None, help="YAML job file (configs/quickstart.yaml...)."),
+    source: str = typer.Option(None, "--source", "-s", help="Corpus file, folder, glob or s3:// URL."),
+    format: str = typer.Option(None, "--format", "-f", help="jsonl | parquet | text | wikipedia | lance (default: detected)."),
+    output: str = typer.Option(None, "--output", "-o", help="Output URI: a LanceDB database or a Parquet folder."),
+    sink: str = typer.Option(None, "--sink", help="lance | parquet (default: detected from the output URI)."),
+    model: str = typer.Option(None, "--model", "-m", help="Bundled alias, local directory or hub id."),
+    runner: str = typer.Option(None, "--runner", help="local | ray."),
+    workers: int = typer.Option(None, "--workers", help="Reader/tokenizer processes."),
+    device: str = typer.Option(None, "--device", help="auto | cpu | cuda."),
+    dtype: str = typer.Option(None, "--dtype", help="auto | float32 | float16 | bfloat16."),
+    set_: list[str] = typer.Option([], "--set", help="Override any key: --set chunking.max_tokens=256 (repeatable)."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+) -> None:
+    """Embed a corpus. Rerunning the same command resumes where a stopped run left off."""
+    try:
+        flags = {
+            "source.uri": source, "source.format": format, "output.uri": output, "output.sink": sink,
+            "model.name": model, "runner.kind": runner, "runner.workers": workers,
+            "model.device": device, "model.dtype": dtype,
+        }
+        if no_progress:
+            flags["runner.show_progress"] = False
+        job = _build_job(config, set_, flags)
+        from embedder.api import run as run_job
+        from embedder.progress import RunProgress
+
+        with RunProgress(enabled=job.runner.show_progress and sys.stderr.isatty()) as progress:
+            result = run_job(job, on_progress=progress.update)
+        _print_summary(result)
+    except BaseException as err:  # noqa: BLE001 - mapped to exit codes
+        _handle(err)
+
+
+def _print_summary(result: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=False)
+    table = Table(title=f"embedder run {result.run_id}: {result.state}", show_header=False)
+    rows = [
+        ("output", f"{result.output} ({result.sink})"),
+        ("model", result.model),
+        ("shards", f"{result.shards_done} embedded, {result.shards_skipped} already done, {result.shards_total} total"),
+        ("documents", f"{result.documents:,}"),
+        ("chunks", f"{result.chunks:,}"),
+        ("tokens", f"{result.tokens:,}"),
+        ("quarantined", f"{result.bad_records:,}"),
+        ("time", f"{result.seconds:.1f} s ({result.tokens_per_second:,.0f} tokens/s)"),
+    ]
+    if result.trimmed_documents:
+        rows.append(("trimmed documents", f"{result.trimmed_documents:,} (longer than chunking.max_document_chars)"))
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
+    console.print(f'Search it: embedder search {result.output} "your question"')
+
+
+@app.command()
+def status(
+    output: str = typer.Argument(..., help="The job's output URI."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Show a job's progress: shards done/total, rows, quarantined records, model, last run."""
+    try:
+        import yaml
+
+        from embedder.checkpoint import Checkpoint
+
+        checkpoint = Checkpoint(output)
+        job_yaml = checkpoint.load_job_yaml()
+        if job_yaml is None:
+            _fail(f"{output!r} holds no embedder job (no _embedder/job.yaml); check the path", EXIT_USAGE)
+        job = yaml.safe_load(job_yaml)
+        done = checkpoint.completed()
+        runs = checkpoint.runs()
+        last = runs[-1] if runs else {}
+        info = {
+            "output": output,
+            "model": job.get("model", {}).get("name"),
+            "sink": job.get("output", {}).get("sink"),
+            "shards_done": len(done),
+            "shards_total": last.get("shards_total"),
+            "rows": sum(int(r.get("rows", 0)) for r in done.values()),
+            "documents": sum(int(r.get("documents", 0)) for r in done.values()),
+            "quarantined": sum(int(r.get("bad_records", 0)) for r in done.values()),
+            "last_run": {k: last.get(k) for k in ("run_id", "state", "tokens_per_second", "error")} if last else None,
+            "runs": len(runs),
+        }
+        if as_json:
+            typer.echo(json.dumps(info, indent=2))
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"embedder status {output}", show_header=False)
+        total = info["shards_total"] if info["shards_total"] is not None else "?"
+        table.add_row("shards", f"{info['shards_done']}/{total} done")
+        for key in ("rows", "documents", "quarantined", "model", "sink", "runs"):
+            table.add_row(key, str(info[key]))
+        if last:
+            table.add_row("last run", f"{last.get('run_id')}: {last.get('state')}" + (f" ({last.get('error')})" if last.get("error") else ""))
+        Console().print(table)
+    except BaseException as err:  # noqa: BLE001
+        _handle(err)
+
+
+@app.command()
+def search(
+    output: str = typer.Argument(..., help="The job's output URI."),
+    query: str = typer.Argument(..., help="What to search for (embedded with the model's query prompt)."),
+    k: int = typer.Option(5, "-k", help="Number of hits."),
+    filter: str = typer.Option(None, "--filter", help="SQL-like filter, e.g. \"title = 'Albedo'\"."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Search an output with the model that built it."""
+    try:
+        from embedder.api import open_index
+
+        hits = open_index(output).search(query, k=k, filter=filter)
+        if as_json:
+            from dataclasses import asdict
+
+            typer.echo(json.dumps([asdict(h) for h in hits], indent=2, ensure_ascii=False, default=str))
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"{query!r}")
+        for col in ("score", "id", "title", "text"):
+            table.add_column(col, overflow="fold")
+        for hit in hits:
+            text = hit.text if len(hit.text) <= 200 else hit.text[:200] + "…"
+            table.add_row(f"{hit.score:.3f}", hit.id, hit.title or "", text)
+        Console().print(table)
+    except BaseException as err:  # noqa: BLE001
+        _handle(err)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
