@@ -1,0 +1,43 @@
+"""Job config: overrides, errors naming key and choices, credentials never saved."""
+
+from __future__ import annotations
+
+import pytest
+
+from embedder.config import REDACTED, ConfigError, build_job, load_job_dict
+
+
+def test_overrides_and_defaults(tmp_path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text("source: {uri: data/}\noutput: {uri: out/}\n")
+    job = build_job(load_job_dict(path), ["chunking.max_tokens=128", "model.dtype=float16", "source.metadata_fields=[url, lang]"])
+    assert job.chunking.max_tokens == 128 and job.model.dtype == "float16"
+    assert job.source.metadata_fields == ["url", "lang"]
+    assert job.model.name == "all-MiniLM-L6-v2" and job.model.trust_remote_code is False
+
+
+def test_unknown_key_and_invalid_value_named() -> None:
+    with pytest.raises(ConfigError) as err:
+        build_job({"source": {"uri": "x", "colour": 1}, "output": {"uri": "y"}, "model": {"pooling": "x"}})
+    assert "source.colour" in str(err.value) and "model.pooling" in str(err.value)
+    with pytest.raises(ConfigError, match=r"output.sink.*Valid: 'auto', 'lance' or 'parquet'"):
+        build_job({"source": {"uri": "x"}, "output": {"uri": "y", "sink": "csv"}})
+
+
+def test_yaml_is_safe_loaded(tmp_path) -> None:
+    path = tmp_path / "evil.yaml"
+    path.write_text("source: !!python/object/apply:os.system ['echo hi']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_job_dict(path)
+
+
+def test_credentials_redacted_in_saved_job() -> None:
+    job = build_job(
+        {
+            "source": {"uri": "s3://b/x", "storage_options": {"key": "AKIA123", "secret": "s3cr3t", "endpoint_url": "http://e"}},
+            "output": {"uri": "s3://b/out", "storage_options": {"client_kwargs": {"aws_session_token": "tok"}}},
+        }
+    )
+    saved = job.to_yaml()
+    assert "AKIA123" not in saved and "s3cr3t" not in saved and "tok" not in saved.replace("token", "")
+    assert REDACTED in saved and "http://e" in saved
