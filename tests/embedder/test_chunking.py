@@ -41,7 +41,7 @@ def test_windows_fit_retokenize_and_cover(tokenizer, long_text, max_tokens, over
     assert all(c.id == f"doc-1#{c.chunk_index}" for c in chunks)
     assert all(1 <= len(c.token_ids) <= max_tokens for c in chunks)
     mismatched = [c.chunk_index for c in chunks if _ids(tokenizer, c.text) != c.token_ids.tolist()]
-    assert len(mismatched) <= len(chunks) * 0.01, f"chunks whose text re-tokenizes differently: {mismatched}"
+    assert mismatched == [], f"chunks whose text re-tokenizes differently: {mismatched}"
     assert all(c.content_hash == content_hash(c.text) and c.shard_id == "s0" for c in chunks)
     if overlap == 0:
         # Without overlap the windows are a partition of the document's tokens.
