@@ -63,12 +63,21 @@ class JsonlConnector(Connector):
             rel = self.relative(path)
             extra = (("relative_path", rel),)
             if _compression(path) is not None or size <= step:
-                shards.append(Shard(id=rel, path=self.url(path), start=0, end=-1, size_bytes=size, extra=extra))
+                shards.append(
+                    Shard(id=rel, path=self.url(path), start=0, end=-1, size_bytes=size, extra=extra)
+                )
                 continue
             for start in range(0, size, step):
                 end = min(start + step, size)
                 shards.append(
-                    Shard(f"{rel}@{start}-{end}", self.url(path), start, end, size_bytes=end - start, extra=extra)
+                    Shard(
+                        f"{rel}@{start}-{end}",
+                        self.url(path),
+                        start,
+                        end,
+                        size_bytes=end - start,
+                        extra=extra,
+                    )
                 )
         return shards
 
@@ -82,7 +91,7 @@ class JsonlConnector(Connector):
                     offset, head = first
                     yield from self._records(_lines(_blocks(f, head), offset, shard.end), shard, rel)
                 return
-            position = [0]  # start of the last line seen, for the damage report
+            position = [0]  # where the next line starts: the damage report points there
             try:
                 lines = _lines(_decompressed_blocks(f, compression), 0, -1)
                 yield from self._records(_tracking(lines, position), shard, rel)
@@ -93,7 +102,9 @@ class JsonlConnector(Connector):
                     f"damaged {compression} stream: {err}; the lines before it were kept",
                 )
 
-    def _records(self, lines: Iterable[tuple[int, bytes]], shard: Shard, rel: str) -> Iterator[Document | BadRecord]:
+    def _records(
+        self, lines: Iterable[tuple[int, bytes]], shard: Shard, rel: str
+    ) -> Iterator[Document | BadRecord]:
         """Parses lines into documents; each bad line becomes a BadRecord."""
         id_field = self.config.id_field
         for offset, raw in lines:
@@ -106,19 +117,28 @@ class JsonlConnector(Connector):
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
                 yield BadRecord(
-                    shard.id, location, f"invalid UTF-8 at byte {err.start} of the line: {err.reason}", snippet=_snippet(raw)
+                    shard.id,
+                    location,
+                    f"invalid UTF-8 at byte {err.start} of the line: {err.reason}",
+                    snippet=_snippet(raw),
                 )
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 yield BadRecord(
-                    shard.id, location, f"malformed JSON: {err.msg} at column {err.colno}", snippet=_snippet(raw)
+                    shard.id,
+                    location,
+                    f"malformed JSON: {err.msg} at column {err.colno}",
+                    snippet=_snippet(raw),
                 )
                 continue
             if not isinstance(record, dict):
                 yield BadRecord(
-                    shard.id, location, f"the line is a JSON {_json_type(record)}, not an object", snippet=_snippet(raw)
+                    shard.id,
+                    location,
+                    f"the line is a JSON {_json_type(record)}, not an object",
+                    snippet=_snippet(raw),
                 )
                 continue
             if record.get(id_field) is None:
@@ -228,7 +248,9 @@ def _decompressed_blocks(f: BinaryIO, compression: str) -> Iterator[bytes]:
             tail = decoder.flush()
             if tail:
                 yield tail
-        raise EOFError(f"the file ends inside a {compression} {'member' if compression == 'gzip' else 'frame'} (truncated?)")
+        raise EOFError(
+            f"the file ends inside a {compression} {'member' if compression == 'gzip' else 'frame'} (truncated?)"
+        )
 
 
 def _tracking(lines: Iterable[tuple[int, bytes]], position: list[int]) -> Iterator[tuple[int, bytes]]:

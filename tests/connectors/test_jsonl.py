@@ -36,7 +36,12 @@ def _corpus(n: int = 300) -> bytes:
     """n records of varied lengths, non-ASCII text included, one per line."""
     lines = [
         json.dumps(
-            {"id": f"doc-{i}", "text": f"Document {i}: " + "naïve café " * (i % 23 + 1), "title": f"Title {i}", "lang": "fr"},
+            {
+                "id": f"doc-{i}",
+                "text": f"Document {i}: " + "naïve café " * (i % 23 + 1),
+                "title": f"Title {i}",
+                "lang": "fr",
+            },
             ensure_ascii=False,
         )
         for i in range(n)
@@ -183,7 +188,13 @@ def test_records_without_id_get_stable_offset_ids(tmp_path: Path) -> None:
 def test_custom_fields(tmp_path: Path) -> None:
     path = tmp_path / "custom.ndjson"
     path.write_text(json.dumps({"uid": 1, "body": "hello", "name": "Greeting", "url": "http://x"}) + "\n")
-    docs = _docs(_read_all(_connector(str(path), id_field="uid", text_field="body", title_field="name", metadata_fields=["url"])))
+    docs = _docs(
+        _read_all(
+            _connector(
+                str(path), id_field="uid", text_field="body", title_field="name", metadata_fields=["url"]
+            )
+        )
+    )
     assert docs == [Document(id="1", text="hello", title="Greeting", metadata={"url": "http://x"})]
 
 
