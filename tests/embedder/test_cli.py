@@ -1,0 +1,70 @@
+"""The CLI as a user runs it: quickstart, status, search, exit codes, fast --help."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "embedder.cli", *args], cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_help_imports_no_heavy_library() -> None:
+    code = "import sys, embedder.cli; print(sorted(m for m in ('torch', 'lancedb', 'transformers', 'pyarrow', 'sentence_transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    assert _cli("--help").returncode == 0
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("qs") / "db"
+    proc = _cli("run", "configs/quickstart.yaml", "--output", str(out), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "embedder search" in proc.stdout
+    return out
+
+
+def test_quickstart_status_and_search(quickstart: Path) -> None:
+    status = _cli("status", str(quickstart), "--json")
+    assert status.returncode == 0, status.stderr
+    info = json.loads(status.stdout)
+    assert info["shards_done"] == info["shards_total"] >= 1
+    assert info["quarantined"] == 2  # the empty document and the malformed line
+    assert info["documents"] == 22 and info["model"] == "all-MiniLM-L6-v2"
+    search = _cli("search", str(quickstart), "how do I get my money back for an order?", "-k", "3", "--json")
+    assert search.returncode == 0, search.stderr
+    hits = json.loads(search.stdout)
+    assert hits[0]["doc_id"] == "refund-policy"
+    assert {"id", "doc_id", "title", "text", "score"} <= set(hits[0])
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["run", "--source", "/nonexistent/corpus.jsonl", "--output", "OUT"], "does not exist"),
+        (["run", "--source", "examples/quickstart/docs.jsonl", "--format", "csv", "--output", "OUT"], "Valid:"),
+        (["run", "--source", "examples/quickstart/docs.jsonl", "--output", "OUT", "--model", "/no/such/model"], "model"),
+        (["run", "--source", "examples/quickstart/docs.jsonl", "--output", "OUT", "--set", "chunking.colour=red"], "chunking.colour"),
+        (["run", "configs/does-not-exist.yaml"], "does not exist"),
+        (["status", "/nonexistent/output"], "no embedder job"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(args, needle, tmp_path) -> None:
+    args = [str(tmp_path / "out") if a == "OUT" else a for a in args]
+    proc = _cli(*args)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr

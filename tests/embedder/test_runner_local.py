@@ -1,0 +1,204 @@
+"""End to end with the local runner: real sample corpus, bundled model, both sinks, s3, bad input."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import json
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from embedder import open_index, run
+from embedder.checkpoint import Checkpoint
+from embedder.config import build_job
+
+CHARS_PER_ARTICLE = 1500  # keeps CPU encoding of the whole sample to a few seconds
+
+
+def _sample_articles(wiki_sample) -> list[dict]:
+    """Non-redirect ns-0 pages of the real sample, parsed independently of our connector."""
+    with bz2.open(wiki_sample, "rb") as f:
+        root = ET.parse(f).getroot()
+    ns = root.tag.split("}")[0] + "}"
+    out = []
+    for page in root.iter(f"{ns}page"):
+        if page.findtext(f"{ns}ns") != "0" or page.find(f"{ns}redirect") is not None:
+            continue
+        text = page.find(f"{ns}revision/{ns}text").text or ""
+        out.append({"id": page.findtext(f"{ns}id"), "title": page.findtext(f"{ns}title"),
+                    "text": text[:CHARS_PER_ARTICLE], "url": "https://en.wikipedia.org/wiki/" + page.findtext(f"{ns}title").replace(" ", "_")})
+    return out
+
+
+@pytest.fixture(scope="module")
+def articles(wiki_sample) -> list[dict]:
+    return _sample_articles(wiki_sample)
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory, articles):
+    root = tmp_path_factory.mktemp("corpus")
+    with open(root / "wiki.jsonl", "w", encoding="utf-8") as f:
+        for a in articles:
+            f.write(json.dumps(a) + "\n")
+    table = pa.Table.from_pylist(articles)
+    pq.write_table(table, root / "wiki.parquet", row_group_size=25)
+    return root
+
+
+def _job(source: str, output: str, fmt: str, sink: str, **extra) -> dict:
+    job = {
+        "source": {"uri": source, "format": fmt, "metadata_fields": ["url"], "shard_size_mb": 0.05},
+        "output": {"uri": output, "sink": sink},
+        "model": {"name": "all-MiniLM-L6-v2", "device": "cpu"},
+        "chunking": {"max_tokens": 128},
+        "runner": {"workers": 2, "show_progress": False},
+    }
+    for key, value in extra.items():
+        section, name = key.split("__")
+        job[section][name] = value
+    return job
+
+
+def _read(output: str, sink: str) -> pa.Table:
+    if sink == "parquet":
+        return ds.dataset(output, format="parquet").to_table()
+    import lancedb
+
+    return lancedb.connect(output).open_table("chunks").to_arrow()
+
+
+@pytest.fixture(scope="module")
+def jsonl_lance(tmp_path_factory, corpus_dir):
+    out = str(tmp_path_factory.mktemp("out") / "db")
+    result = run(build_job(_job(str(corpus_dir / "wiki.jsonl"), out, "jsonl", "lance")))
+    return result, out
+
+
+@pytest.fixture(scope="module")
+def parquet_parquet(tmp_path_factory, corpus_dir):
+    out = str(tmp_path_factory.mktemp("out") / "parquet")
+    result = run(build_job(_job(str(corpus_dir / "wiki.parquet"), out, "parquet", "parquet")))
+    return result, out
+
+
+def test_every_document_embedded_and_faithful(jsonl_lance, articles, minilm) -> None:
+    result, out = jsonl_lance
+    table = _read(out, "lance")
+    assert result.state == "done" and result.shards_total >= 3  # the file was split into byte-range shards
+    expected = {a["id"] for a in articles if a["text"].strip()}
+    assert set(table.column("doc_id").to_pylist()) == expected
+    ids = table.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == result.rows_written
+    vectors = np.asarray(table.column("vector").to_pylist(), dtype=np.float32)
+    assert vectors.shape[1] == 384
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+    # Fidelity: each vector equals SentenceTransformer.encode of the stored chunk text.
+    reference = minilm.encode(table.column("text").to_pylist(), batch_size=64, normalize_embeddings=True)
+    cos = np.sum(vectors * reference, axis=1)
+    assert cos.min() >= 0.9999, f"min cos {cos.min()}"
+    # passthrough metadata and titles
+    row = table.slice(0, 1).to_pylist()[0]
+    article = next(a for a in articles if a["id"] == row["doc_id"])
+    assert row["title"] == article["title"] and row["url"] == article["url"]
+
+
+def test_lance_and_parquet_outputs_agree(jsonl_lance, parquet_parquet) -> None:
+    lance_table = _read(jsonl_lance[1], "lance").sort_by("id")
+    parquet_table = _read(parquet_parquet[1], "parquet").sort_by("id")
+    assert lance_table.column("id").to_pylist() == parquet_table.column("id").to_pylist()
+    assert lance_table.column("text").to_pylist() == parquet_table.column("text").to_pylist()
+    a = np.asarray(lance_table.column("vector").to_pylist())
+    b = np.asarray(parquet_table.column("vector").to_pylist())
+    assert np.sum(a * b, axis=1).min() >= 0.9999
+    # the Parquet output is one dataset of part files; provenance travels in the schema
+    files = ds.dataset(parquet_parquet[1], format="parquet").files
+    assert len(files) >= 2 and all(f.rsplit("/", 1)[-1].startswith("part-") for f in files)
+    from embedder.schema import provenance_of
+
+    prov = provenance_of(pq.read_schema(files[0]))
+    assert prov["model"] == "all-MiniLM-L6-v2" and prov["pooling"] == "mean" and prov["normalize"] is True
+
+
+def test_search_finds_the_article(jsonl_lance) -> None:
+    hits = open_index(jsonl_lance[1]).search("the fraction of sunlight reflected by a surface", k=3)
+    assert "Albedo" in [h.title for h in hits]
+    assert hits[0].score >= hits[-1].score
+
+
+def test_rerun_skips_committed_shards(jsonl_lance, corpus_dir) -> None:
+    result, out = jsonl_lance
+    before = _read(out, "lance").num_rows
+    again = run(build_job(_job(str(corpus_dir / "wiki.jsonl"), out, "jsonl", "lance")))
+    assert again.shards_skipped == again.shards_total and again.rows_written == 0
+    assert _read(out, "lance").num_rows == before
+    runs = Checkpoint(out).runs()
+    assert [r["state"] for r in runs][-2:] == ["done", "done"]
+
+
+def test_text_folder(tmp_path, minilm) -> None:
+    docs = tmp_path / "docs"
+    (docs / "sub").mkdir(parents=True)
+    (docs / "a.txt").write_text("Tides are caused by the gravity of the Moon and the Sun.")
+    (docs / "sub" / "b.md").write_text("Honeybees tell each other where flowers are with a dance.")
+    (docs / "empty.txt").write_text("  \n")
+    out = str(tmp_path / "out")
+    result = run(build_job(_job(str(docs), out, "auto", "parquet")))
+    table = _read(out, "parquet")
+    assert sorted(table.column("doc_id").to_pylist()) == ["a.txt", "sub/b.md"]
+    assert result.bad_records == 1
+    reference = minilm.encode(table.column("text").to_pylist(), normalize_embeddings=True)
+    assert np.sum(np.asarray(table.column("vector").to_pylist()) * reference, axis=1).min() >= 0.9999
+
+
+def test_s3_source_and_outputs(s3_bucket, corpus_dir, jsonl_lance) -> None:
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    fs.put_file(str(corpus_dir / "wiki.jsonl"), f"{s3_bucket}/in/wiki.jsonl")
+    local = _read(jsonl_lance[1], "lance").sort_by("id")
+    for sink in ("parquet", "lance"):
+        out = f"{s3_bucket}/out-{sink}"
+        result = run(build_job(_job(f"{s3_bucket}/in/wiki.jsonl", out, "jsonl", sink)))
+        assert result.state == "done"
+        if sink == "parquet":
+            table = ds.dataset(out[len("s3://"):], format="parquet", filesystem=fs).to_table().sort_by("id")
+        else:
+            table = _read(out, "lance").sort_by("id")
+        assert table.column("id").to_pylist() == local.column("id").to_pylist()
+        a = np.asarray(table.column("vector").to_pylist())
+        b = np.asarray(local.column("vector").to_pylist())
+        assert np.sum(a * b, axis=1).min() >= 0.9999
+        assert Checkpoint(out).completed(), "completion records live next to the output on s3"
+
+
+def test_bad_input_is_quarantined_with_reasons(tmp_path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    lines = [
+        json.dumps({"id": "ok1", "text": "A perfectly fine document about rivers."}).encode(),
+        b'{"id": "bad-json", "text": "unterminated',
+        json.dumps({"id": "no-text", "body": "text is in the wrong field"}).encode(),
+        json.dumps({"id": "empty", "text": ""}).encode(),
+        json.dumps({"id": "blank", "text": "   \n\t "}).encode(),
+        b'{"id": "bad-utf8", "text": "caf\xe9 au lait"}',
+        json.dumps({"id": "ok2", "text": "Another fine document about mountains."}).encode(),
+    ]
+    (src / "a.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    (src / "b.jsonl.gz").write_bytes(gzip.compress(b'{"id": "gz1", "text": "compressed fine text"}\n' * 50)[:-30])
+    out = str(tmp_path / "out")
+    result = run(build_job(_job(str(src), out, "jsonl", "parquet")))
+    table = _read(out, "parquet")
+    assert {"ok1", "ok2"} <= set(table.column("doc_id").to_pylist())
+    quarantine = Checkpoint(out).quarantine()
+    reasons = " | ".join(q["reason"] for q in quarantine).lower()
+    assert result.bad_records == len(quarantine) >= 6
+    for word in ("json", "no text field", "empty", "utf-8"):
+        assert word in reasons, f"{word!r} missing from quarantine reasons: {reasons}"
+    assert any("b.jsonl.gz" in q["shard_id"] for q in quarantine), "the truncated gzip is quarantined"
+    assert all(q["location"] for q in quarantine)
