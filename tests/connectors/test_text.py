@@ -1,0 +1,150 @@
+"""The text-folder connector: one document per file, files grouped into shards, bad files quarantined."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import fsspec
+import pytest
+
+from connectors.base import Connector, ConnectorError
+from connectors.registry import CONNECTORS
+from embedder.config import SourceConfig
+from embedder.records import BadRecord, Document
+
+
+def _connector(uri: str, **options: object) -> Connector:
+    return CONNECTORS.get("text")(SourceConfig(uri=uri, **options))
+
+
+def _read_all(connector: Connector) -> list[Document | BadRecord]:
+    return [item for shard in connector.list_shards() for item in connector.documents(shard)]
+
+
+def _docs(items: list[Document | BadRecord]) -> list[Document]:
+    return [item for item in items if isinstance(item, Document)]
+
+
+def _bad(items: list[Document | BadRecord]) -> list[BadRecord]:
+    return [item for item in items if isinstance(item, BadRecord)]
+
+
+_TREE = {
+    "index.md": "# Welcome\n\nStart here.",
+    "guides/install.md": "Install with pip.",
+    "guides/deep/tuning.txt": "Tune the token budget. Ünïcode stays.",
+    "notes/a.text": "Plain note.",
+    "notes/b.txt": "\ufeffA note saved with a byte-order mark.",
+    ".hidden.md": "hidden file",
+    "_draft.md": "draft",
+    ".git/HEAD.txt": "inside a hidden folder",
+    "_build/out.md": "inside an underscore folder",
+    "image.png": "not text",
+}
+
+
+def _make_tree(root: Path, tree: dict[str, str] = _TREE) -> None:
+    for rel, text in tree.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+
+
+def test_nested_folder_ids_are_relative_paths(tmp_path: Path) -> None:
+    _make_tree(tmp_path)
+    docs = _docs(_read_all(_connector(str(tmp_path), metadata_fields=["path"])))
+    assert [d.id for d in docs] == [
+        "guides/deep/tuning.txt",
+        "guides/install.md",
+        "index.md",
+        "notes/a.text",
+        "notes/b.txt",
+    ]
+    by_id = {d.id: d for d in docs}
+    assert by_id["guides/install.md"].title == "install"
+    assert by_id["guides/install.md"].text == "Install with pip."
+    assert by_id["notes/b.txt"].text == "A note saved with a byte-order mark."
+    assert by_id["index.md"].metadata == {"path": str(tmp_path / "index.md")}
+
+
+def test_grouping_gives_every_file_once(tmp_path: Path) -> None:
+    files = {f"d{i % 4}/f{i:03d}.txt": f"file {i} " * (i % 9 + 1) for i in range(60)}
+    _make_tree(tmp_path, files)
+    one_per_file = _connector(str(tmp_path), shard_size_mb=1 / 1024 / 1024)
+    assert len(one_per_file.list_shards()) == 60
+    grouped = _connector(str(tmp_path), shard_size_mb=200 / 1024 / 1024)
+    shards = grouped.list_shards()
+    assert 3 <= len(shards) < 60
+    assert [s.id for s in grouped.list_shards()] == [s.id for s in shards]  # stable
+    assert len({s.id for s in shards}) == len(shards)
+    members = [Path(p).relative_to(tmp_path).as_posix() for s in shards for p in s.get("files")]
+    assert members == sorted(files)
+    grouped_docs = _docs(_read_all(grouped))
+    assert sorted(d.id for d in grouped_docs) == sorted(files)
+    assert grouped_docs == _docs(_read_all(one_per_file))
+    assert all(d.text == files[d.id] for d in grouped_docs)
+
+
+def test_group_id_changes_when_a_member_changes(tmp_path: Path) -> None:
+    _make_tree(tmp_path, {f"f{i}.txt": "x" for i in range(5)})
+    before = [s.id for s in _connector(str(tmp_path)).list_shards()]
+    (tmp_path / "f2.txt").unlink()
+    (tmp_path / "f2b.txt").write_text("y")
+    after = [s.id for s in _connector(str(tmp_path)).list_shards()]
+    assert len(before) == len(after) == 1
+    assert before[0].startswith("f0.txt+5@") and after[0].startswith("f0.txt+5@")
+    assert before != after
+
+
+def test_files_per_shard_option_caps_groups(tmp_path: Path) -> None:
+    _make_tree(tmp_path, {f"f{i:02d}.txt": "x" for i in range(25)})
+    shards = _connector(str(tmp_path), options={"files_per_shard": 10}).list_shards()
+    assert [len(s.get("files")) for s in shards] == [10, 10, 5]
+
+
+def test_invalid_utf8_empty_and_missing_files_are_bad_records(tmp_path: Path) -> None:
+    _make_tree(
+        tmp_path, {"a.txt": "good a", "c.txt": "", "d.txt": " \n\t ", "e.txt": "gone soon", "f.txt": "good f"}
+    )
+    (tmp_path / "b.txt").write_bytes(b"caf\xe9 in Latin-1")
+    connector = _connector(str(tmp_path))
+    shards = connector.list_shards()
+    assert len(shards) == 1
+    os.remove(tmp_path / "e.txt")  # deleted between listing and reading
+    items = list(connector.documents(shards[0]))
+    assert [d.id for d in _docs(items)] == ["a.txt", "f.txt"]
+    bad = {b.location: b for b in _bad(items)}
+    assert set(bad) == {"b.txt", "c.txt", "d.txt", "e.txt"}
+    assert "UTF-8" in bad["b.txt"].reason and bad["b.txt"].doc_id == "b.txt"
+    assert "empty" in bad["c.txt"].reason and "empty" in bad["d.txt"].reason
+    assert "unreadable" in bad["e.txt"].reason
+
+
+def test_single_file_source(tmp_path: Path) -> None:
+    _make_tree(tmp_path)
+    docs = _docs(_read_all(_connector(str(tmp_path / "guides" / "install.md"))))
+    assert [(d.id, d.title) for d in docs] == [("install.md", "install")]
+
+
+def test_only_hidden_files_is_a_clear_error(tmp_path: Path) -> None:
+    _make_tree(tmp_path, {".a.md": "x", "_b/c.md": "y"})
+    with pytest.raises(ConnectorError, match="hidden"):
+        _connector(str(tmp_path)).list_shards()
+
+
+def test_s3_folder(s3_bucket: str, tmp_path: Path) -> None:
+    fs = fsspec.filesystem("s3")
+    tree = {k: v for k, v in _TREE.items() if not k.endswith(".png")}
+    for rel, text in tree.items():
+        fs.pipe_file(f"{s3_bucket}/docs/{rel}", text.encode("utf-8"))
+    fs.invalidate_cache()
+    _make_tree(tmp_path, tree)
+    remote = _connector(f"{s3_bucket}/docs", shard_size_mb=40 / 1024 / 1024)
+    local = _connector(str(tmp_path), shard_size_mb=40 / 1024 / 1024)
+    assert [s.id for s in remote.list_shards()] == [s.id for s in local.list_shards()]
+    remote_items = _read_all(remote)
+    assert _bad(remote_items) == []
+    strip = [(d.id, d.text, d.title) for d in _docs(remote_items)]
+    assert strip == [(d.id, d.text, d.title) for d in _docs(_read_all(local))]
+    assert len(strip) == 5
