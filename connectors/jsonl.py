@@ -36,6 +36,7 @@ _GZIP_SUFFIXES = tuple(s + ".gz" for s in _PLAIN_SUFFIXES)
 _ZSTD_SUFFIXES = tuple(s + ext for s in _PLAIN_SUFFIXES for ext in (".zst", ".zstd"))
 
 _READ_BLOCK = 1 << 20  # bytes of file read per call (plain files)
+_FETCH_BLOCK = 4 << 20  # read-ahead of remote files: a shard reads at most this much past its end
 _COMPRESSED_BLOCK = 1 << 18  # compressed bytes fed to the decoder per call (bounds its output)
 _BOM = b"\xef\xbb\xbf"
 
@@ -84,7 +85,8 @@ class JsonlConnector(Connector):
     def read_shard(self, shard: Shard) -> Iterator[Document | BadRecord]:
         rel = shard.get("relative_path", shard.id)
         compression = _compression(shard.path)
-        with self.fs.open(shard.path, "rb") as f:
+        # A bounded read-ahead block: fsspec's default (50 MB on s3fs) would fetch far past a shard's end.
+        with self.fs.open(shard.path, "rb", block_size=_FETCH_BLOCK) as f:
             if compression is None:
                 first = _first_line(f, shard.start)
                 if first is not None:
