@@ -21,22 +21,33 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> Job:
     return build_job(load_job_dict(path), overrides)
 
 
-def run(job: Job | dict[str, Any], on_progress: Callable[[RunResult, int], None] | None = None) -> RunResult:
+def run(
+    job: Job | dict[str, Any],
+    on_progress: Callable[[RunResult, int], None] | None = None,
+    force_unlock: bool = False,
+) -> RunResult:
     """Runs a job to completion and returns its counts and timings.
+
+    A run stopped by SIGTERM/SIGINT or a spot notice returns with ``state == "interrupted"``;
+    running the same job again resumes it.
 
     Args:
         job: A ``Job`` or a dict with its sections.
         on_progress: Optional callback ``(result_so_far, sequences_just_encoded)``.
+        force_unlock: Take the output's lease even if another job holds it (it must be dead).
+
+    Raises:
+        embedder.lease.LeaseHeld: another live job writes the same output.
     """
     if isinstance(job, dict):
         job = build_job(job)
     if job.runner.kind == "ray":
         from embedder.runners.ray import run_ray  # type: ignore[import-not-found]
 
-        return run_ray(job, on_progress=on_progress)
+        return run_ray(job, on_progress=on_progress, force_unlock=force_unlock)
     from embedder.runners.local import run_local
 
-    return run_local(job, on_progress=on_progress)
+    return run_local(job, on_progress=on_progress, force_unlock=force_unlock)
 
 
 def open_index(uri: str, storage_options: dict[str, Any] | None = None, table: str = "chunks", **kwargs: Any):  # noqa: ANN201

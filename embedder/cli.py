@@ -54,6 +54,10 @@ def _handle(err: BaseException) -> NoReturn:
         import traceback
 
         traceback.print_exception(err)
+    from embedder.lease import LeaseHeld
+
+    if isinstance(err, LeaseHeld):
+        _fail(str(err), EXIT_INTERRUPTED)  # EX_TEMPFAIL: another run is on it; try again later
     if isinstance(err, _usage_error_types()):
         _fail(str(err), EXIT_USAGE)
     _fail(f"{type(err).__name__}: {err} (set EMBEDDER_DEBUG=1 for the traceback)", EXIT_FAILED)
@@ -83,6 +87,9 @@ def run(
     dtype: str = typer.Option(None, "--dtype", help="auto | float32 | float16 | bfloat16."),
     set_: list[str] = typer.Option([], "--set", help="Override any key: --set chunking.max_tokens=256 (repeatable)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+    force_unlock: bool = typer.Option(
+        False, "--force-unlock", help="Take the output's lease from a job that died without releasing it."
+    ),
 ) -> None:
     """Embed a corpus. Rerunning the same command resumes where a stopped run left off."""
     try:
@@ -98,8 +105,10 @@ def run(
         from embedder.progress import RunProgress
 
         with RunProgress(enabled=job.runner.show_progress and sys.stderr.isatty()) as progress:
-            result = run_job(job, on_progress=progress.update)
+            result = run_job(job, on_progress=progress.update, force_unlock=force_unlock)
         _print_summary(result)
+        if result.state == "interrupted":
+            _fail("interrupted; run the same command again to resume", EXIT_INTERRUPTED)
     except BaseException as err:  # noqa: BLE001 - mapped to exit codes
         _handle(err)
 

@@ -52,7 +52,6 @@ class SourceConfig(_Section):
     shard_size_mb: float = Field(64.0, gt=0, description="Target input bytes per shard.")
     options: dict[str, Any] = Field(default_factory=dict, description="Connector-specific options.")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec storage options.")
-    limit: int | None = Field(None, ge=1, description="Stop after this many documents (for trials).")
 
 
 class ModelConfig(_Section):
@@ -96,6 +95,13 @@ class RunnerConfig(_Section):
     workers: int | Literal["auto"] = Field("auto", description="Reader/tokenizer processes.")
     address: str | None = Field(None, description="Ray cluster address (runner: ray).")
     show_progress: bool = True
+    lease_ttl_s: float = Field(60.0, gt=0, description="A lease without heartbeat for this long is dead.")
+    grace_period_s: float = Field(
+        100.0, ge=0, description="On SIGTERM/spot notice: time to finish in-flight shards (AWS gives 120 s)."
+    )
+    spot_watch: bool = Field(False, description="Poll the instance-metadata endpoint for a spot notice.")
+    spot_url: str = "http://169.254.169.254/latest/meta-data/spot/instance-action"
+    spot_poll_s: float = Field(5.0, gt=0)
 
 
 class Job(_Section):

@@ -70,3 +70,32 @@ def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes | None:
         return fs.cat_file(path)
     except FileNotFoundError:
         return None
+
+
+def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
+    """Creates ``path`` with ``data`` only if it does not exist yet; returns False if it did.
+
+    Local disk: the content goes to a temp file that is then hard-linked to ``path`` (``link``
+    fails if ``path`` exists, so of two racing writers exactly one wins, and no reader ever sees a
+    partial file). Object stores: a conditional PUT (``If-None-Match: *``).
+    """
+    if is_local(fs):
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+    try:
+        fs.pipe_file(path, data, mode="create")
+        return True
+    except FileExistsError:
+        return False

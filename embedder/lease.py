@@ -1,0 +1,152 @@
+"""One writer per output: a lease file with owner, host, pid, heartbeat and expiry.
+
+A job takes the lease before it writes anything and renews it from a heartbeat thread. A second
+job on the same output is refused with a message naming the owner. A lease whose heartbeat stopped
+(the machine died) expires after ``ttl_s`` and the next job takes it over. Creating and taking over
+use create-only writes (``storage.create_exclusive``: hard link locally, ``If-None-Match`` on S3),
+so of two jobs racing for a free or expired lease exactly one wins.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+from embedder.storage import create_exclusive, filesystem, join, read_bytes, write_bytes_atomic
+
+log = logging.getLogger("embedder")
+
+LEASE_FILE = "_embedder/lease.json"
+
+
+class LeaseHeld(RuntimeError):
+    """Another live job holds the output's lease."""
+
+
+class LeaseLost(RuntimeError):
+    """This job's lease was taken over (its heartbeat was late); it must stop writing."""
+
+
+class Lease:
+    """The output's write lease.
+
+    Args:
+        output_uri: The job's output URI.
+        storage_options: fsspec options.
+        ttl_s: Seconds without a heartbeat after which the lease counts as dead.
+        on_lost: Called (from the heartbeat thread) when the lease was taken over.
+    """
+
+    def __init__(
+        self,
+        output_uri: str,
+        storage_options: dict[str, Any] | None = None,
+        ttl_s: float = 60.0,
+        on_lost: Any = None,
+    ) -> None:
+        self.fs, self.path = filesystem(join(output_uri, LEASE_FILE), storage_options)
+        self.output_uri = output_uri
+        self.ttl_s = ttl_s
+        self.on_lost = on_lost
+        self.owner = uuid.uuid4().hex
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _record(self) -> dict[str, Any]:
+        now = time.time()
+        return {
+            "owner": self.owner,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "heartbeat_at": now,
+            "expires_at": now + self.ttl_s,
+            "ttl_s": self.ttl_s,
+        }
+
+    def read(self) -> dict[str, Any] | None:
+        """The current lease record, or None."""
+        self.fs.invalidate_cache(self.path)
+        raw = read_bytes(self.fs, self.path)
+        if not raw:
+            return None
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:
+            return {"owner": "?", "expires_at": 0}
+
+    @staticmethod
+    def describe(record: dict[str, Any]) -> str:
+        left = record.get("expires_at", 0) - time.time()
+        return (
+            f"pid {record.get('pid')} on host {record.get('host')} (owner {str(record.get('owner'))[:8]}, "
+            f"heartbeat {max(0.0, time.time() - record.get('heartbeat_at', 0)):.0f} s ago, expires in {max(0.0, left):.0f} s)"
+        )
+
+    def acquire(self, force: bool = False) -> None:
+        """Takes the lease, or raises ``LeaseHeld`` naming the live owner.
+
+        Args:
+            force: Remove any existing lease first (``--force-unlock``), with a warning.
+        """
+        for _ in range(3):
+            current = self.read()
+            if current is not None:
+                expired = current.get("expires_at", 0) < time.time()
+                if force:
+                    log.warning("--force-unlock: removing the lease of %s", self.describe(current))
+                elif not expired:
+                    raise LeaseHeld(
+                        f"output {self.output_uri!r} is being written by another job: {self.describe(current)}. "
+                        "Wait for it, or if that job is dead run again with --force-unlock"
+                    )
+                else:
+                    log.warning("taking over the expired lease of %s", self.describe(current))
+                self._remove_if_owner(current.get("owner"))
+            if create_exclusive(self.fs, self.path, json.dumps(self._record()).encode()):
+                self._start_heartbeat()
+                return
+            force = False  # someone else created it meanwhile: re-read and judge again
+        current = self.read() or {}
+        raise LeaseHeld(f"output {self.output_uri!r} is being written by another job: {self.describe(current)}")
+
+    def _remove_if_owner(self, owner: str | None) -> None:
+        current = self.read()
+        if current is not None and current.get("owner") == owner:
+            try:
+                self.fs.rm(self.path)
+            except FileNotFoundError:
+                pass
+
+    def _start_heartbeat(self) -> None:
+        self._thread = threading.Thread(target=self._beat, name="embedder-lease", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        interval = max(0.2, self.ttl_s / 4)
+        while not self._stop.wait(interval):
+            try:
+                current = self.read()
+                if current is None or current.get("owner") != self.owner:
+                    log.error("the output's lease was taken over by %s; stopping", self.describe(current or {}))
+                    if self.on_lost:
+                        self.on_lost()
+                    return
+                write_bytes_atomic(self.fs, self.path, json.dumps(self._record()).encode())
+            except Exception:  # a transient storage error: try again at the next beat
+                log.warning("lease heartbeat failed; retrying", exc_info=True)
+
+    def release(self) -> None:
+        """Stops the heartbeat and removes the lease if this job still owns it."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        try:
+            self._remove_if_owner(self.owner)
+        except Exception:
+            log.warning("could not remove the lease file; it expires by itself", exc_info=True)
