@@ -189,7 +189,11 @@ def _blocks(f: BinaryIO, head: bytes) -> Iterator[bytes]:
 
 
 def _lines(blocks: Iterable[bytes], offset: int, end: int) -> Iterator[tuple[int, bytes]]:
-    """``(offset, line)`` for each line starting before ``end`` (``-1``: no end), newline removed."""
+    """``(offset, line)`` for each line starting before ``end`` (``-1``: no end).
+
+    The ``\n`` is removed; a ``\r`` before it is kept (it is JSON whitespace), so a line's length
+    plus one is always where the next line starts.
+    """
     buffer = bytearray()
     scanned = 0  # bytes of buffer known to hold no newline
     for block in blocks:
@@ -201,7 +205,7 @@ def _lines(blocks: Iterable[bytes], offset: int, end: int) -> Iterator[tuple[int
                 break
             if end >= 0 and offset >= end:
                 return
-            yield offset, _strip_cr(bytes(buffer[begin:newline]))
+            yield offset, bytes(buffer[begin:newline])
             offset += newline + 1 - begin
             begin = newline + 1
         del buffer[:begin]
@@ -209,11 +213,7 @@ def _lines(blocks: Iterable[bytes], offset: int, end: int) -> Iterator[tuple[int
         if end >= 0 and offset >= end:
             return
     if buffer and (end < 0 or offset < end):
-        yield offset, _strip_cr(bytes(buffer))
-
-
-def _strip_cr(line: bytes) -> bytes:
-    return line[:-1] if line.endswith(b"\r") else line
+        yield offset, bytes(buffer)
 
 
 def _decompressed_blocks(f: BinaryIO, compression: str) -> Iterator[bytes]:

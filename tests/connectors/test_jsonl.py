@@ -113,7 +113,7 @@ def test_gzip_and_zstd_give_the_same_documents(tmp_path: Path) -> None:
 
 
 def test_truncated_gzip_keeps_records_before_the_damage(tmp_path: Path) -> None:
-    data = _corpus(2000)
+    data = _corpus(2000).replace(b"\n", b"\r\n")  # CRLF: offsets must count the \r too
     compressed = gzip.compress(data)
     path = tmp_path / "cut.jsonl.gz"
     path.write_bytes(compressed[: len(compressed) * 2 // 3])
@@ -121,10 +121,12 @@ def test_truncated_gzip_keeps_records_before_the_damage(tmp_path: Path) -> None:
     docs, bad = _docs(items), _bad(items)
     assert len(bad) == 1
     assert "gzip" in bad[0].reason and "truncated" in bad[0].reason
-    assert bad[0].location.startswith("byte ")
     assert items[-1] is bad[0]  # the report comes after every record that could be read
     assert 100 < len(docs) < 2000
     assert [d.id for d in docs] == [f"doc-{i}" for i in range(len(docs))]
+    # the report points at the first line lost: right after the last one kept
+    kept = data.split(b"\n")[: len(docs)]
+    assert bad[0].location == f"byte {sum(len(line) + 1 for line in kept)}"
 
 
 def test_truncated_zstd_is_reported_not_silently_short(tmp_path: Path) -> None:
