@@ -1,26 +1,32 @@
-"""Named crash points for the crash-matrix tests: ``EMBEDDER_FAILPOINT=name[@n]`` kills the process
-with SIGKILL the n-th time (default 1st) the run passes ``failpoint(name)``.
+"""Test hooks at named points of a run, for the crash-matrix and drain tests.
+
+``EMBEDDER_FAILPOINT=name[@n]`` kills the process with SIGKILL the n-th time (default: the first)
+the run passes ``failpoint(name)``. ``EMBEDDER_FAILPOINT_DELAY=name:seconds`` sleeps there each
+time instead (to keep a job running long enough for a test to interrupt it).
 
 Points: ``after_read`` (a shard fully read), ``mid_encode`` (a batch encoded), ``after_sink_write``
 (rows staged, shard not committed), ``after_commit`` (shard committed, completion not recorded),
-``during_finish`` (inside the final compaction). Unset, ``failpoint`` costs one dict lookup.
+``during_finish`` (before and inside the final compaction). Unset, a call costs one comparison.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 
-_spec = os.environ.get("EMBEDDER_FAILPOINT", "")
-_name, _, _count = _spec.partition("@")
+_kill_name, _, _count = os.environ.get("EMBEDDER_FAILPOINT", "").partition("@")
 _remaining = int(_count) if _count else 1
-_hits: dict[str, int] = {}
+_delay_name, _, _delay = os.environ.get("EMBEDDER_FAILPOINT_DELAY", "").partition(":")
+_delay_s = float(_delay) if _delay else 0.0
 
 
 def failpoint(name: str) -> None:
-    """Kills this process if the failpoint ``name`` is armed and its count is reached."""
+    """Kills this process (or sleeps) if a test armed the failpoint ``name``."""
     global _remaining
-    if not _name or name != _name:
+    if name == _delay_name and _delay_s:
+        time.sleep(_delay_s)
+    if name != _kill_name:
         return
     _remaining -= 1
     if _remaining <= 0:

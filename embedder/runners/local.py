@@ -198,24 +198,27 @@ class LocalRunner:
 
         job = self.job
         result = RunResult(run_id=time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6], output=job.output.uri)
-        connector = make_connector(job)
-        shards = connector.list_shards()
-        encoder = Encoder.load(job.model)
-        chunker = Chunker.for_encoder(encoder, job.chunking)
-        provenance = {**encoder.provenance(), "chunking": chunker.settings()}
-        schema = output_schema(encoder.dim, job.source.metadata_fields, provenance)
-
+        result.model, result.sink = job.model.name, job.output.sink
+        # The lease comes first: a second job on this output is refused before it loads anything.
         lease = Lease(job.output.uri, job.output.storage_options, job.runner.lease_ttl_s, on_lost=self._lost_lease)
         lease.acquire(force=self.force_unlock)
+        checkpoint = Checkpoint(job.output.uri, job.output.storage_options)
         restore = self._install_signal_handlers()
         watcher = None
-        if job.runner.spot_watch:
-            from embedder.spot import SpotWatcher
-
-            watcher = SpotWatcher(job.runner.spot_url, lambda _: self.request_stop("spot interruption notice"), job.runner.spot_poll_s).start()
-        checkpoint = Checkpoint(job.output.uri, job.output.storage_options)
         started = time.perf_counter()
         try:
+            if job.runner.spot_watch:
+                from embedder.spot import SpotWatcher
+
+                watcher = SpotWatcher(
+                    job.runner.spot_url, lambda _: self.request_stop("spot interruption notice"), job.runner.spot_poll_s
+                ).start()
+            connector = make_connector(job)
+            shards = connector.list_shards()
+            encoder = Encoder.load(job.model)
+            chunker = Chunker.for_encoder(encoder, job.chunking)
+            provenance = {**encoder.provenance(), "chunking": chunker.settings()}
+            schema = output_schema(encoder.dim, job.source.metadata_fields, provenance)
             sink = sink_registry().SINKS.get(job.output.sink)(job.output, schema)
             sink.open()
             checkpoint.save_job(job.to_yaml())
@@ -223,10 +226,8 @@ class LocalRunner:
             pending = [s for s in shards if s.id not in done]
             result.shards_total = len(shards)
             result.shards_skipped = len(shards) - len(pending)
-            result.model = job.model.name
-            result.sink = job.output.sink
             checkpoint.write_run(result.to_dict())
-            if pending:
+            if pending and not self._drain.is_set():
                 sink.abort_many([s.id for s in pending])
                 self._run_pipeline(pending, encoder, sink, checkpoint, result)
             if self._drain.is_set():
@@ -250,7 +251,8 @@ class LocalRunner:
             result.tokens_per_second = result.tokens / result.seconds if result.seconds > 0 else 0.0
             result.ended_at = time.time()
             try:
-                checkpoint.write_run(result.to_dict())
+                if result.shards_total or result.state != "failed":
+                    checkpoint.write_run(result.to_dict())
             finally:
                 lease.release()
         return result
