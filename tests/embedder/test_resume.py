@@ -1,0 +1,252 @@
+"""Exactly-once resume: SIGKILL at named failpoints and at random times, SIGTERM drains, the lease
+admits one writer, the spot watcher drains. After every crash a rerun of the same command must give
+exactly the output of an uninterrupted run."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pyarrow.dataset as ds
+import pytest
+
+from embedder import run
+from embedder.checkpoint import Checkpoint
+from embedder.config import build_job
+
+REPO = Path(__file__).resolve().parents[2]
+CHAIN = ["after_read@2", "mid_encode@2", "after_sink_write@1", "after_commit@2", "during_finish"]
+TOPICS = ["rivers", "mountains", "bread", "stars", "bees", "chess", "tides", "volcanoes", "coffee", "sleep"]
+
+
+def _corpus(path: Path, docs: int = 120) -> Path:
+    rng = random.Random(7)
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(docs):
+            topic = TOPICS[i % len(TOPICS)]
+            words = " ".join(rng.choice(["the", "a", "of", topic, "water", "light", "time", "people", "small", "old"]) for _ in range(rng.randint(20, 160)))
+            f.write(json.dumps({"id": f"doc-{i}", "title": topic, "text": f"A note about {topic}. {words}."}) + "\n")
+            if i % 40 == 5:
+                f.write('{"id": "broken-%d", "text": \n' % i)  # malformed: quarantined
+    return path
+
+
+def _settings(output: str, sink: str) -> list[str]:
+    return [
+        "--output", output, "--sink", sink, "--format", "jsonl", "--no-progress",
+        "--set", "source.shard_size_mb=0.002", "--set", "chunking.max_tokens=64",
+        "--set", "runner.workers=1", "--set", "runner.lease_ttl_s=2", "--set", "model.device=cpu",
+    ]
+
+
+def _run_cli(source: Path, output: str, sink: str, env_extra: dict | None = None, extra: list[str] | None = None,
+             wait: bool = True) -> subprocess.CompletedProcess | subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), **(env_extra or {})}
+    cmd = [sys.executable, "-m", "embedder.cli", "run", "--source", str(source), *_settings(output, sink), *(extra or [])]
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _read(output: str, sink: str):
+    if sink == "parquet":
+        fs, path = fsspec.core.url_to_fs(output)
+        return ds.dataset(path, format="parquet", filesystem=fs).to_table()
+    import lancedb
+
+    return lancedb.connect(output).open_table("chunks").to_arrow()
+
+
+def _wait_lease_expired(output: str) -> None:
+    from embedder.lease import Lease
+
+    lease = Lease(output)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        record = lease.read()
+        if record is None or record.get("expires_at", 0) < time.time():
+            return
+        time.sleep(0.2)
+    raise AssertionError("the dead job's lease never expired")
+
+
+def _assert_equal_to_reference(output: str, sink: str, reference) -> None:
+    table = _read(output, sink).sort_by("id")
+    ids = table.column("id").to_pylist()
+    assert len(ids) == len(set(ids)), "duplicate ids after resume"
+    assert ids == reference["ids"], "missing or extra chunks after resume"
+    vectors = np.asarray(table.column("vector").to_pylist())
+    assert np.sum(vectors * reference["vectors"], axis=1).min() >= 0.9999
+    checkpoint = Checkpoint(output)
+    assert len(checkpoint.quarantine()) == reference["quarantined"]
+    assert len(checkpoint.completed()) == reference["shards"]
+    if sink == "parquet":  # no orphan part files: one per shard with rows, nothing else visible
+        fs, path = fsspec.core.url_to_fs(output)
+        files = ds.dataset(path, format="parquet", filesystem=fs).files
+        assert len(files) == len(set(table.column("shard_id").to_pylist()))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return _corpus(tmp_path_factory.mktemp("resume") / "corpus.jsonl")
+
+
+@pytest.fixture(scope="module")
+def references(corpus, tmp_path_factory) -> dict:
+    out = {}
+    for sink in ("parquet", "lance"):
+        output = str(tmp_path_factory.mktemp("ref") / sink)
+        proc = _run_cli(corpus, output, sink)
+        assert proc.returncode == 0, proc.stderr
+        table = _read(output, sink).sort_by("id")
+        checkpoint = Checkpoint(output)
+        out[sink] = {
+            "ids": table.column("id").to_pylist(),
+            "vectors": np.asarray(table.column("vector").to_pylist()),
+            "quarantined": len(checkpoint.quarantine()),
+            "shards": len(checkpoint.completed()),
+        }
+        assert out[sink]["shards"] >= 8 and out[sink]["quarantined"] == 3
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("storage", ["local", "s3"])
+@pytest.mark.parametrize("sink", ["parquet", "lance"])
+def test_crash_chain_then_resume(corpus, references, sink, storage, tmp_path, request) -> None:
+    """Five SIGKILLs in a row, one at each named failpoint, then a clean rerun."""
+    if storage == "s3":
+        output = f"{request.getfixturevalue('s3_bucket')}/out-{sink}"
+    else:
+        output = str(tmp_path / sink)
+    for point in CHAIN:
+        proc = _run_cli(corpus, output, sink, {"EMBEDDER_FAILPOINT": point})
+        assert proc.returncode == -signal.SIGKILL, f"{point}: expected SIGKILL, got {proc.returncode}: {proc.stderr[-2000:]}"
+        _wait_lease_expired(output)
+    proc = _run_cli(corpus, output, sink)
+    assert proc.returncode == 0, proc.stderr
+    _assert_equal_to_reference(output, sink, references[sink])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sink", ["parquet", "lance"])
+def test_random_kills_then_resume(corpus, references, sink, tmp_path) -> None:
+    output = str(tmp_path / sink)
+    rng = random.Random(11)
+    for _ in range(2):
+        proc = _run_cli(corpus, output, sink, {"EMBEDDER_FAILPOINT_DELAY": "mid_encode:0.05"}, wait=False)
+        time.sleep(rng.uniform(4.0, 9.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        _wait_lease_expired(output)
+    proc = _run_cli(corpus, output, sink)
+    assert proc.returncode == 0, proc.stderr
+    _assert_equal_to_reference(output, sink, references[sink])
+
+
+def _wait_for(predicate, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError("condition not reached")
+
+
+def test_sigterm_drains_exits_75_and_resumes(corpus, references, tmp_path) -> None:
+    output = str(tmp_path / "out")
+    proc = _run_cli(corpus, output, "parquet", {"EMBEDDER_FAILPOINT_DELAY": "mid_encode:0.3"},
+                    extra=["--set", "runner.grace_period_s=20"], wait=False)
+    _wait_for(lambda: len(Checkpoint(output).completed()) >= 1)
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 75, stderr
+    assert time.time() - sent < 20 + 10
+    assert "interrupted" in stderr
+    done_after_stop = len(Checkpoint(output).completed())
+    assert 1 <= done_after_stop < references["parquet"]["shards"]
+    assert Checkpoint(output).runs()[-1]["state"] == "interrupted"
+    proc = _run_cli(corpus, output, "parquet")
+    assert proc.returncode == 0, proc.stderr
+    _assert_equal_to_reference(output, "parquet", references["parquet"])
+
+
+def test_one_writer_per_output(corpus, references, tmp_path) -> None:
+    output = str(tmp_path / "out")
+    first = _run_cli(corpus, output, "lance", {"EMBEDDER_FAILPOINT_DELAY": "mid_encode:0.3"}, wait=False)
+    _wait_for(lambda: Path(output, "_embedder", "lease.json").exists())
+    second = _run_cli(corpus, output, "lance")
+    assert second.returncode == 75
+    assert "being written by another job" in second.stderr and "--force-unlock" in second.stderr
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=60)
+    # The dead job's lease still stands until it expires; then a new job takes over and completes.
+    _wait_lease_expired(output)
+    third = _run_cli(corpus, output, "lance")
+    assert third.returncode == 0, third.stderr
+    _assert_equal_to_reference(output, "lance", references["lance"])
+
+
+class _SpotHandler(http.server.BaseHTTPRequestHandler):
+    notice_after = 0.0
+
+    def do_PUT(self) -> None:  # IMDSv2 token
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"token")
+
+    def do_GET(self) -> None:
+        if time.time() < type(self).notice_after:
+            self.send_response(404)
+            self.end_headers()
+            return
+        body = json.dumps({"action": "terminate", "time": "2026-11-28T12:00:00Z"}).encode()
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_spot_notice_drains_and_exits_75(corpus, references, tmp_path) -> None:
+    _SpotHandler.notice_after = time.time() + 12
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SpotHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/latest/meta-data/spot/instance-action"
+    output = str(tmp_path / "out")
+    try:
+        proc = _run_cli(corpus, output, "parquet", {"EMBEDDER_FAILPOINT_DELAY": "mid_encode:0.3"},
+                        extra=["--set", "runner.spot_watch=true", "--set", f"runner.spot_url={url}",
+                               "--set", "runner.spot_poll_s=0.5", "--set", "runner.grace_period_s=20"])
+    finally:
+        server.shutdown()
+    assert proc.returncode == 75, proc.stderr
+    assert "spot interruption notice" in proc.stderr
+    proc = _run_cli(corpus, output, "parquet")
+    assert proc.returncode == 0, proc.stderr
+    _assert_equal_to_reference(output, "parquet", references["parquet"])
+
+
+def test_in_process_rerun_is_idempotent(corpus, references, tmp_path) -> None:
+    job = {
+        "source": {"uri": str(corpus), "format": "jsonl", "shard_size_mb": 0.002},
+        "output": {"uri": str(tmp_path / "out"), "sink": "parquet"},
+        "model": {"device": "cpu"}, "chunking": {"max_tokens": 64},
+        "runner": {"workers": 1, "show_progress": False},
+    }
+    first = run(build_job(job))
+    second = run(build_job(job))
+    assert first.state == second.state == "done" and second.rows_written == 0
+    _assert_equal_to_reference(str(tmp_path / "out"), "parquet", references["parquet"])
