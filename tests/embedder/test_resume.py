@@ -46,6 +46,7 @@ def _settings(output: str, sink: str) -> list[str]:
         "--output", output, "--sink", sink, "--format", "jsonl", "--no-progress",
         "--set", "source.shard_size_mb=0.002", "--set", "chunking.max_tokens=64",
         "--set", "runner.workers=1", "--set", "runner.lease_ttl_s=2", "--set", "model.device=cpu",
+        "--set", "model.token_budget=512",
     ]
 
 
@@ -227,7 +228,7 @@ def test_spot_notice_drains_and_exits_75(corpus, references, tmp_path) -> None:
     url = f"http://127.0.0.1:{server.server_address[1]}/latest/meta-data/spot/instance-action"
     output = str(tmp_path / "out")
     try:
-        proc = _run_cli(corpus, output, "parquet", {"EMBEDDER_FAILPOINT_DELAY": "mid_encode:0.3"},
+        proc = _run_cli(corpus, output, "parquet", {"EMBEDDER_FAILPOINT_DELAY": "mid_encode:1.0"},
                         extra=["--set", "runner.spot_watch=true", "--set", f"runner.spot_url={url}",
                                "--set", "runner.spot_poll_s=0.5", "--set", "runner.grace_period_s=20"])
     finally:
@@ -243,7 +244,7 @@ def test_in_process_rerun_is_idempotent(corpus, references, tmp_path) -> None:
     job = {
         "source": {"uri": str(corpus), "format": "jsonl", "shard_size_mb": 0.002},
         "output": {"uri": str(tmp_path / "out"), "sink": "parquet"},
-        "model": {"device": "cpu"}, "chunking": {"max_tokens": 64},
+        "model": {"device": "cpu", "token_budget": 512}, "chunking": {"max_tokens": 64},
         "runner": {"workers": 1, "show_progress": False},
     }
     first = run(build_job(job))
