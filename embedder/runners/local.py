@@ -27,54 +27,26 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from typing import Any
-
-import numpy as np
 
 from embedder.config import Job
 from embedder.failpoints import failpoint
-from embedder.records import Chunk, PackedBatch, Shard
-from embedder.runners.stages import ShardEnd, make_connector, read_and_chunk, resolve_job, sink_registry
+from embedder.records import PackedBatch, Shard
+from embedder.runners.stages import (
+    RunFailed,
+    RunResult,
+    ShardAssembler,
+    ShardEnd,
+    make_connector,
+    read_and_chunk,
+    resolve_job,
+    sink_registry,
+)
 
 log = logging.getLogger("embedder")
 
 ROWS_PER_WRITE = 4096
 QUEUE_POLL_S = 0.2
-
-
-@dataclass(slots=True)
-class RunResult:
-    """What a run did. ``state`` is ``done``, ``failed`` or ``interrupted``."""
-
-    run_id: str
-    output: str
-    state: str = "running"
-    shards_total: int = 0
-    shards_skipped: int = 0
-    shards_done: int = 0
-    documents: int = 0
-    chunks: int = 0
-    tokens: int = 0
-    rows_written: int = 0
-    bad_records: int = 0
-    trimmed_documents: int = 0
-    seconds: float = 0.0
-    encode_seconds: float = 0.0
-    tokens_per_second: float = 0.0
-    started_at: float = field(default_factory=time.time)
-    ended_at: float | None = None
-    error: str | None = None
-    model: str = ""
-    sink: str = ""
-    unfinished_shards: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-class RunFailed(RuntimeError):
-    """The run stopped on an error; the output keeps every shard committed before it."""
 
 
 # --- reader processes -----------------------------------------------------------------------
@@ -133,19 +105,6 @@ def _reader_main(
 
 
 # --- the run --------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class _ShardState:
-    shard: Shard
-    writer: Any = None
-    ended: bool = False
-    expected_chunks: int = 0
-    received_chunks: int = 0
-    rows: int = 0
-    end: ShardEnd | None = None
-    pending_chunks: list[Chunk] = field(default_factory=list)
-    pending_vectors: list[np.ndarray] = field(default_factory=list)
 
 
 class _Stop(Exception):
@@ -283,8 +242,6 @@ class LocalRunner:
 
     def _run_pipeline(self, pending: list[Shard], encoder: Any, sink: Any, checkpoint: Any, result: RunResult) -> None:
         from embedder.packing import TokenBudgetPacker
-        from embedder.schema import chunks_to_table
-
         workers = self._workers(pending)
         ctx = mp.get_context("spawn")
         tasks = ctx.Queue()
@@ -318,7 +275,6 @@ class LocalRunner:
 
         batches: queue.Queue = queue.Queue(maxsize=4)
         encoded: queue.Queue = queue.Queue(maxsize=4)
-        states = {s.id: _ShardState(s) for s in pending}
         failure: list[BaseException] = []
 
         def put(q: queue.Queue, item: Any) -> None:
@@ -347,7 +303,7 @@ class LocalRunner:
                         if not any(p.is_alive() for p in procs) and results.empty():
                             if self._drain.is_set() and ended == started_shards:
                                 break  # drained: every started shard has ended
-                            raise RunFailed("reader processes exited before finishing their shards")
+                            raise RunFailed("reader processes exited before finishing their shards") from None
                         continue
                     if isinstance(item, tuple) and item[0] == "start":
                         started_shards += 1
@@ -402,48 +358,11 @@ class LocalRunner:
         for t in threads:
             t.start()
 
-        def flush_rows(state: _ShardState) -> None:
-            if not state.pending_chunks:
-                return
-            if state.writer is None:
-                state.writer = sink.begin(state.shard.id)
-            table = chunks_to_table(state.pending_chunks, np.concatenate(state.pending_vectors), sink.schema)
-            state.writer.write(table)
-            state.rows += table.num_rows
-            state.pending_chunks, state.pending_vectors = [], []
-
-        def maybe_commit(state: _ShardState) -> None:
-            if not state.ended or state.received_chunks < state.expected_chunks:
-                return
-            flush_rows(state)
-            failpoint("after_sink_write")
-            if self._abort.is_set():
-                raise _Stop  # never commit after a lost lease or an error elsewhere
-            if state.writer is not None:
-                state.writer.commit()
-            failpoint("after_commit")
-            end = state.end or ShardEnd(state.shard.id)
-            quarantined = checkpoint.write_quarantine(state.shard.id, end.bad_records)
-            checkpoint.record_completion(
-                state.shard.id,
-                {
-                    "rows": state.rows,
-                    "documents": end.documents,
-                    "chunks": end.chunks,
-                    "tokens": end.tokens,
-                    "bad_records": quarantined,
-                    "trimmed_documents": end.trimmed_documents,
-                    "run_id": result.run_id,
-                },
-            )
-            result.shards_done += 1
-            result.rows_written += state.rows
-            result.bad_records += quarantined
-            result.documents += end.documents
-            result.trimmed_documents += end.trimmed_documents
-            del states[state.shard.id]
+        def on_commit(_result: RunResult) -> None:
             if self.on_progress:
                 self.on_progress(result, 0)
+
+        assembler = ShardAssembler(pending, sink, checkpoint, result, self._abort, on_commit=on_commit)
 
         try:
             while True:
@@ -452,52 +371,35 @@ class LocalRunner:
                 if self._abort.is_set():
                     raise RunFailed("stopped: " + ("lease lost" if self._lease_lost else "aborted"))
                 if self._drain.is_set() and time.monotonic() > self._drain_deadline:
-                    log.warning("grace period over: abandoning %d in-flight shard(s); a rerun redoes them", len(states))
+                    log.warning(
+                        "grace period over: abandoning %d in-flight shard(s); a rerun redoes them", len(assembler.unfinished)
+                    )
                     break
                 try:
                     item = encoded.get(timeout=QUEUE_POLL_S)
                 except queue.Empty:
                     if not any(t.is_alive() for t in threads) and encoded.empty():
                         if failure:
-                            raise failure[0]
-                        raise RunFailed(f"pipeline ended with {len(states)} shard(s) unfinished")
+                            raise failure[0] from None
+                        raise RunFailed(f"pipeline ended with {len(assembler.unfinished)} shard(s) unfinished") from None
                     continue
                 if item is None:  # end of stream
                     break
                 if isinstance(item, ShardEnd):
                     failpoint("after_read")
-                    state = states[item.shard_id]
-                    state.ended, state.end, state.expected_chunks = True, item, item.chunks
-                    maybe_commit(state)
+                    assembler.end_shard(item)
                     continue
                 batch, vectors = item
-                touched: dict[str, _ShardState] = {}
-                for i, chunk in enumerate(batch.chunks or []):
-                    state = states[chunk.shard_id]
-                    state.pending_chunks.append(chunk)
-                    state.pending_vectors.append(vectors[i : i + 1])
-                    state.received_chunks += 1
-                    touched[chunk.shard_id] = state
-                result.chunks += batch.num_sequences
-                result.tokens += int(sum(len(c.token_ids) for c in batch.chunks or []))
-                for state in touched.values():
-                    if len(state.pending_chunks) >= ROWS_PER_WRITE:
-                        flush_rows(state)
-                    maybe_commit(state)
+                assembler.add_vectors(batch.chunks or [], vectors)
                 if self.on_progress:
                     self.on_progress(result, batch.num_sequences)
-            if states and not self._drain.is_set():
-                raise RunFailed(f"pipeline ended with {len(states)} shard(s) unfinished")
+            if assembler.unfinished and not self._drain.is_set():
+                raise RunFailed(f"pipeline ended with {len(assembler.unfinished)} shard(s) unfinished")
         finally:
             self._abort.set()
             reader_stop.set()
-            result.unfinished_shards = sorted(states)
-            for state in states.values():
-                if state.writer is not None:
-                    try:
-                        state.writer.discard()
-                    except Exception:  # best effort: abort() on the next run removes leftovers
-                        log.debug("discard failed for %s", state.shard.id, exc_info=True)
+            result.unfinished_shards = sorted(assembler.unfinished)
+            assembler.discard_all()
             for t in threads:
                 t.join(timeout=5)
             for p in procs:

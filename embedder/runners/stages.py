@@ -7,17 +7,63 @@ cluster) but call the same functions, so both produce the same output for the sa
 from __future__ import annotations
 
 import importlib
+import logging
+import threading
+import time
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from embedder.config import ConfigError, Job
+from embedder.failpoints import failpoint
 from embedder.records import BadRecord, Chunk, Document, Shard
 
 if TYPE_CHECKING:
     from connectors.base import Connector
+    from embedder.checkpoint import Checkpoint
     from embedder.chunking import Chunker
+    from indexes.base import ShardWriter, Sink
+
+log = logging.getLogger("embedder")
+ROWS_PER_WRITE = 4096
+
+
+@dataclass(slots=True)
+class RunResult:
+    """What a run did. ``state`` is ``done``, ``failed`` or ``interrupted``."""
+
+    run_id: str
+    output: str
+    state: str = "running"
+    shards_total: int = 0
+    shards_skipped: int = 0
+    shards_done: int = 0
+    documents: int = 0
+    chunks: int = 0
+    tokens: int = 0
+    rows_written: int = 0
+    bad_records: int = 0
+    trimmed_documents: int = 0
+    seconds: float = 0.0
+    encode_seconds: float = 0.0
+    tokens_per_second: float = 0.0
+    started_at: float = field(default_factory=time.time)
+    ended_at: float | None = None
+    error: str | None = None
+    model: str = ""
+    sink: str = ""
+    runner: str = "local"
+    unfinished_shards: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class RunFailed(RuntimeError):
+    """The run stopped on an error; the output keeps every shard committed before it."""
 
 
 DOCS_PER_BLOCK = 256
@@ -129,3 +175,134 @@ def read_and_chunk(connector: Connector, chunker: Chunker, shard: Shard) -> Iter
 
 def chunking_provenance(chunker: Chunker) -> dict[str, Any]:
     return {"chunking": chunker.settings()}
+
+
+@dataclass(slots=True)
+class _ShardState:
+    shard_id: str
+    writer: ShardWriter | None = None
+    end: ShardEnd | None = None
+    received: set[str] = field(default_factory=set)
+    rows: int = 0
+    pending_chunks: list[Chunk] = field(default_factory=list)
+    pending_vectors: list[np.ndarray] = field(default_factory=list)
+
+
+class ShardAssembler:
+    """Turns encoded chunks back into shards: stages rows in the sink, commits a shard once all of
+    its chunks are in, then writes its quarantine and completion record — in that order, so a
+    crash anywhere leaves either a fully recorded shard or one the next run redoes.
+
+    Chunks may arrive in any order and interleaved across shards (batches are length-sorted), and
+    a shard's ``ShardEnd`` may come before its last vectors. A chunk delivered twice (a retried
+    task on a cluster) is written once.
+
+    Args:
+        shards: The shards this run processes.
+        sink: The opened sink.
+        checkpoint: The job's checkpoint.
+        result: The run's result, updated in place.
+        abort: When set, nothing more is committed (an error elsewhere, a lost lease).
+        on_commit: Called after each committed shard.
+    """
+
+    def __init__(
+        self,
+        shards: Sequence[Shard],
+        sink: Sink,
+        checkpoint: Checkpoint,
+        result: RunResult,
+        abort: threading.Event,
+        on_commit: Callable[[RunResult], None] | None = None,
+    ) -> None:
+        self.sink = sink
+        self.checkpoint = checkpoint
+        self.result = result
+        self.abort = abort
+        self.on_commit = on_commit
+        self._states = {s.id: _ShardState(s.id) for s in shards}
+
+    @property
+    def unfinished(self) -> list[str]:
+        return list(self._states)
+
+    def add_vectors(self, chunks: Sequence[Chunk], vectors: np.ndarray) -> None:
+        """Takes encoded chunks (``vectors[i]`` belongs to ``chunks[i]``)."""
+        touched: dict[str, _ShardState] = {}
+        for i, chunk in enumerate(chunks):
+            state = self._states.get(chunk.shard_id)
+            if state is None or chunk.id in state.received:
+                continue  # a duplicate delivery of a committed or already-seen chunk
+            state.received.add(chunk.id)
+            state.pending_chunks.append(chunk)
+            state.pending_vectors.append(vectors[i : i + 1])
+            touched[chunk.shard_id] = state
+            self.result.chunks += 1
+            self.result.tokens += len(chunk.token_ids)
+        for state in touched.values():
+            if len(state.pending_chunks) >= ROWS_PER_WRITE:
+                self._flush(state)
+            self._maybe_commit(state)
+
+    def end_shard(self, end: ShardEnd) -> None:
+        """Takes a shard's ``ShardEnd`` (its chunk count and bad records)."""
+        state = self._states.get(end.shard_id)
+        if state is None or state.end is not None:
+            return
+        state.end = end
+        self._maybe_commit(state)
+
+    def discard_all(self) -> None:
+        """Drops staged rows of every unfinished shard (best effort; the next run's abort cleans up)."""
+        for state in self._states.values():
+            if state.writer is not None:
+                try:
+                    state.writer.discard()
+                except Exception:
+                    log.debug("discard failed for %s", state.shard_id, exc_info=True)
+
+    def _flush(self, state: _ShardState) -> None:
+        from embedder.schema import chunks_to_table
+
+        if not state.pending_chunks:
+            return
+        if state.writer is None:
+            state.writer = self.sink.begin(state.shard_id)
+        table = chunks_to_table(state.pending_chunks, np.concatenate(state.pending_vectors), self.sink.schema)
+        state.writer.write(table)
+        state.rows += table.num_rows
+        state.pending_chunks, state.pending_vectors = [], []
+
+    def _maybe_commit(self, state: _ShardState) -> None:
+        end = state.end
+        if end is None or len(state.received) < end.chunks:
+            return
+        self._flush(state)
+        failpoint("after_sink_write")
+        if self.abort.is_set():
+            raise RunFailed("stopped before committing shard " + state.shard_id)
+        if state.writer is not None:
+            state.writer.commit()
+        failpoint("after_commit")
+        quarantined = self.checkpoint.write_quarantine(state.shard_id, end.bad_records)
+        self.checkpoint.record_completion(
+            state.shard_id,
+            {
+                "rows": state.rows,
+                "documents": end.documents,
+                "chunks": end.chunks,
+                "tokens": end.tokens,
+                "bad_records": quarantined,
+                "trimmed_documents": end.trimmed_documents,
+                "run_id": self.result.run_id,
+            },
+        )
+        result = self.result
+        result.shards_done += 1
+        result.rows_written += state.rows
+        result.bad_records += quarantined
+        result.documents += end.documents
+        result.trimmed_documents += end.trimmed_documents
+        del self._states[state.shard_id]
+        if self.on_commit:
+            self.on_commit(result)

@@ -37,7 +37,7 @@ def _corpus(path: Path, docs: int = 120) -> Path:
             words = " ".join(rng.choice(["the", "a", "of", topic, "water", "light", "time", "people", "small", "old"]) for _ in range(rng.randint(20, 160)))
             f.write(json.dumps({"id": f"doc-{i}", "title": topic, "text": f"A note about {topic}. {words}."}) + "\n")
             if i % 40 == 5:
-                f.write('{"id": "broken-%d", "text": \n' % i)  # malformed: quarantined
+                f.write('{"id": "broken-' + str(i) + '", "text": \n')  # malformed: quarantined
     return path
 
 
