@@ -55,7 +55,11 @@ class TextConnector(Connector):
                 f"source {self.config.uri!r} holds only hidden files (names starting with '.' or '_'); "
                 "check source.uri"
             )
-        max_files = int(self.config.options.get("files_per_shard", _FILES_PER_SHARD))
+        max_files = self.config.options.get("files_per_shard", _FILES_PER_SHARD)
+        if not isinstance(max_files, int) or isinstance(max_files, bool) or max_files < 1:
+            raise ConnectorError(
+                f"source.options.files_per_shard must be a positive integer, got {max_files!r}"
+            )
         shards: list[Shard] = []
         group: list[str] = []
         group_bytes = 0

@@ -101,6 +101,8 @@ def test_files_per_shard_option_caps_groups(tmp_path: Path) -> None:
     _make_tree(tmp_path, {f"f{i:02d}.txt": "x" for i in range(25)})
     shards = _connector(str(tmp_path), options={"files_per_shard": 10}).list_shards()
     assert [len(s.get("files")) for s in shards] == [10, 10, 5]
+    with pytest.raises(ConnectorError, match="files_per_shard"):
+        _connector(str(tmp_path), options={"files_per_shard": 0}).list_shards()
 
 
 def test_invalid_utf8_empty_and_missing_files_are_bad_records(tmp_path: Path) -> None:
