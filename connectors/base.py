@@ -70,7 +70,12 @@ class Connector(ABC):
         if any(ch in root for ch in "*?["):
             paths = self.fs.glob(root)
         elif self.fs.isdir(root):
-            paths = [p for p in self.fs.find(root) if self._keeps(p)]
+            prefix = len(root.rstrip("/")) + 1
+            paths = [
+                p
+                for p in self.fs.find(root)
+                if self._keeps(p) and not any(part.startswith((".", "_")) for part in p[prefix:].split("/")[:-1])
+            ]
         elif self.fs.exists(root):
             paths = [root]
         else:
