@@ -101,6 +101,7 @@ def run(
         if no_progress:
             flags["runner.show_progress"] = False
         job = _build_job(config, set_, flags)
+        _quiet_libraries()
         from embedder.api import run as run_job
         from embedder.progress import RunProgress
 
@@ -111,6 +112,13 @@ def run(
             _fail("interrupted; run the same command again to resume", EXIT_INTERRUPTED)
     except BaseException as err:  # noqa: BLE001 - mapped to exit codes
         _handle(err)
+
+
+def _quiet_libraries() -> None:
+    """Our progress bars are the only ones: hush the libraries' own download/loading bars."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _print_summary(result: Any) -> None:

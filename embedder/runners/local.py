@@ -17,6 +17,7 @@ it) and the run ends ``interrupted`` (CLI exit 75).
 
 from __future__ import annotations
 
+import collections
 import logging
 import multiprocessing as mp
 import os
@@ -45,8 +46,8 @@ from embedder.runners.stages import (
 
 log = logging.getLogger("embedder")
 
-ROWS_PER_WRITE = 4096
 QUEUE_POLL_S = 0.2
+IN_FLIGHT_BATCHES = 2
 
 
 # --- reader processes -----------------------------------------------------------------------
@@ -327,6 +328,18 @@ class LocalRunner:
                 self._abort.set()
 
         def encode_loop() -> None:
+            """Keeps up to two batches in flight on the device: the next batch is submitted
+            before the previous one's vectors are read back."""
+            in_flight: collections.deque = collections.deque()
+
+            def complete_one() -> None:
+                batch, handle = in_flight.popleft()
+                t0 = time.perf_counter()
+                vectors = handle.result()
+                result.encode_seconds += time.perf_counter() - t0
+                failpoint("mid_encode")
+                put(encoded, (batch, vectors))
+
             try:
                 while True:
                     try:
@@ -334,17 +347,22 @@ class LocalRunner:
                     except queue.Empty:
                         if self._abort.is_set():
                             return
+                        while in_flight:  # input is slow: hand over what is done
+                            complete_one()
                         continue
                     if isinstance(item, PackedBatch):
                         t0 = time.perf_counter()
-                        vectors = encoder.encode(item)
+                        in_flight.append((item, encoder.encode_async(item)))
                         result.encode_seconds += time.perf_counter() - t0
-                        failpoint("mid_encode")
-                        put(encoded, (item, vectors))
+                        if len(in_flight) > IN_FLIGHT_BATCHES:
+                            complete_one()
+                    elif item is None:
+                        while in_flight:
+                            complete_one()
+                        put(encoded, None)
+                        return
                     else:
-                        put(encoded, item)
-                        if item is None:
-                            return
+                        put(encoded, item)  # a ShardEnd: the assembler accepts it in any order
             except _Stop:
                 return
             except BaseException as err:
