@@ -135,7 +135,8 @@ def _print_summary(result: Any) -> None:
         ("chunks", f"{result.chunks:,}"),
         ("tokens", f"{result.tokens:,}"),
         ("quarantined", f"{result.bad_records:,}"),
-        ("time", f"{result.seconds:.1f} s ({result.tokens_per_second:,.0f} tokens/s)"),
+        ("time", f"{result.seconds:.1f} s, of which {result.load_seconds:.1f} s loading the model"),
+        ("throughput", f"{result.tokens_per_second:,.0f} tokens/s"),
     ]
     if result.trimmed_documents:
         rows.append(("trimmed documents", f"{result.trimmed_documents:,} (longer than chunking.max_document_chars)"))

@@ -181,6 +181,7 @@ class LocalRunner:
             schema = output_schema(encoder.dim, job.source.metadata_fields, provenance)
             sink = sink_registry().SINKS.get(job.output.sink)(job.output, schema)
             sink.open()
+            result.load_seconds = time.perf_counter() - started
             checkpoint.save_job(job.to_yaml())
             done = checkpoint.completed()
             pending = [s for s in shards if s.id not in done]
@@ -208,7 +209,8 @@ class LocalRunner:
                 watcher.stop()
             restore()
             result.seconds = time.perf_counter() - started
-            result.tokens_per_second = result.tokens / result.seconds if result.seconds > 0 else 0.0
+            embedding_s = result.seconds - result.load_seconds
+            result.tokens_per_second = result.tokens / embedding_s if embedding_s > 0 else 0.0
             result.ended_at = time.time()
             try:
                 if result.shards_total or result.state != "failed":

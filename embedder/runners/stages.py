@@ -33,7 +33,11 @@ ROWS_PER_WRITE = 4096
 
 @dataclass(slots=True)
 class RunResult:
-    """What a run did. ``state`` is ``done``, ``failed`` or ``interrupted``."""
+    """What a run did. ``state`` is ``done``, ``failed`` or ``interrupted``.
+
+    ``seconds`` is the whole run; ``load_seconds`` the part spent listing shards and loading the
+    model; ``tokens_per_second`` is measured over the rest (the embedding itself).
+    """
 
     run_id: str
     output: str
@@ -48,6 +52,7 @@ class RunResult:
     bad_records: int = 0
     trimmed_documents: int = 0
     seconds: float = 0.0
+    load_seconds: float = 0.0
     encode_seconds: float = 0.0
     tokens_per_second: float = 0.0
     started_at: float = field(default_factory=time.time)
