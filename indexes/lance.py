@@ -1,0 +1,431 @@
+"""The LanceDB sink: a LanceDB database whose table (``chunks`` by default) receives one commit per shard.
+
+How a shard is written (Lance's distributed-write pattern, in one process):
+
+1. ``write()`` buffers rows up to ``stage_bytes`` and then *stages* them as a Lance fragment with
+   ``lance.fragment.write_fragments``: data files land under ``<table>.lance/data/`` but no manifest
+   refers to them, so no reader sees them. Memory stays bounded by ``stage_bytes``, not the shard.
+2. Each staged fragment is recorded in ``<uri>/_embedder/staging/<table>/<shard key>/`` so that a
+   later ``abort`` (after a crash) can find and delete the data files of an attempt that never
+   committed.
+3. ``commit()`` appends every staged fragment of the shard in one ``LanceDataset.commit(Append)``:
+   one new table version holds the whole shard, or none of it.
+
+``abort`` deletes committed rows of the shards (``shard_id IN (...)``, one scan and one delete, and
+no new version when nothing matches) and the staged files of dead attempts. ``finish`` compacts
+small fragments and removes old versions and unreferenced files, so versions stay bounded.
+
+Storage options: the job's ``output.storage_options`` are fsspec (s3fs) options, because the
+checkpoint reads the same output through fsspec. ``lance_storage_options`` derives Lance's
+(object_store) options from them and the environment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Iterable, Mapping
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from embedder.config import OutputConfig
+from embedder.schema import provenance_of
+from embedder.storage import filesystem, is_local, join, read_bytes, write_bytes_atomic
+from indexes.base import ShardWriter, Sink, SinkError
+from indexes.registry import register_sink
+
+if TYPE_CHECKING:
+    import lance
+    import lancedb
+    from lance.fragment import FragmentMetadata
+
+STAGE_BYTES = 64 << 20
+"""Bytes of rows a shard writer buffers before staging them as one fragment (bounds memory per shard)."""
+
+STAGING_DIR = "_embedder/staging"
+"""Where sinks keep their per-attempt staging state, under the output URI (dataset readers skip it)."""
+
+PRUNE_EVERY = 64
+"""Commits between two prunings of old table versions during a run (``finish`` prunes them all)."""
+
+RETAIN_VERSIONS = 16
+"""Versions a pruning keeps: commits in flight read the latest one, so a few recent ones suffice."""
+
+PROVENANCE_KEYS = ("model", "weights_sha256")
+"""Provenance that must match for a job to add rows to an existing output."""
+
+_FSSPEC_TO_OBJECT_STORE = {
+    "key": "aws_access_key_id",
+    "secret": "aws_secret_access_key",
+    "token": "aws_session_token",
+    "endpoint_url": "aws_endpoint",
+    "region_name": "aws_region",
+}
+_ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT")
+
+
+def lance_storage_options(uri: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """Lance's object-store options for ``uri``, from the job's fsspec options and the environment.
+
+    Lance reads ``AWS_*`` variables by itself; this adds what it cannot infer:
+
+    * s3fs names are translated (``key``, ``secret``, ``token``, ``endpoint_url`` and
+      ``client_kwargs.endpoint_url`` / ``region_name``, ``anon``);
+    * options already named the object_store way (``aws_endpoint``, ``allow_http``...) pass through;
+    * an ``http://`` endpoint (MinIO, moto, a local gateway) gets ``allow_http=true``, which Lance
+      otherwise refuses.
+
+    Values are strings, as Lance wants them. The result holds credentials when the job gave some:
+    never log it.
+    """
+    out: dict[str, str] = {}
+    for name, value in (storage_options or {}).items():
+        if name == "client_kwargs" and isinstance(value, Mapping):
+            for inner in ("endpoint_url", "region_name"):
+                if value.get(inner):
+                    out[_FSSPEC_TO_OBJECT_STORE[inner]] = str(value[inner])
+        elif name in _FSSPEC_TO_OBJECT_STORE:
+            out[_FSSPEC_TO_OBJECT_STORE[name]] = str(value)
+        elif name == "anon":
+            if value:
+                out["aws_skip_signature"] = "true"
+        elif isinstance(value, bool):
+            out[name] = "true" if value else "false"
+        elif isinstance(value, (str, int, float)):
+            out[name] = str(value)
+    if uri.startswith(("s3://", "s3a://")):
+        endpoint = out.get("aws_endpoint") or next((os.environ[k] for k in _ENDPOINT_ENV if os.environ.get(k)), "")
+        if endpoint.startswith("http://") and "allow_http" not in out and "aws_allow_http" not in out:
+            out["allow_http"] = "true"
+    return out
+
+
+def connect_database(uri: str, storage_options: Mapping[str, Any] | None = None) -> lancedb.DBConnection:
+    """Connects to the LanceDB database at ``uri`` (local path or object store URL)."""
+    try:
+        import lancedb
+    except ImportError as err:  # pragma: no cover - lancedb is a core dependency
+        raise SinkError("the lance sink needs lancedb: pip install lancedb pylance") from err
+    return lancedb.connect(uri, storage_options=lance_storage_options(uri, storage_options))
+
+
+def table_exists(db: lancedb.DBConnection, name: str) -> bool:
+    """Whether the database has a table ``name`` (follows the listing's pages)."""
+    page_token = None
+    while True:
+        page = db.list_tables(page_token=page_token)
+        if name in page.tables:
+            return True
+        page_token = page.page_token
+        if not page_token:
+            return False
+
+
+def sql_string(value: str) -> str:
+    """``value`` as a SQL string literal: quotes doubled, everything else (``\\``, ``#``, ``/``) literal."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def shard_filter(shard_ids: Iterable[str]) -> str:
+    """The SQL predicate selecting rows of the given shards."""
+    return f"shard_id IN ({', '.join(sql_string(s) for s in shard_ids)})"
+
+
+def shard_key(shard_id: str) -> str:
+    """A short, path-safe, deterministic name for a shard id (which may hold ``/``, ``#``, quotes)."""
+    return hashlib.sha1(shard_id.encode("utf-8")).hexdigest()[:16]
+
+
+def check_compatible(existing: pa.Schema, wanted: pa.Schema, location: str) -> None:
+    """Refuses to add rows to an output written by another model, vector size or column set.
+
+    Raises:
+        SinkError: naming each difference and the two ways out (a new output URI, or
+            ``output.mode=reembed``).
+    """
+    differences = []
+    old_dim = _vector_dim(existing)
+    new_dim = _vector_dim(wanted)
+    if old_dim != new_dim:
+        differences.append(f"vector dim {old_dim} there, {new_dim} in this job")
+    old_prov, new_prov = provenance_of(existing), provenance_of(wanted)
+    for key in PROVENANCE_KEYS:
+        if old_prov.get(key) != new_prov.get(key):
+            differences.append(f"provenance {key} {old_prov.get(key)!r} there, {new_prov.get(key)!r} in this job")
+    if existing.names != wanted.names:
+        differences.append(f"columns {existing.names} there, {wanted.names} in this job")
+    if differences:
+        raise SinkError(
+            f"the output {location} holds vectors of another job ({'; '.join(differences)}). "
+            "Write to a new output URI, or set output.mode=reembed to embed the corpus again with this job's model."
+        )
+
+
+def _vector_dim(schema: pa.Schema) -> int | None:
+    index = schema.get_field_index("vector")
+    if index < 0:
+        return None
+    vector_type = schema.field(index).type
+    return getattr(vector_type, "list_size", None)
+
+
+def check_shard_rows(table: pa.Table, schema: pa.Schema, shard_id: str) -> None:
+    """Refuses rows a sink could not later ``abort``: another schema, or another shard's ``shard_id``."""
+    if not table.schema.equals(schema, check_metadata=False):
+        expected = {f.name: _describe_field(f) for f in schema}
+        got = {f.name: _describe_field(f) for f in table.schema}
+        differences = [
+            f"{name}: {got.get(name, 'missing')}, expected {expected.get(name, 'no such column')}"
+            for name in dict.fromkeys([*expected, *got])
+            if got.get(name) != expected.get(name)
+        ] or [f"column order {table.schema.names}, expected {schema.names}"]
+        raise SinkError(
+            f"rows for shard {shard_id!r} do not have the sink's schema ({'; '.join(differences)}); "
+            "build them with embedder.schema.chunks_to_table(chunks, vectors, schema)"
+        )
+    if table.num_rows and not pc.all(pc.equal(table.column("shard_id"), shard_id)).as_py():
+        raise SinkError(f"rows written to shard {shard_id!r} must all carry shard_id={shard_id!r}")
+
+
+def _describe_field(field: pa.Field) -> str:
+    return f"{field.type}{'' if field.nullable else ' not null'}"
+
+
+@register_sink("lance")
+class LanceSink(Sink):
+    """Writes the output table into a LanceDB database, one atomic commit per shard.
+
+    Args:
+        config: The job's ``output`` section (``uri`` is the database, ``table`` the table).
+        schema: The output schema, provenance included.
+        stage_bytes: Bytes of rows buffered per shard before they are staged as a fragment.
+        prune_every: Commits between two prunings of old versions (each commit adds a version,
+            whose manifest lists every fragment: without pruning, a long run keeps thousands).
+
+    Example:
+        >>> sink = LanceSink(OutputConfig(uri="out/db"), schema)
+        >>> sink.open()
+        >>> writer = sink.begin("docs.jsonl@0-1000")
+        >>> writer.write(rows)
+        >>> writer.commit()
+    """
+
+    def __init__(
+        self, config: OutputConfig, schema: pa.Schema, *, stage_bytes: int = STAGE_BYTES, prune_every: int = PRUNE_EVERY
+    ) -> None:
+        super().__init__(config, schema)
+        self.stage_bytes = stage_bytes
+        self.prune_every = prune_every
+        self._commits = 0
+        self.storage_options = lance_storage_options(config.uri, config.storage_options)
+        self.dataset_uri = join(config.uri, f"{config.table}.lance")
+        self._fs, root = filesystem(config.uri, config.storage_options)
+        self._data_dir = join(root, f"{config.table}.lance", "data")
+        self._staging_dir = join(root, STAGING_DIR, config.table)
+        self._opened = False
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Creates the table (empty, with the schema) or checks that the existing one is compatible."""
+        db = connect_database(self.config.uri, self.config.storage_options)
+        if table_exists(db, self.config.table):
+            table = db.open_table(self.config.table)
+            check_compatible(table.schema, self.schema, f"{self.config.uri} (table {self.config.table!r})")
+        else:
+            table = db.create_table(self.config.table, schema=self.schema)
+        if not table.to_lance().uri.rstrip("/").endswith(f"{self.config.table}.lance"):
+            raise SinkError(f"unexpected LanceDB layout: table {self.config.table!r} is not at {self.dataset_uri}")
+        self._opened = True
+
+    def begin(self, shard_id: str) -> LanceShardWriter:
+        self._require_open()
+        return LanceShardWriter(self, shard_id)
+
+    def abort(self, shard_id: str) -> None:
+        self.abort_many([shard_id])
+
+    def abort_many(self, shard_ids: list[str]) -> None:
+        """Deletes committed rows of the shards (one scan, one delete) and their staged files."""
+        self._require_open()
+        shard_ids = list(dict.fromkeys(shard_ids))
+        if not shard_ids:
+            return
+        dataset = self.dataset()
+        predicate = shard_filter(shard_ids)
+        if dataset.count_rows(filter=predicate) > 0:
+            dataset.delete(predicate)
+            dataset = self.dataset()
+        self._remove_staged({shard_key(s) for s in shard_ids}, referenced=_data_files(dataset))
+
+    def finish(self) -> None:
+        """Compacts small fragments, then drops old versions and files no version refers to.
+
+        Run it when no shard is being written (the runner calls it once, under the output's
+        lease): it also deletes data files that uncommitted attempts staged.
+        """
+        self._require_open()
+        dataset = self.dataset()
+        if len(dataset.get_fragments()) > 1:
+            dataset.optimize.compact_files()
+            dataset = self.dataset()
+        dataset.cleanup_old_versions(older_than=timedelta(0), delete_unverified=True)
+
+    def _committed(self) -> None:
+        """Counts a commit; every ``prune_every`` commits drops all but the last ``RETAIN_VERSIONS`` versions.
+
+        Safe while other shards are being written: files no version refers to yet (staged
+        fragments) are left alone; only ``finish`` deletes those.
+        """
+        self._commits += 1
+        if self.prune_every > 0 and self._commits % self.prune_every == 0:
+            self.dataset().cleanup_old_versions(retain_versions=RETAIN_VERSIONS)
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def dataset(self) -> lance.LanceDataset:
+        """The table's Lance dataset at its latest version."""
+        import lance
+
+        return lance.dataset(self.dataset_uri, storage_options=self.storage_options)
+
+    def read(self, columns: list[str] | None = None, filter: str | None = None) -> pa.Table:
+        """Committed rows; ``filter`` is a SQL predicate as Lance takes it (``title = 'X'``)."""
+        self._require_open()
+        return self.dataset().to_table(columns=columns, filter=filter)
+
+    def count_rows(self) -> int:
+        self._require_open()
+        return self.dataset().count_rows()
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "table": self.config.table}
+
+    # -- staging records -------------------------------------------------------------------------
+
+    def _record_staged(self, shard_id: str, attempt: str, fragments: list[FragmentMetadata]) -> str:
+        path = join(self._staging_dir, shard_key(shard_id), f"{attempt}.json")
+        files = [data_file.path for fragment in fragments for data_file in fragment.files]
+        write_bytes_atomic(self._fs, path, json.dumps({"shard_id": shard_id, "files": files}).encode())
+        return path
+
+    def _remove_staged(self, keys: set[str], referenced: set[str]) -> None:
+        """Deletes staged data files of the given shard keys (never one a version refers to) and their records."""
+        if not is_local(self._fs):
+            self._fs.invalidate_cache(self._staging_dir)
+        try:
+            records = self._fs.find(self._staging_dir)
+        except FileNotFoundError:
+            return
+        doomed: list[str] = []
+        for record in records:
+            if record.rstrip("/").split("/")[-2] not in keys:
+                continue
+            raw = read_bytes(self._fs, record)
+            files = json.loads(raw)["files"] if raw else []
+            doomed += [join(self._data_dir, name) for name in files if name not in referenced]
+            doomed.append(record)
+        _remove_quietly(self._fs, doomed)
+
+    def _require_open(self) -> None:
+        if not self._opened:
+            raise SinkError("call sink.open() before writing, reading or aborting shards")
+
+
+class LanceShardWriter(ShardWriter):
+    """Stages a shard's rows as Lance fragments and appends them all in one commit."""
+
+    def __init__(self, sink: LanceSink, shard_id: str) -> None:
+        self._sink = sink
+        self.shard_id = shard_id
+        self._attempt = uuid.uuid4().hex
+        self._buffer: list[pa.Table] = []
+        self._buffered_bytes = 0
+        self._fragments: list[FragmentMetadata] = []
+        self._records: list[str] = []
+        self._rows = 0
+        self._done = False
+
+    def write(self, table: pa.Table) -> None:
+        """Buffers rows; stages them as a fragment (invisible to readers) once ``stage_bytes`` are buffered."""
+        self._require_active()
+        check_shard_rows(table, self._sink.schema, self.shard_id)
+        if table.num_rows == 0:
+            return
+        self._buffer.append(table)
+        self._buffered_bytes += table.nbytes
+        self._rows += table.num_rows
+        if self._buffered_bytes >= self._sink.stage_bytes:
+            self._stage()
+
+    def commit(self) -> int:
+        """Appends every staged fragment in one table version; returns the shard's row count."""
+        import lance
+
+        self._require_active()
+        self._stage()
+        if self._fragments:
+            uri = self._sink.dataset_uri
+            options = self._sink.storage_options
+            lance.LanceDataset.commit(
+                uri,
+                lance.LanceOperation.Append(self._fragments),
+                read_version=self._sink.dataset().version,
+                storage_options=options,
+            )
+            self._sink._committed()
+        self._done = True
+        _remove_quietly(self._sink._fs, self._records)
+        return self._rows
+
+    def discard(self) -> None:
+        """Deletes this attempt's staged files; the shard stays uncommitted."""
+        if self._done:
+            return
+        self._done = True
+        self._buffer.clear()
+        files = [join(self._sink._data_dir, f.path) for fragment in self._fragments for f in fragment.files]
+        _remove_quietly(self._sink._fs, files + self._records)
+
+    def _stage(self) -> None:
+        from lance.fragment import write_fragments
+
+        if not self._buffer:
+            return
+        data = pa.concat_tables(self._buffer).replace_schema_metadata(self._sink.schema.metadata)
+        self._buffer.clear()
+        self._buffered_bytes = 0
+        fragments = write_fragments(
+            data, self._sink.dataset_uri, schema=self._sink.schema, storage_options=self._sink.storage_options
+        )
+        self._fragments += fragments
+        attempt = f"{self._attempt}-{len(self._records):05d}"
+        self._records.append(self._sink._record_staged(self.shard_id, attempt, fragments))
+
+    def _require_active(self) -> None:
+        if self._done:
+            raise SinkError(f"shard {self.shard_id!r}: this writer already committed or discarded; call sink.begin() again")
+
+
+def _data_files(dataset: lance.LanceDataset) -> set[str]:
+    """Names of the data files the dataset's current version refers to."""
+    return {f.path for fragment in dataset.get_fragments() for f in fragment.metadata.files}
+
+
+def _remove_quietly(fs: Any, paths: list[str]) -> None:
+    """Deletes files, ignoring the ones already gone (a cleanup may run twice)."""
+    if not paths:
+        return
+    try:
+        fs.rm(paths)
+    except FileNotFoundError:
+        for path in paths:
+            try:
+                fs.rm_file(path)
+            except FileNotFoundError:
+                pass
