@@ -21,8 +21,20 @@ from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from embedder.checkpoint import shard_key
 from embedder.config import OutputConfig
+from embedder.schema import provenance_of
+
+__all__ = ["STAGING_DIR", "ShardWriter", "Sink", "SinkError", "check_compatible", "check_shard_rows", "shard_key"]
+
+STAGING_DIR = "_embedder/staging"
+"""Where sinks keep their per-attempt staging state, under the output URI (dataset readers skip it)."""
+
+PROVENANCE_KEYS = ("model", "weights_sha256")
+"""Provenance that must match for a job to add rows to an existing output."""
+
 
 
 class SinkError(RuntimeError):
@@ -89,3 +101,58 @@ class Sink(ABC):
 
     def describe(self) -> dict[str, Any]:
         return {"sink": self.name, "uri": self.config.uri}
+
+
+def check_compatible(existing: pa.Schema, wanted: pa.Schema, location: str) -> None:
+    """Refuses to add rows to an output written by another model, vector size or column set.
+
+    Raises:
+        SinkError: naming each difference and the two ways out (a new output URI, or
+            ``output.mode=reembed``).
+    """
+    differences = []
+    old_dim = _vector_dim(existing)
+    new_dim = _vector_dim(wanted)
+    if old_dim != new_dim:
+        differences.append(f"vector dim {old_dim} there, {new_dim} in this job")
+    old_prov, new_prov = provenance_of(existing), provenance_of(wanted)
+    for key in PROVENANCE_KEYS:
+        if old_prov.get(key) != new_prov.get(key):
+            differences.append(f"provenance {key} {old_prov.get(key)!r} there, {new_prov.get(key)!r} in this job")
+    if existing.names != wanted.names:
+        differences.append(f"columns {existing.names} there, {wanted.names} in this job")
+    if differences:
+        raise SinkError(
+            f"the output {location} holds vectors of another job ({'; '.join(differences)}). "
+            "Write to a new output URI, or set output.mode=reembed to embed the corpus again with this job's model."
+        )
+
+
+def _vector_dim(schema: pa.Schema) -> int | None:
+    index = schema.get_field_index("vector")
+    if index < 0:
+        return None
+    vector_type = schema.field(index).type
+    return getattr(vector_type, "list_size", None)
+
+
+def check_shard_rows(table: pa.Table, schema: pa.Schema, shard_id: str) -> None:
+    """Refuses rows a sink could not later ``abort``: another schema, or another shard's ``shard_id``."""
+    if not table.schema.equals(schema, check_metadata=False):
+        expected = {f.name: _describe_field(f) for f in schema}
+        got = {f.name: _describe_field(f) for f in table.schema}
+        differences = [
+            f"{name}: {got.get(name, 'missing')}, expected {expected.get(name, 'no such column')}"
+            for name in dict.fromkeys([*expected, *got])
+            if got.get(name) != expected.get(name)
+        ] or [f"column order {table.schema.names}, expected {schema.names}"]
+        raise SinkError(
+            f"rows for shard {shard_id!r} do not have the sink's schema ({'; '.join(differences)}); "
+            "build them with embedder.schema.chunks_to_table(chunks, vectors, schema)"
+        )
+    if table.num_rows and not pc.all(pc.equal(table.column("shard_id"), shard_id)).as_py():
+        raise SinkError(f"rows written to shard {shard_id!r} must all carry shard_id={shard_id!r}")
+
+
+def _describe_field(field: pa.Field) -> str:
+    return f"{field.type}{'' if field.nullable else ' not null'}"

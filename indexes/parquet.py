@@ -34,8 +34,15 @@ import pyarrow.parquet as pq
 
 from embedder.config import OutputConfig
 from embedder.storage import filesystem, is_local, join
-from indexes.base import ShardWriter, Sink, SinkError
-from indexes.lance import STAGING_DIR, check_compatible, check_shard_rows, shard_key
+from indexes.base import (
+    STAGING_DIR,
+    ShardWriter,
+    Sink,
+    SinkError,
+    check_compatible,
+    check_shard_rows,
+    shard_key,
+)
 from indexes.registry import register_sink
 
 if TYPE_CHECKING:
