@@ -1,0 +1,461 @@
+"""The Wikipedia dump connector: the real sample, multistream shards and range reads, S3, encodings, damage."""
+
+from __future__ import annotations
+
+import bz2
+import dataclasses
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import fsspec
+import pytest
+
+from connectors.base import ConnectorError
+from connectors.registry import CONNECTORS, detect_format
+from connectors.wikipedia import WikipediaConnector
+from embedder.config import SourceConfig
+from embedder.records import BadRecord, Document, Shard
+
+RESIDUE = ("{{", "}}", "[[", "]]", "<ref", "{|", "|}")
+SITEINFO = """<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/" version="0.10" xml:lang="en">
+  <siteinfo>
+    <sitename>Wikipedia</sitename>
+    <base>https://en.wikipedia.org/wiki/Main_Page</base>
+    <namespaces>
+      <namespace key="0" case="first-letter" />
+      <namespace key="1" case="first-letter">Talk</namespace>
+      <namespace key="6" case="first-letter">File</namespace>
+      <namespace key="14" case="first-letter">Category</namespace>
+    </namespaces>
+  </siteinfo>
+"""
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def _connector(uri: str, shard_size_mb: float = 64.0, **options: object) -> WikipediaConnector:
+    config = SourceConfig(uri=uri, format="wikipedia", shard_size_mb=shard_size_mb, options=options)
+    connector = CONNECTORS.get("wikipedia")(config)
+    assert isinstance(connector, WikipediaConnector)
+    return connector
+
+
+def _read(connector: WikipediaConnector, shards: list[Shard] | None = None) -> list[Document | BadRecord]:
+    shards = connector.list_shards() if shards is None else shards
+    return [item for shard in shards for item in connector.documents(shard)]
+
+
+def _docs(items: list[Document | BadRecord]) -> list[Document]:
+    return [item for item in items if isinstance(item, Document)]
+
+
+def _bad(items: list[Document | BadRecord]) -> list[BadRecord]:
+    return [item for item in items if isinstance(item, BadRecord)]
+
+
+def _as_tuples(docs: list[Document]) -> list[tuple]:
+    return [(d.id, d.title, d.text, d.metadata) for d in docs]
+
+
+def _split_dump(xml: bytes) -> tuple[bytes, list[bytes], bytes]:
+    """(document start through </siteinfo>, each <page> element with its indentation, the end)."""
+    first = xml.index(b"  <page>")
+    pages = []
+    position = first
+    while True:
+        start = xml.find(b"  <page>", position)
+        if start < 0:
+            break
+        end = xml.index(b"</page>\n", start) + len(b"</page>\n")
+        pages.append(xml[start:end])
+        position = end
+    return xml[:first], pages, xml[position:]
+
+
+def _page_id_title(page: bytes) -> tuple[str, str]:
+    text = page.decode("utf-8")
+    title = re.search(r"<title>(.*?)</", text).group(1)
+    return re.search(r"<id>(\d+)</id>", text).group(1), title
+
+
+def _write_multistream(folder: Path, xml: bytes, pages_per_stream: int = 100, name: str = "wiki") -> Path:
+    """The layout of Wikimedia's multistream dumps: a stream for the header, one per 100 pages, one
+    for the closing tag; the bz2 index lists ``offset:page_id:title`` for every page."""
+    head, pages, tail = _split_dump(xml)
+    streams = [head] + [b"".join(pages[i : i + pages_per_stream]) for i in range(0, len(pages), pages_per_stream)]
+    streams.append(tail)
+    blob = bytearray()
+    index_lines = []
+    for k, stream in enumerate(streams):
+        offset = len(blob)
+        if 0 < k < len(streams) - 1:
+            for page in pages[(k - 1) * pages_per_stream : k * pages_per_stream]:
+                page_id, title = _page_id_title(page)
+                index_lines.append(f"{offset}:{page_id}:{title}")
+        blob += bz2.compress(stream)
+    dump = folder / f"{name}-pages-articles-multistream.xml.bz2"
+    dump.write_bytes(bytes(blob))
+    index = folder / f"{name}-pages-articles-multistream-index.txt.bz2"
+    index.write_bytes(bz2.compress(("\n".join(index_lines) + "\n").encode("utf-8")))
+    return dump
+
+
+def _page(page_id: int | None, title: str, text: str | None, ns: int = 0, extra: str = "") -> str:
+    id_line = f"    <id>{page_id}</id>\n" if page_id is not None else ""
+    text_line = '      <text xml:space="preserve" />\n' if text is None else f'      <text xml:space="preserve">{text}</text>\n'
+    return (
+        f"  <page>\n    <title>{title}</title>\n    <ns>{ns}</ns>\n{id_line}{extra}    <revision>\n"
+        f"      <id>{1000 + (page_id or 0)}</id>\n      <timestamp>2020-01-01T00:00:00Z</timestamp>\n"
+        f"{text_line}    </revision>\n  </page>\n"
+    )
+
+
+def _small_dump(*pages: str) -> bytes:
+    return (SITEINFO + "".join(pages) + "</mediawiki>\n").encode("utf-8")
+
+
+# --- the real sample --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sample_xml(wiki_sample: Path) -> bytes:
+    return bz2.decompress(wiki_sample.read_bytes())
+
+
+@pytest.fixture(scope="module")
+def expected_articles(sample_xml: bytes) -> list[tuple[str, str, int]]:
+    """(page id, title, revision id) of each non-redirect namespace-0 page, by a plain ElementTree pass."""
+    ns = {"mw": "http://www.mediawiki.org/xml/export-0.10/"}
+    root = ET.fromstring(sample_xml)
+    out = []
+    for page in root.findall("mw:page", ns):
+        if page.findtext("mw:ns", namespaces=ns) == "0" and page.find("mw:redirect", ns) is None:
+            revision = page.find("mw:revision", ns)
+            out.append((page.findtext("mw:id", namespaces=ns), page.findtext("mw:title", namespaces=ns), int(revision.findtext("mw:id", namespaces=ns))))
+    return out
+
+
+@pytest.fixture(scope="module")
+def sample_items(wiki_sample: Path) -> list[Document | BadRecord]:
+    return _read(_connector(str(wiki_sample)))
+
+
+@pytest.fixture(scope="module")
+def sample_docs(sample_items: list[Document | BadRecord]) -> list[Document]:
+    return _docs(sample_items)
+
+
+def test_sample_yields_exactly_the_non_redirect_articles(
+    wiki_sample: Path, sample_items: list[Document | BadRecord], expected_articles: list[tuple[str, str, int]]
+) -> None:
+    assert len(expected_articles) > 100
+    assert _bad(sample_items) == []
+    docs = _docs(sample_items)
+    assert [(d.id, d.title, d.metadata["revision_id"]) for d in docs] == expected_articles
+    assert len({d.id for d in docs}) == len(docs)
+    shards = _connector(str(wiki_sample)).list_shards()
+    assert len(shards) == 1 and shards[0].get("layout") == "bz2"  # single stream: one shard
+
+
+def test_sample_text_has_no_markup_residue(sample_docs: list[Document]) -> None:
+    for doc in sample_docs:
+        for token in RESIDUE:
+            assert token not in doc.text, (doc.title, token, doc.text[max(0, doc.text.find(token) - 80) :][:160])
+        assert doc.text == doc.text.strip() and "\n\n\n" not in doc.text
+
+
+def test_sample_articles_read_like_prose(sample_docs: list[Document]) -> None:
+    by_title = {d.title: d for d in sample_docs}
+    anarchism = by_title["Anarchism"].text
+    assert anarchism.startswith("Anarchism is a political philosophy that advocates self-governed societies")
+    assert "stateless societies, although several authors" in anarchism  # link text kept, refs gone
+    assert "Category:" not in anarchism and "thumb|" not in anarchism
+    albedo = by_title["Albedo"].text
+    assert "where A is the astronomical albedo, D is the diameter in kilometers" in albedo  # <math> kept
+    assert "about 15 °C" in albedo  # {{convert|15|C}} rendered, not dropped
+    assert "Autism is a neurodevelopmental disorder" in by_title["Autism"].text
+
+
+def test_sample_headings_are_lines_and_sections(sample_docs: list[Document]) -> None:
+    with_sections = 0
+    for doc in sample_docs:
+        sections = doc.metadata["_sections"]
+        offsets = [offset for offset, _ in sections]
+        assert offsets == sorted(offsets) and len(set(offsets)) == len(offsets)
+        for offset, path in sections:
+            heading = path.split(" — ")[-1]
+            assert doc.text[offset:].startswith(heading + "\n") or doc.text[offset:] == heading
+            assert offset == 0 or doc.text[offset - 2 : offset] == "\n\n"  # a line of its own
+            assert "==" not in heading
+        with_sections += bool(sections)
+    assert with_sections > 80
+    anarchism = next(d for d in sample_docs if d.title == "Anarchism")
+    paths = [path for _, path in anarchism.metadata["_sections"]]
+    assert "History — Origins" in paths and "Etymology and terminology" in paths
+    assert not any(p.endswith(("References", "External links", "See also")) for p in paths)
+
+
+def test_sample_metadata(sample_docs: list[Document]) -> None:
+    anarchism = next(d for d in sample_docs if d.title == "Anarchism")
+    assert anarchism.id == "12"
+    assert anarchism.metadata["url"] == "https://en.wikipedia.org/wiki/Anarchism"
+    assert anarchism.metadata["timestamp"] == "2016-04-22T10:19:33Z"
+    assert anarchism.metadata["revision_id"] == 716551092
+    spaced = next(d for d in sample_docs if " " in d.title)
+    assert spaced.metadata["url"] == "https://en.wikipedia.org/wiki/" + spaced.title.replace(" ", "_")
+
+
+# --- multistream ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def multistream(tmp_path_factory: pytest.TempPathFactory, sample_xml: bytes) -> Path:
+    return _write_multistream(tmp_path_factory.mktemp("multistream"), sample_xml)
+
+
+@pytest.fixture(scope="module")
+def multistream_items(multistream: Path) -> list[Document | BadRecord]:
+    return _read(_connector(str(multistream), streams_per_shard=1))
+
+
+@pytest.fixture(scope="module")
+def short_multistream(tmp_path_factory: pytest.TempPathFactory, sample_xml: bytes) -> Path:
+    """The sample's 124 shorter pages (24 articles), 20 pages per stream: cheap to read many times."""
+    head, pages, tail = _split_dump(sample_xml)
+    short = head + b"".join(p for p in pages if len(p) < 12_000) + tail
+    return _write_multistream(tmp_path_factory.mktemp("short"), short, pages_per_stream=20, name="short")
+
+
+@pytest.fixture(scope="module")
+def short_multistream_docs(short_multistream: Path) -> list[Document]:
+    items = _read(_connector(str(short_multistream), streams_per_shard=1))
+    assert _bad(items) == []
+    return _docs(items)
+
+
+def test_multistream_gives_the_same_documents_in_several_shards(
+    multistream: Path, multistream_items: list[Document | BadRecord], sample_docs: list[Document]
+) -> None:
+    connector = _connector(str(multistream), streams_per_shard=1)
+    shards = connector.list_shards()
+    # The header stream, then 3 streams of 100 pages (the closing-tag stream is not in the index: it
+    # ends the last shard).
+    assert len(shards) == 4 and all(s.get("layout") == "multistream" for s in shards)
+    assert connector.list_shards() == shards  # deterministic listing
+    assert [s.start for s in shards[1:]] == [s.end for s in shards[:-1]] and shards[-1].end == multistream.stat().st_size
+    assert _bad(multistream_items) == []
+    assert _as_tuples(_docs(multistream_items)) == _as_tuples(sample_docs)
+
+
+def test_multistream_shards_follow_shard_size(multistream: Path) -> None:
+    size = multistream.stat().st_size
+    shards = _connector(str(multistream), shard_size_mb=0.5).list_shards()
+    assert 2 <= len(shards) < 5
+    assert shards[0].start == 0 and shards[-1].end == size
+    assert all(s.end - s.start >= 0.5 * 2**20 for s in shards[:-1])
+
+
+def test_each_shard_reads_only_its_byte_range(
+    tmp_path: Path, short_multistream: Path, short_multistream_docs: list[Document]
+) -> None:
+    """A copy whose bytes outside one shard's range are zeroed gives that shard the same documents."""
+    connector = _connector(str(short_multistream), streams_per_shard=2)
+    shards = connector.list_shards()
+    assert len(shards) == 4
+    data = short_multistream.read_bytes()
+    from_copies = []
+    for shard in shards:
+        zeroed = bytes(shard.start) + data[shard.start : shard.end] + bytes(len(data) - shard.end)
+        copy = tmp_path / f"zeroed-{shard.start}.xml.bz2"
+        copy.write_bytes(zeroed)
+        items = list(connector.documents(dataclasses.replace(shard, path=str(copy))))
+        assert _bad(items) == []
+        from_copies += _docs(items)
+    assert _as_tuples(from_copies) == _as_tuples(short_multistream_docs)
+
+
+def test_multistream_without_index_finds_the_same_streams(tmp_path: Path, multistream: Path) -> None:
+    """Scanning finds every stream the index lists, plus the closing-tag stream (no pages, so not
+    in the index); the shards read the same documents."""
+    with_index = _connector(str(multistream), streams_per_shard=1).list_shards()
+    alone = tmp_path / multistream.name  # no index next to it
+    alone.write_bytes(multistream.read_bytes())
+    for connector in (_connector(str(multistream), streams_per_shard=1, index=False), _connector(str(alone), streams_per_shard=1)):
+        scanned = connector.list_shards()
+        assert [s.start for s in scanned[:-1]] == [s.start for s in with_index]
+        assert scanned[-1].end == with_index[-1].end
+        footer = list(connector.documents(scanned[-1]))
+        assert footer == []  # the closing tag alone: no page, no damage
+    reader = _connector(str(alone), streams_per_shard=1)
+    last_with_index = _connector(str(multistream), streams_per_shard=1)
+    assert _as_tuples(_docs(list(reader.documents(reader.list_shards()[-2])))) == _as_tuples(
+        _docs(list(last_with_index.documents(with_index[-1])))
+    )
+
+
+def test_source_given_as_the_index_reads_its_dump(multistream: Path) -> None:
+    index = multistream.with_name(multistream.name.replace("multistream.xml", "multistream-index.txt"))
+    assert detect_format(str(index)) == "wikipedia"
+    shards = _connector(str(index), streams_per_shard=1).list_shards()
+    assert [s.start for s in shards] == [s.start for s in _connector(str(multistream), streams_per_shard=1).list_shards()]
+
+
+def test_multistream_from_s3(s3_bucket: str, short_multistream: Path, short_multistream_docs: list[Document]) -> None:
+    fs = fsspec.filesystem("s3")
+    index = short_multistream.with_name(short_multistream.name.replace("multistream.xml", "multistream-index.txt"))
+    fs.put_file(str(short_multistream), f"{s3_bucket}/dumps/{short_multistream.name}")
+    fs.put_file(str(index), f"{s3_bucket}/dumps/{index.name}")
+    connector = _connector(f"{s3_bucket}/dumps/{short_multistream.name}", streams_per_shard=2)
+    shards = connector.list_shards()
+    assert len(shards) == 4 and all(s.path.startswith("s3://") for s in shards)
+    local = _connector(str(short_multistream), streams_per_shard=2).list_shards()
+    assert [(s.id, s.start, s.end) for s in shards] == [(s.id, s.start, s.end) for s in local]
+    items = _read(connector, shards)
+    assert _bad(items) == []
+    assert _as_tuples(_docs(items)) == _as_tuples(short_multistream_docs)
+    # Without the index, on S3 too: the streams are found by scanning.
+    scanned = _connector(f"{s3_bucket}/dumps/{short_multistream.name}", streams_per_shard=2, index=False)
+    assert [s.start for s in scanned.list_shards()][:4] == [s.start for s in shards]
+
+
+# --- plain XML and encodings ------------------------------------------------------------------
+
+
+def test_plain_xml_byte_range_shards_keep_each_page_once(tmp_path: Path, sample_xml: bytes, sample_docs: list[Document]) -> None:
+    head, pages, tail = _split_dump(sample_xml)
+    pages = [p for p in pages if len(p) < 30_000]  # the shorter pages (45 articles): a fast test
+    part = head + b"".join(pages) + tail
+    path = tmp_path / "part.xml"
+    path.write_bytes(part)
+    connector = _connector(str(path), shard_size_mb=0.05)
+    shards = connector.list_shards()
+    assert len(shards) >= 10
+    items = _read(connector, shards)
+    assert _bad(items) == []
+    ids = {_page_id_title(p)[0] for p in pages}
+    expected = [d for d in sample_docs if d.id in ids]
+    assert len(expected) > 40
+    assert _as_tuples(_docs(items)) == _as_tuples(expected)
+
+
+@pytest.mark.parametrize("suffix", [".xml", ".xml.bz2"])
+def test_utf16_dump_with_bom_gives_the_same_documents(
+    tmp_path: Path, sample_xml: bytes, sample_docs: list[Document], suffix: str
+) -> None:
+    head, pages, tail = _split_dump(sample_xml)
+    pages = [p for p in pages if len(p) < 12_000]  # 124 short pages, 24 of them articles
+    part = (head + b"".join(pages) + tail).decode("utf-8")
+    part = '<?xml version="1.0" encoding="UTF-16"?>\n' + part
+    encoded = part.encode("utf-16")  # with BOM
+    assert encoded[:2] in (b"\xff\xfe", b"\xfe\xff")
+    path = tmp_path / f"utf16{suffix}"
+    path.write_bytes(bz2.compress(encoded) if suffix.endswith(".bz2") else encoded)
+    connector = _connector(str(path), shard_size_mb=0.02)
+    shards = connector.list_shards()
+    if suffix == ".xml":
+        assert len(shards) >= 3  # byte ranges cut inside UTF-16 text
+    items = _read(connector, shards)
+    assert _bad(items) == []
+    ids = {_page_id_title(p)[0] for p in pages}
+    expected = [d for d in sample_docs if d.id in ids]
+    assert len(expected) >= 20
+    assert _as_tuples(_docs(items)) == _as_tuples(expected)
+
+
+# --- damage -----------------------------------------------------------------------------------
+
+
+def test_truncated_dump_keeps_the_pages_before_the_cut(tmp_path: Path, wiki_sample: Path, sample_docs: list[Document]) -> None:
+    data = wiki_sample.read_bytes()
+    cut = tmp_path / "cut.xml.bz2"
+    cut.write_bytes(data[: len(data) // 2])
+    items = _read(_connector(str(cut)))
+    docs = _docs(items)
+    assert 10 < len(docs) < len(sample_docs)
+    assert _as_tuples(docs) == _as_tuples(sample_docs[: len(docs)])  # intact pages, in order
+    bad = _bad(items)
+    assert len(bad) == 1 and isinstance(items[-1], BadRecord)
+    assert bad[0].location == f"byte {len(data) // 2}"
+    assert "truncated" in bad[0].reason
+
+
+def test_corrupt_stream_loses_only_that_stream(
+    tmp_path: Path, short_multistream: Path, short_multistream_docs: list[Document]
+) -> None:
+    connector = _connector(str(short_multistream), shard_size_mb=1000)
+    shards = connector.list_shards()
+    assert len(shards) == 1  # all streams in one shard: reading must resume after the damage
+    streams = _connector(str(short_multistream), streams_per_shard=1).list_shards()
+    damaged = bytearray(short_multistream.read_bytes())
+    victim = next(s for s in streams[1:] if len(_docs(list(connector.documents(s)))) >= 3)
+    cut = victim.start + (victim.end - victim.start) * 3 // 4
+    damaged[cut : cut + 64] = bytes(64)
+    copy = tmp_path / short_multistream.name
+    copy.write_bytes(bytes(damaged))
+    items = list(connector.documents(dataclasses.replace(shards[0], path=str(copy))))
+    bad = _bad(items)
+    assert len(bad) == 1 and bad[0].location == f"byte {victim.start}" and "corrupt" in bad[0].reason
+    in_victim = {d.id for d in _docs(list(connector.documents(victim)))}
+    everything = _as_tuples(short_multistream_docs)
+    got = _as_tuples(_docs(items))
+    assert [t for t in got if t[0] not in in_victim] == [t for t in everything if t[0] not in in_victim]
+    assert len([t for t in got if t[0] in in_victim]) < len(in_victim)
+
+
+def test_malformed_pages_are_quarantined_and_the_rest_kept(tmp_path: Path) -> None:
+    good = "'''Good''' text about [[things|stuff]]."
+    pages = [
+        _page(1, "First", good),
+        _page(2, "Broken", "oops").replace("</title>", "</titl>"),  # not well-formed
+        _page(None, "No id", good),
+        _page(4, "Empty", None),
+        _page(5, "Strange namespace", good, ns=999),
+        _page(6, "Only markup", "{{Infobox|a=b}}\n[[Category:Things]]"),
+        _page(7, "Unclosed", good).replace("  </page>\n", ""),  # never closed before the next page
+        _page(8, "Talk:Something", good, ns=1),  # another namespace: skipped, not an error
+        _page(9, "A redirect", "#REDIRECT [[First]]", extra='    <redirect title="First" />\n'),
+        _page(10, "Last", good),
+    ]
+    xml = _small_dump(*pages)
+    plain = tmp_path / "small.xml"
+    plain.write_bytes(xml)
+    for path in (plain, _write_multistream(tmp_path, xml, pages_per_stream=4, name="small")):
+        connector = _connector(str(path))
+        items = _read(connector)
+        assert [(d.id, d.text) for d in _docs(items)] == [("1", "Good text about stuff."), ("10", "Good text about stuff.")]
+        bad = {b.doc_id: b for b in _bad(items)}
+        assert set(bad) == {"2", None, "4", "5", "6", "7"}, [(b.doc_id, b.reason) for b in bad.values()]
+        assert "malformed XML" in bad["2"].reason and "mismatched tag" in bad["2"].reason
+        assert "<id>" in bad[None].reason
+        assert "no text" in bad["4"].reason
+        assert "namespace 999" in bad["5"].reason
+        assert "no text left" in bad["6"].reason
+        assert "not closed" in bad["7"].reason
+        assert all(re.fullmatch(r"byte \d+", b.location) for b in bad.values())
+        assert connector.counts["redirects"] == 1 and connector.counts["other_namespaces"] == 1
+
+
+def test_disambiguation_pages_are_optional(tmp_path: Path) -> None:
+    xml = _small_dump(
+        _page(1, "Mercury", "'''Mercury''' may refer to:\n* [[Mercury (planet)]]\n* [[Mercury (element)]]\n\n{{disambiguation}}"),
+        _page(2, "Mercury (planet)", "'''Mercury''' is the smallest planet.{{Disambiguation needed}}"),
+    )
+    path = tmp_path / "dab.xml"
+    path.write_bytes(xml)
+    kept = _docs(_read(_connector(str(path))))
+    assert [d.id for d in kept] == ["1", "2"]
+    assert kept[0].text == "Mercury may refer to:\nMercury (planet)\nMercury (element)"
+    connector = _connector(str(path), skip_disambiguation=True)
+    assert [d.id for d in _docs(_read(connector))] == ["2"]
+    assert connector.counts["disambiguation"] == 1
+
+
+def test_options_are_validated() -> None:
+    with pytest.raises(ConnectorError, match=r"'namespace'.*Valid: namespaces, skip_disambiguation"):
+        _connector("x.xml.bz2", namespace=[0])
+    with pytest.raises(ConnectorError, match="namespaces"):
+        _connector("x.xml.bz2", namespaces="0")
+    with pytest.raises(ConnectorError, match="streams_per_shard"):
+        _connector("x.xml.bz2", streams_per_shard=0)
