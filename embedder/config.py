@@ -102,6 +102,14 @@ class RunnerConfig(_Section):
     spot_watch: bool = Field(False, description="Poll the instance-metadata endpoint for a spot notice.")
     spot_url: str = "http://169.254.169.254/latest/meta-data/spot/instance-action"
     spot_poll_s: float = Field(5.0, gt=0)
+    gpu_hourly_usd: float | None = Field(None, ge=0, description="GPU price per hour, for $ per 1M tokens.")
+
+
+class ValidationConfig(_Section):
+    """Checks that the vectors are right."""
+
+    canary_samples: int = Field(32, ge=0, description="Chunks re-embedded with the reference path (0: off).")
+    min_cosine: float = Field(0.999, gt=0, le=1, description="A canary below this cosine fails the run.")
 
 
 class Job(_Section):
@@ -112,6 +120,7 @@ class Job(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     chunking: ChunkingConfig = Field(default_factory=ChunkingConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
 
     @field_validator("chunking")
     @classmethod

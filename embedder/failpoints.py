@@ -7,6 +7,9 @@ time instead (to keep a job running long enough for a test to interrupt it).
 Points: ``after_read`` (a shard fully read), ``mid_encode`` (a batch encoded), ``after_sink_write``
 (rows staged, shard not committed), ``after_commit`` (shard committed, completion not recorded),
 ``during_finish`` (before and inside the final compaction). Unset, a call costs one comparison.
+
+``EMBEDDER_TEST_CORRUPT_VECTORS=1`` perturbs every encoded vector (``corrupt``): the canary test's
+deliberately broken encoder.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from __future__ import annotations
 import os
 import signal
 import time
+
+import numpy as np
 
 _kill_name, _, _count = os.environ.get("EMBEDDER_FAILPOINT", "").partition("@")
 _remaining = int(_count) if _count else 1
@@ -31,3 +36,14 @@ def failpoint(name: str) -> None:
     _remaining -= 1
     if _remaining <= 0:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+_corrupt = os.environ.get("EMBEDDER_TEST_CORRUPT_VECTORS") == "1"
+
+
+def corrupt(vectors: np.ndarray) -> np.ndarray:
+    """Returns ``vectors``, or a perturbed copy when a test asked for a broken encoder."""
+    if not _corrupt:
+        return vectors
+    rng = np.random.default_rng(0)
+    return (vectors + rng.normal(0.0, 0.05, size=vectors.shape)).astype(np.float32)

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 from embedder.config import Job
-from embedder.failpoints import failpoint
+from embedder.failpoints import corrupt, failpoint
 from embedder.records import PackedBatch, Shard
 from embedder.runners.stages import (
     RunFailed,
@@ -135,6 +135,9 @@ class LocalRunner:
         self._drain = threading.Event()  # stop taking shards, finish in-flight ones
         self._drain_deadline = float("inf")
         self._lease_lost = False
+        from embedder.validate import CanarySampler
+
+        self.canaries = CanarySampler(self.job.validation.canary_samples)
 
     def request_stop(self, reason: str = "stop requested") -> None:
         """Starts a drain (what SIGTERM, SIGINT and a spot notice do)."""
@@ -194,6 +197,7 @@ class LocalRunner:
             if self._drain.is_set():
                 result.state = "interrupted"
             else:
+                self._check_canaries(encoder, result)
                 failpoint("during_finish")
                 sink.finish()
                 result.state = "done"
@@ -218,6 +222,22 @@ class LocalRunner:
             finally:
                 lease.release()
         return result
+
+    def _check_canaries(self, encoder: Any, result: RunResult) -> None:
+        """Compares this run's sampled vectors with ``SentenceTransformer.encode`` (fp32, CPU)."""
+        from embedder.validate import check_canaries
+
+        if not self.canaries.samples:
+            return
+        try:
+            report = check_canaries(
+                self.canaries, encoder.source, encoder.document_prompt,
+                self.job.validation.min_cosine, self.job.model.trust_remote_code,
+            )
+            result.canary = report.to_dict()
+        except Exception as err:
+            result.canary = {"error": str(err)}
+            raise
 
     def _install_signal_handlers(self) -> Callable[[], None]:
         if threading.current_thread() is not threading.main_thread():
@@ -337,7 +357,7 @@ class LocalRunner:
             def complete_one() -> None:
                 batch, handle = in_flight.popleft()
                 t0 = time.perf_counter()
-                vectors = handle.result()
+                vectors = corrupt(handle.result())
                 result.encode_seconds += time.perf_counter() - t0
                 failpoint("mid_encode")
                 put(encoded, (batch, vectors))
@@ -382,7 +402,7 @@ class LocalRunner:
             if self.on_progress:
                 self.on_progress(result, 0)
 
-        assembler = ShardAssembler(pending, sink, checkpoint, result, self._abort, on_commit=on_commit)
+        assembler = ShardAssembler(pending, sink, checkpoint, result, self._abort, on_commit=on_commit, canaries=self.canaries)
 
         try:
             while True:

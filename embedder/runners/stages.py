@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from connectors.base import Connector
     from embedder.checkpoint import Checkpoint
     from embedder.chunking import Chunker
+    from embedder.validate import CanarySampler
     from indexes.base import ShardWriter, Sink
 
 log = logging.getLogger("embedder")
@@ -62,6 +63,8 @@ class RunResult:
     sink: str = ""
     runner: str = "local"
     unfinished_shards: list[str] = field(default_factory=list)
+    bad_vectors: int = 0
+    canary: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -191,6 +194,7 @@ class _ShardState:
     rows: int = 0
     pending_chunks: list[Chunk] = field(default_factory=list)
     pending_vectors: list[np.ndarray] = field(default_factory=list)
+    bad_vectors: list[BadRecord] = field(default_factory=list)
 
 
 class ShardAssembler:
@@ -209,6 +213,9 @@ class ShardAssembler:
         result: The run's result, updated in place.
         abort: When set, nothing more is committed (an error elsewhere, a lost lease).
         on_commit: Called after each committed shard.
+        canaries: Optional sampler offered every written chunk (for the end-of-run canary check).
+
+    Vectors with NaN/Inf values or zero norm are never written: they go to the shard's quarantine.
     """
 
     def __init__(
@@ -219,8 +226,10 @@ class ShardAssembler:
         result: RunResult,
         abort: threading.Event,
         on_commit: Callable[[RunResult], None] | None = None,
+        canaries: CanarySampler | None = None,
     ) -> None:
         self.sink = sink
+        self.canaries = canaries
         self.checkpoint = checkpoint
         self.result = result
         self.abort = abort
@@ -233,17 +242,25 @@ class ShardAssembler:
 
     def add_vectors(self, chunks: Sequence[Chunk], vectors: np.ndarray) -> None:
         """Takes encoded chunks (``vectors[i]`` belongs to ``chunks[i]``)."""
+        from embedder.validate import vector_problems
+
         touched: dict[str, _ShardState] = {}
+        problems = vector_problems(vectors)
         for i, chunk in enumerate(chunks):
             state = self._states.get(chunk.shard_id)
             if state is None or chunk.id in state.received:
                 continue  # a duplicate delivery of a committed or already-seen chunk
             state.received.add(chunk.id)
-            state.pending_chunks.append(chunk)
-            state.pending_vectors.append(vectors[i : i + 1])
             touched[chunk.shard_id] = state
             self.result.chunks += 1
             self.result.tokens += len(chunk.token_ids)
+            if problems[i]:
+                state.bad_vectors.append(BadRecord(chunk.shard_id, f"chunk {chunk.id}", problems[i], doc_id=chunk.doc_id))
+                continue
+            state.pending_chunks.append(chunk)
+            state.pending_vectors.append(vectors[i : i + 1])
+            if self.canaries is not None:
+                self.canaries.offer(chunk.id, chunk.text, vectors[i])
         for state in touched.values():
             if len(state.pending_chunks) >= ROWS_PER_WRITE:
                 self._flush(state)
@@ -289,7 +306,7 @@ class ShardAssembler:
         if state.writer is not None:
             state.writer.commit()
         failpoint("after_commit")
-        quarantined = self.checkpoint.write_quarantine(state.shard_id, end.bad_records)
+        quarantined = self.checkpoint.write_quarantine(state.shard_id, [*end.bad_records, *state.bad_vectors])
         self.checkpoint.record_completion(
             state.shard_id,
             {
@@ -306,6 +323,7 @@ class ShardAssembler:
         result.shards_done += 1
         result.rows_written += state.rows
         result.bad_records += quarantined
+        result.bad_vectors += len(state.bad_vectors)
         result.documents += end.documents
         result.trimmed_documents += end.trimmed_documents
         del self._states[state.shard_id]
