@@ -227,6 +227,21 @@ def search(
         _handle(err)
 
 
+def _register_command_modules() -> None:
+    """Commands that live in their own modules add themselves to ``app`` when imported."""
+    import importlib
+
+    for module in ("embedder.cli_ops",):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name != module:
+                raise
+
+
+_register_command_modules()
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
