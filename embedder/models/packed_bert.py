@@ -1,0 +1,285 @@
+"""Padding-free forward of BERT-layout encoders (BERT, RoBERTa, XLM-RoBERTa and their siblings).
+
+Input is a whole packed batch — flat ``input_ids`` and ``position_ids`` of ``T`` tokens and
+``cu_seqlens`` — with no attention mask and no pad tokens, so no FLOP is spent on padding. The
+weights are taken once from the loaded Hugging Face model: q/k/v fused into one matrix, the type-0
+token-type row folded into a single vector, everything cast to the run's dtype. Each layer is
+``QKV → attention → out proj + residual + LayerNorm → FFN (the config's activation) + residual +
+LayerNorm``, exactly the Hugging Face math.
+
+Attention is exact per sequence on every device:
+
+* CUDA, fp16/bf16: ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention on the packed tokens).
+* elsewhere (CPU, fp32, older torch): the packed q/k/v are scattered into a ``[n, L]`` grid, run
+  through ``scaled_dot_product_attention`` with a key mask and gathered back — the same packed
+  code path around it, so CPU tests exercise packing, positions and pooling.
+
+With ``compile=True`` the per-layer math after attention (out proj, residual, LayerNorm, FFN) and
+the embeddings are compiled with dynamic shapes, fusing the elementwise work around the matmuls.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+PACKED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert")
+
+
+def packed_support(auto_model: Any) -> str | None:
+    """Why ``auto_model`` cannot run packed, or None when it can.
+
+    Accepted: the model types above whose modules have the BERT layout (embeddings with word,
+    position, token-type embeddings and LayerNorm; layers with self-attention q/k/v, attention
+    output, intermediate and output), absolute positions and no embedding projection.
+    """
+    config = getattr(auto_model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in PACKED_MODEL_TYPES:
+        return f"model type {model_type!r} has no packed implementation"
+    if getattr(config, "position_embedding_type", "absolute") not in (None, "absolute"):
+        return f"position_embedding_type {config.position_embedding_type!r} is not absolute"
+    if getattr(config, "is_decoder", False):
+        return "decoder configuration"
+    emb = getattr(auto_model, "embeddings", None)
+    encoder = getattr(auto_model, "encoder", None)
+    needed = ("word_embeddings", "position_embeddings", "token_type_embeddings", "LayerNorm")
+    if emb is None or encoder is None or not all(hasattr(emb, a) for a in needed):
+        return "embeddings do not have the BERT layout"
+    if emb.word_embeddings.embedding_dim != config.hidden_size:
+        return "embedding size differs from hidden size"
+    try:
+        for layer in encoder.layer:
+            attn = layer.attention
+            _ = (attn.self.query, attn.self.key, attn.self.value, attn.output.dense, attn.output.LayerNorm)
+            _ = (layer.intermediate.dense, layer.output.dense, layer.output.LayerNorm)
+            if getattr(layer, "add_cross_attention", False):
+                return "layers with cross-attention"
+    except AttributeError:
+        return "layers do not have the BERT layout"
+    return None
+
+
+def position_offset(auto_model: Any) -> int:
+    """First position id of a sequence: ``padding_idx + 1`` for RoBERTa-style embeddings, else 0."""
+    padding_idx = getattr(getattr(auto_model, "embeddings", None), "padding_idx", None)
+    return int(padding_idx) + 1 if padding_idx is not None else 0
+
+
+def varlen_attention_available() -> bool:
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@dataclass(slots=True)
+class PackedAttention:
+    """Per-batch attention metadata, built once and shared by every layer.
+
+    Attributes:
+        cu_seqlens: int32 ``[n + 1]`` on the device.
+        max_seqlen: Longest sequence (a host int: no device sync to read it).
+        num_sequences: ``n``.
+        pad_index: For the padded backend: each token's slot in the ``[n * max_seqlen]`` grid.
+        key_mask: For the padded backend: bool ``[n, 1, 1, max_seqlen]``, True on real tokens.
+    """
+
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    num_sequences: int
+    pad_index: torch.Tensor | None = None
+    key_mask: torch.Tensor | None = None
+
+
+def build_attention(
+    cu_seqlens: torch.Tensor, segments: torch.Tensor, max_seqlen: int, num_tokens: int, varlen: bool
+) -> PackedAttention:
+    """Attention metadata for one packed batch (``segments``: sequence index of each token)."""
+    n = cu_seqlens.numel() - 1
+    meta = PackedAttention(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, num_sequences=n)
+    if not varlen:
+        cu = cu_seqlens.long()
+        position = torch.arange(num_tokens, device=cu.device) - cu[:-1][segments]
+        meta.pad_index = segments * max_seqlen + position
+        lengths = cu[1:] - cu[:-1]
+        grid = torch.arange(max_seqlen, device=cu.device)
+        meta.key_mask = (grid.unsqueeze(0) < lengths.unsqueeze(1)).view(n, 1, 1, max_seqlen)
+    return meta
+
+
+def _attend_varlen(qkv: torch.Tensor, meta: PackedAttention) -> torch.Tensor:
+    from torch.nn.attention.varlen import varlen_attn
+
+    q, k, v = qkv.unbind(1)  # each [T, heads, head_dim], last dim contiguous
+    cu = meta.cu_seqlens
+    return varlen_attn(q, k, v, cu, cu, meta.max_seqlen, meta.max_seqlen)
+
+
+def _attend_padded(qkv: torch.Tensor, meta: PackedAttention) -> torch.Tensor:
+    n, length = meta.num_sequences, meta.max_seqlen
+    _, three, heads, head_dim = qkv.shape
+    grid = qkv.new_zeros(n * length, three, heads, head_dim)
+    grid.index_copy_(0, meta.pad_index, qkv)
+    grid = grid.view(n, length, three, heads, head_dim).permute(2, 0, 3, 1, 4)  # [3, n, heads, L, d]
+    out = F.scaled_dot_product_attention(grid[0], grid[1], grid[2], attn_mask=meta.key_mask)
+    return out.transpose(1, 2).reshape(n * length, heads, head_dim)[meta.pad_index]
+
+
+def _embed(
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    word: torch.Tensor,
+    position: torch.Tensor,
+    token_type: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    x = F.embedding(input_ids, word) + token_type
+    x = x + F.embedding(position_ids, position)
+    return F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps)
+
+
+def _layer_after_attention(
+    x: torch.Tensor,
+    attn: torch.Tensor,
+    out_w: torch.Tensor,
+    out_b: torch.Tensor,
+    ln1_w: torch.Tensor,
+    ln1_b: torch.Tensor,
+    ffn_in_w: torch.Tensor,
+    ffn_in_b: torch.Tensor,
+    ffn_out_w: torch.Tensor,
+    ffn_out_b: torch.Tensor,
+    ln2_w: torch.Tensor,
+    ln2_b: torch.Tensor,
+    eps: float,
+    act: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    hidden = x.shape[-1]
+    h = F.linear(attn, out_w, out_b)
+    x = F.layer_norm(h + x, (hidden,), ln1_w, ln1_b, eps)
+    h = F.linear(act(F.linear(x, ffn_in_w, ffn_in_b)), ffn_out_w, ffn_out_b)
+    return F.layer_norm(h + x, (hidden,), ln2_w, ln2_b, eps)
+
+
+class PackedBertEncoder:
+    """The padding-free encoder stack of a BERT-layout model, weights in the run's dtype.
+
+    Example:
+        >>> packed = PackedBertEncoder.from_hf(st_model[0].auto_model, torch.device("cuda"), torch.bfloat16)
+        >>> meta = build_attention(cu_seqlens, segments, max_seqlen, num_tokens, packed.varlen)
+        >>> hidden = packed(input_ids, position_ids, meta)  # [num_tokens, hidden_size]
+    """
+
+    def __init__(
+        self,
+        embeddings: tuple[torch.Tensor, ...],
+        layers: list[tuple[torch.Tensor, ...]],
+        num_heads: int,
+        eps: float,
+        act: Callable[[torch.Tensor], torch.Tensor],
+        varlen: bool,
+        compile: bool = False,
+    ) -> None:
+        self.embeddings = embeddings
+        self.layers = layers
+        self.num_heads = num_heads
+        self.eps = eps
+        self.act = act
+        self.varlen = varlen
+        self._embed: Callable[..., torch.Tensor] = _embed
+        self._after_attention: Callable[..., torch.Tensor] = _layer_after_attention
+        if compile:
+            self._embed = torch.compile(_embed, dynamic=True, fullgraph=True)
+            self._after_attention = torch.compile(_layer_after_attention, dynamic=True, fullgraph=True)
+
+    @classmethod
+    def from_hf(
+        cls, auto_model: Any, device: torch.device, dtype: torch.dtype, compile: bool = False
+    ) -> PackedBertEncoder:
+        """Takes the weights of a loaded BERT-layout model (see ``packed_support``)."""
+        from transformers.activations import ACT2FN
+
+        config = auto_model.config
+
+        def take(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to(device=device, dtype=dtype).contiguous()
+
+        emb = auto_model.embeddings
+        embeddings = (
+            take(emb.word_embeddings.weight),
+            take(emb.position_embeddings.weight),
+            take(emb.token_type_embeddings.weight[0]),
+            take(emb.LayerNorm.weight),
+            take(emb.LayerNorm.bias),
+        )
+        layers = []
+        for layer in auto_model.encoder.layer:
+            s = layer.attention.self
+            out = layer.attention.output
+            layers.append(
+                (
+                    take(torch.cat([s.query.weight, s.key.weight, s.value.weight], dim=0)),
+                    take(torch.cat([s.query.bias, s.key.bias, s.value.bias], dim=0)),
+                    take(out.dense.weight),
+                    take(out.dense.bias),
+                    take(out.LayerNorm.weight),
+                    take(out.LayerNorm.bias),
+                    take(layer.intermediate.dense.weight),
+                    take(layer.intermediate.dense.bias),
+                    take(layer.output.dense.weight),
+                    take(layer.output.dense.bias),
+                    take(layer.output.LayerNorm.weight),
+                    take(layer.output.LayerNorm.bias),
+                )
+            )
+        act = config.hidden_act
+        act_fn = ACT2FN[act] if isinstance(act, str) else act
+        varlen = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and varlen_attention_available()
+        return cls(
+            embeddings=embeddings,
+            layers=layers,
+            num_heads=int(config.num_attention_heads),
+            eps=float(config.layer_norm_eps),
+            act=act_fn,
+            varlen=varlen,
+            compile=compile,
+        )
+
+    @property
+    def attention_backend(self) -> str:
+        return "varlen" if self.varlen else "padded-sdpa"
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.embeddings[0].shape[1])
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def intermediate_size(self) -> int:
+        return int(self.layers[0][6].shape[0]) if self.layers else 0
+
+    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, meta: PackedAttention) -> torch.Tensor:
+        """Token states ``[T, hidden]`` of a packed batch (ids on the device, int32 or int64)."""
+        x = self._embed(input_ids, position_ids, *self.embeddings, self.eps)
+        num_tokens, hidden = x.shape
+        head_dim = hidden // self.num_heads
+        attend = _attend_varlen if self.varlen else _attend_padded
+        for qkv_w, qkv_b, *rest in self.layers:
+            qkv = F.linear(x, qkv_w, qkv_b).view(num_tokens, 3, self.num_heads, head_dim)
+            attn = attend(qkv, meta).reshape(num_tokens, hidden)
+            x = self._after_attention(x, attn, *rest, self.eps, self.act)
+        return x
