@@ -87,6 +87,7 @@ def run(
     dtype: str = typer.Option(None, "--dtype", help="auto | float32 | float16 | bfloat16."),
     set_: list[str] = typer.Option([], "--set", help="Override any key: --set chunking.max_tokens=256 (repeatable)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+    gpu_hourly_usd: float = typer.Option(None, "--gpu-hourly-usd", help="GPU price per hour: prints $ per 1M tokens."),
     force_unlock: bool = typer.Option(
         False, "--force-unlock", help="Take the output's lease from a job that died without releasing it."
     ),
@@ -96,7 +97,7 @@ def run(
         flags = {
             "source.uri": source, "source.format": format, "output.uri": output, "output.sink": sink,
             "model.name": model, "runner.kind": runner, "runner.workers": workers,
-            "model.device": device, "model.dtype": dtype,
+            "model.device": device, "model.dtype": dtype, "runner.gpu_hourly_usd": gpu_hourly_usd,
         }
         if no_progress:
             flags["runner.show_progress"] = False
@@ -138,6 +139,14 @@ def _print_summary(result: Any) -> None:
         ("time", f"{result.seconds:.1f} s, of which {result.load_seconds:.1f} s loading the model"),
         ("throughput", f"{result.tokens_per_second:,.0f} tokens/s"),
     ]
+    if result.padding_waste is not None:
+        rows.append(("padding waste", f"{result.padding_waste:.1%} of computed tokens"))
+    if result.gpu_utilization is not None:
+        rows.append(("GPU", f"{result.gpu_seconds:.1f} s busy, {result.gpu_utilization:.0f}% mean utilization"))
+    if result.usd_per_million_tokens is not None:
+        rows.append(("cost", f"${result.usd:.4f} at ${result.gpu_hourly_usd}/h = ${result.usd_per_million_tokens:.4f} per 1M tokens"))
+    if result.canary and result.canary.get("count"):
+        rows.append(("canaries", f"{result.canary['count']} re-embedded, min cos {result.canary['min_cosine']:.5f}"))
     if result.trimmed_documents:
         rows.append(("trimmed documents", f"{result.trimmed_documents:,} (longer than chunking.max_document_chars)"))
     for key, value in rows:

@@ -112,6 +112,52 @@ class _Stop(Exception):
     pass
 
 
+class _TimelineSampler:
+    """Samples tokens/s (and GPU utilization where NVML answers) every few seconds for the run record."""
+
+    PERIOD_S = 2.0
+    MAX_POINTS = 2000
+
+    def __init__(self, encoder: Any) -> None:
+        self.encoder = encoder
+        self.t0 = time.perf_counter()
+        self.next_at = self.t0
+        self.utilization: list[float] = []
+        self.computed_at_start = getattr(encoder, "tokens_computed", None)
+
+    def sample(self, result: RunResult) -> None:
+        now = time.perf_counter()
+        if now < self.next_at:
+            return
+        self.next_at = now + self.PERIOD_S
+        result.timeline.append([round(now - self.t0, 3), result.tokens])
+        if len(result.timeline) > self.MAX_POINTS:
+            result.timeline[:] = result.timeline[::2]
+        if getattr(self.encoder, "device", None) is not None and self.encoder.device.type == "cuda":
+            try:
+                import torch
+
+                self.utilization.append(float(torch.cuda.utilization(self.encoder.device)))
+            except Exception:  # NVML missing: utilization is not measurable here
+                pass
+
+    def finish(self, result: RunResult) -> None:
+        if not result.timeline or result.timeline[-1][1] != result.tokens:
+            self.next_at = 0.0
+            self.sample(result)
+        result.gpu_seconds = result.encode_seconds
+        if self.utilization:
+            result.gpu_utilization = sum(self.utilization) / len(self.utilization)
+        computed = getattr(self.encoder, "tokens_computed", None)
+        if computed is not None and self.computed_at_start is not None:
+            result.tokens_computed = computed - self.computed_at_start
+            real = result.tokens_computed and result.tokens
+            if real:
+                # real tokens include each sequence's specials and prompt: what the model must compute
+                needed = result.tokens + result.chunks * self.encoder.layout.overhead
+                result.padding_waste = max(0.0, 1.0 - needed / result.tokens_computed)
+
+
 class LocalRunner:
     """Runs a job on this machine.
 
@@ -215,6 +261,7 @@ class LocalRunner:
             result.seconds = time.perf_counter() - started
             embedding_s = result.seconds - result.load_seconds
             result.tokens_per_second = result.tokens / embedding_s if embedding_s > 0 else 0.0
+            result.add_cost(job.runner.gpu_hourly_usd)
             result.ended_at = time.time()
             try:
                 if result.shards_total or result.state != "failed":
@@ -330,6 +377,7 @@ class LocalRunner:
                         continue
                     if isinstance(item, tuple) and item[0] == "start":
                         started_shards += 1
+                        assembler.started[item[1]] = time.time()
                         continue
                     if isinstance(item, tuple) and item[0] == "error":
                         raise RunFailed(f"reading shard {item[1]!r} failed:\n{item[2]}")
@@ -391,18 +439,19 @@ class LocalRunner:
                 failure.append(err)
                 self._abort.set()
 
+        def on_commit(_result: RunResult) -> None:
+            if self.on_progress:
+                self.on_progress(result, 0)
+
+        assembler = ShardAssembler(pending, sink, checkpoint, result, self._abort, on_commit=on_commit, canaries=self.canaries)
+        sampler = _TimelineSampler(encoder)
+
         threads = [
             threading.Thread(target=feeder, name="embedder-pack", daemon=True),
             threading.Thread(target=encode_loop, name="embedder-encode", daemon=True),
         ]
         for t in threads:
             t.start()
-
-        def on_commit(_result: RunResult) -> None:
-            if self.on_progress:
-                self.on_progress(result, 0)
-
-        assembler = ShardAssembler(pending, sink, checkpoint, result, self._abort, on_commit=on_commit, canaries=self.canaries)
 
         try:
             while True:
@@ -431,6 +480,7 @@ class LocalRunner:
                     continue
                 batch, vectors = item
                 assembler.add_vectors(batch.chunks or [], vectors)
+                sampler.sample(result)
                 if self.on_progress:
                     self.on_progress(result, batch.num_sequences)
             if assembler.unfinished and not self._drain.is_set():
@@ -440,6 +490,7 @@ class LocalRunner:
             reader_stop.set()
             result.unfinished_shards = sorted(assembler.unfinished)
             assembler.discard_all()
+            sampler.finish(result)
             for t in threads:
                 t.join(timeout=5)
             for p in procs:

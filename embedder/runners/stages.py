@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("embedder")
 ROWS_PER_WRITE = 4096
+LENGTH_BIN = 16
 
 
 @dataclass(slots=True)
@@ -65,6 +66,23 @@ class RunResult:
     unfinished_shards: list[str] = field(default_factory=list)
     bad_vectors: int = 0
     canary: dict[str, Any] | None = None
+    length_histogram: list[int] = field(default_factory=list)  # chunks per 16-token bin of their length
+    timeline: list[list[float]] = field(default_factory=list)  # [seconds since start, tokens so far]
+    tokens_computed: int | None = None  # tokens the forward computed (specials, prompts, padding included)
+    padding_waste: float | None = None  # share of computed tokens that were padding
+    gpu_seconds: float = 0.0  # time the encoder thread waited on the device
+    gpu_utilization: float | None = None  # mean of nvidia-smi-style samples, when measurable
+    gpu_hourly_usd: float | None = None
+    usd: float | None = None
+    usd_per_million_tokens: float | None = None
+
+    def add_cost(self, gpu_hourly_usd: float | None) -> None:
+        """Prices the run: the GPU is billed for the whole run, model loading included."""
+        self.gpu_hourly_usd = gpu_hourly_usd
+        if gpu_hourly_usd is None:
+            return
+        self.usd = self.seconds / 3600.0 * gpu_hourly_usd
+        self.usd_per_million_tokens = self.usd / self.tokens * 1e6 if self.tokens else None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -235,6 +253,7 @@ class ShardAssembler:
         self.abort = abort
         self.on_commit = on_commit
         self._states = {s.id: _ShardState(s.id) for s in shards}
+        self.started: dict[str, float] = {}  # shard id → when a reader started it (for durations)
 
     @property
     def unfinished(self) -> list[str]:
@@ -261,6 +280,13 @@ class ShardAssembler:
             state.pending_vectors.append(vectors[i : i + 1])
             if self.canaries is not None:
                 self.canaries.offer(chunk.id, chunk.text, vectors[i])
+        if len(chunks):
+            bins = np.bincount(np.fromiter((len(c.token_ids) for c in chunks), np.int64, len(chunks)) // LENGTH_BIN)
+            hist = self.result.length_histogram
+            if len(hist) < len(bins):
+                hist.extend([0] * (len(bins) - len(hist)))
+            for i in np.flatnonzero(bins):
+                hist[i] += int(bins[i])
         for state in touched.values():
             if len(state.pending_chunks) >= ROWS_PER_WRITE:
                 self._flush(state)
@@ -317,6 +343,7 @@ class ShardAssembler:
                 "bad_records": quarantined,
                 "trimmed_documents": end.trimmed_documents,
                 "run_id": self.result.run_id,
+                "seconds": time.time() - self.started[state.shard_id] if state.shard_id in self.started else None,
             },
         )
         result = self.result
