@@ -4,13 +4,16 @@ Layouts and shards:
 
 * **Multistream** ``.xml.bz2`` (``*-pages-articles-multistream.xml.bz2``): the file is a
   concatenation of independent bz2 streams (the first holds ``<siteinfo>``, each next one 100
-  pages). A shard is a run of consecutive streams of about ``source.shard_size_mb`` compressed bytes
+  pages, the last the closing tag). A shard is a run of consecutive streams of about ``source.shard_size_mb`` compressed bytes
   (or ``options.streams_per_shard`` streams), read with range requests of its own bytes only and
   decompressed on its own, so shards run in parallel worker processes and ``s3://`` dumps are never
   downloaded whole. Stream offsets come from the ``*-multistream-index.txt.bz2`` next to the dump
   (``offset:page_id:title`` lines) or ``options.index``; without an index they are found by scanning
   the compressed bytes for stream headers (``BZh[1-9]`` + block magic) that sit right after the
-  previous stream's end-of-stream marker.
+  previous stream's end-of-stream marker (one pass over the compressed bytes at listing time: give
+  the index for remote dumps). Wikimedia's partial dumps (``*-multistream1.xml-p1p41242.bz2``,
+  with ``*-multistream-index1.txt-p1p41242.bz2``) are read the same way, and a folder of them is
+  one source.
 * **Single-stream** ``.xml.bz2``: one shard. Its bz2 blocks are bit-aligned and depend on the
   stream header, so it cannot be entered in the middle; it is decompressed as a stream.
 * **Plain** ``.xml``: byte ranges of ``source.shard_size_mb``; a shard owns the pages whose
@@ -37,8 +40,10 @@ The last ``<revision>`` of a page is used (full-history dumps hold several).
 Bad input never stops a shard: a corrupt or truncated bz2 stream, a malformed page, a page without
 id or text, a namespace the dump does not declare, each become a ``BadRecord`` at ``"byte N"`` (the
 start of the bz2 stream holding the page, or the page's own offset in a plain ``.xml``; for a
-single-stream file the compressed offset being read), and every page before the damage is kept.
-Reading resumes at the next bz2 stream after a corrupt one.
+single-stream file the compressed block being read; for truncated data, where it ends), and every
+page before the damage is kept. Reading resumes at the next bz2 stream after a corrupt one.
+Redirects, pages of other namespaces and skipped disambiguation pages are not errors: they are
+tallied in ``WikipediaConnector.counts`` with the pages and documents read.
 """
 
 from __future__ import annotations
@@ -700,7 +705,11 @@ class _ShardReader:
             return False
         self.connector.counts["bad"] += 1
         page_id, title = self._peek(piece)
-        where = f"page {page_id} ({title!r})" if page_id else "the bytes before the first page"
+        if pages:  # the page parsed; what follows it up to the next page did not
+            where = f"the bytes after page {page_id} ({title!r})"
+            page_id = None
+        else:
+            where = f"page {page_id} ({title!r})" if page_id else "the bytes before the first page"
         reason = (
             f"malformed XML in {where}: {error}"
             if error is not None
