@@ -340,22 +340,28 @@ def test_plain_xml_byte_range_shards_keep_each_page_once(tmp_path: Path, sample_
     assert _as_tuples(_docs(items)) == _as_tuples(expected)
 
 
-@pytest.mark.parametrize("suffix", [".xml", ".xml.bz2"])
-def test_utf16_dump_with_bom_gives_the_same_documents(
-    tmp_path: Path, sample_xml: bytes, sample_docs: list[Document], suffix: str
+@pytest.mark.parametrize(
+    ("encoding", "suffix"), [("UTF-16", ".xml"), ("UTF-16", ".xml.bz2"), ("ISO-8859-1", ".xml")]
+)
+def test_declared_encodings_give_the_same_documents(
+    tmp_path: Path, sample_xml: bytes, sample_docs: list[Document], encoding: str, suffix: str
 ) -> None:
+    """UTF-16 with a BOM, and an 8-bit encoding (characters outside it written as &#N; references)."""
     head, pages, tail = _split_dump(sample_xml)
     pages = [p for p in pages if len(p) < 12_000]  # 124 short pages, 24 of them articles
-    part = (head + b"".join(pages) + tail).decode("utf-8")
-    part = '<?xml version="1.0" encoding="UTF-16"?>\n' + part
-    encoded = part.encode("utf-16")  # with BOM
-    assert encoded[:2] in (b"\xff\xfe", b"\xfe\xff")
-    path = tmp_path / f"utf16{suffix}"
+    part = f'<?xml version="1.0" encoding="{encoding}"?>\n' + (head + b"".join(pages) + tail).decode("utf-8")
+    if encoding == "UTF-16":
+        encoded = part.encode("utf-16")  # with BOM
+        assert encoded[:2] in (b"\xff\xfe", b"\xfe\xff")
+    else:
+        encoded = part.encode("latin-1", "xmlcharrefreplace")
+    path = tmp_path / f"dump{suffix}"
     path.write_bytes(bz2.compress(encoded) if suffix.endswith(".bz2") else encoded)
     connector = _connector(str(path), shard_size_mb=0.02)
     shards = connector.list_shards()
+    assert shards[0].get("encoding") == encoding
     if suffix == ".xml":
-        assert len(shards) >= 3  # byte ranges cut inside UTF-16 text
+        assert len(shards) >= 3  # byte ranges cut inside the encoded text
     items = _read(connector, shards)
     assert _bad(items) == []
     ids = {_page_id_title(p)[0] for p in pages}
