@@ -474,6 +474,8 @@ def _tidy_block(raw: str) -> str:
     current: list[str] = []
     for line in raw.split("\n"):
         line = " ".join(line.split())  # runs of any whitespace (tabs, no-break spaces) → one space
+        if line and line[0] in ",;:":  # what followed a dropped citation template
+            line = line.lstrip(",;: ")
         if line:
             if _WORD.search(line):
                 current.append(line)
