@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
 from embedder.config import SourceConfig
-from embedder.records import BadRecord, Document, Shard
+from embedder.records import BadRecord, Document, Shard, UnchangedDocument
 from embedder.storage import filesystem
 
 
@@ -33,9 +33,14 @@ class Connector(ABC):
 
     name: ClassVar[str] = ""
     suffixes: ClassVar[tuple[str, ...]] = ()
+    version_field: ClassVar[str | None] = None
+    """Metadata field with a document version known before the text is parsed (Wikipedia:
+    ``revision_id``). Incremental runs set ``known_versions`` (document id → version already
+    embedded) and the connector yields ``UnchangedDocument`` for documents whose version is the same."""
 
     def __init__(self, config: SourceConfig) -> None:
         self.config = config
+        self.known_versions: Mapping[str, str] | None = None
         self.fs, self.root = filesystem(config.uri, config.storage_options)
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         self._prefix = "" if protocol in ("file", "local") else f"{protocol}://"
@@ -47,7 +52,7 @@ class Connector(ABC):
         """All shards of the source, deterministically: same source, same shards, same order."""
 
     @abstractmethod
-    def read_shard(self, shard: Shard) -> Iterator[Document | BadRecord]:
+    def read_shard(self, shard: Shard) -> Iterator[Document | BadRecord | UnchangedDocument]:
         """Yields the shard's documents (and bad records) in a deterministic order."""
 
     # --- shared -------------------------------------------------------------------------------
@@ -106,7 +111,15 @@ class Connector(ABC):
             return path[len(root) + 1 :]
         return path
 
-    def documents(self, shard: Shard) -> Iterator[Document | BadRecord]:
+    def is_unchanged(self, doc_id: str, version: Any) -> bool:
+        """True when ``known_versions`` says this version of the document is already embedded."""
+        return (
+            self.known_versions is not None
+            and version is not None
+            and self.known_versions.get(doc_id) == str(version)
+        )
+
+    def documents(self, shard: Shard) -> Iterator[Document | BadRecord | UnchangedDocument]:
         """``read_shard`` with the error policy applied: a failure mid-shard keeps what was read
         and quarantines the rest with the reason."""
         produced = 0

@@ -11,14 +11,22 @@ Layout::
     _embedder/shards/<key>.json         one per committed shard: shard id, rows, counts
     _embedder/quarantine/<key>.jsonl    bad records of a shard (absent when none)
     _embedder/runs/<run_id>.json        one per run attempt: timings, counts, end state
+    _embedder/generation.json           the current pass over the source: id, mode, complete
+    _embedder/changes/<key>.json.gz     incremental passes: per shard, documents seen and chunk ids
+                                        that the pass replaced or removed (used by the final prune)
+
+A *generation* is one pass over the source. A run resumes the current generation until it is
+complete; an incremental or reembed run then starts a new one. Completion records carry their
+generation, so records of an earlier pass never make a shard of this pass look done.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from typing import Any
 
@@ -70,21 +78,58 @@ class Checkpoint:
 
     # --- shards -------------------------------------------------------------------------------
 
-    def completed(self) -> dict[str, dict[str, Any]]:
-        """Completion records of committed shards, by shard id."""
+    # --- generations --------------------------------------------------------------------------
+
+    def generation(self) -> dict[str, Any] | None:
+        """The current generation record (``id``, ``mode``, ``complete``...), or None before any run."""
+        raw = read_bytes(self.fs, self._path("generation.json"))
+        return json.loads(raw) if raw else None
+
+    def write_generation(self, record: dict[str, Any]) -> None:
+        self._write_json(self._path("generation.json"), record)
+
+    # --- shards -------------------------------------------------------------------------------
+
+    def completed(self, generation: str | None = None) -> dict[str, dict[str, Any]]:
+        """Completion records of committed shards, by shard id (of one generation when given)."""
         out: dict[str, dict[str, Any]] = {}
         for path in self._list("shards"):
             if path.endswith(".json"):
                 raw = read_bytes(self.fs, path)
                 if raw:
                     record = json.loads(raw)
-                    out[record["shard_id"]] = record
+                    if generation is None or record.get("generation") == generation:
+                        out[record["shard_id"]] = record
         return out
 
     def record_completion(self, shard_id: str, info: dict[str, Any]) -> None:
         """Marks a shard done. Call only after the sink committed it and its quarantine is written."""
         record = {"shard_id": shard_id, "completed_at": time.time(), **info}
         self._write_json(self._path("shards", f"{shard_key(shard_id)}.json"), record)
+
+    def forget_shards_except(self, shard_ids: set[str]) -> None:
+        """Removes completion records and quarantine files of shards not in ``shard_ids`` (shards
+        an earlier generation had that this one does not)."""
+        keys = {shard_key(s) for s in shard_ids}
+        for folder, suffix in (("shards", ".json"), ("quarantine", ".jsonl"), ("changes", ".json.gz")):
+            for path in self._list(folder):
+                name = path.rsplit("/", 1)[-1]
+                if name.endswith(suffix) and name[: -len(suffix)] not in keys:
+                    self.fs.rm(path)
+
+    # --- incremental changes -------------------------------------------------------------------
+
+    def write_changes(self, shard_id: str, changes: dict[str, Any]) -> None:
+        """Stores what an incremental pass saw and replaced in a shard (before its completion record)."""
+        data = gzip.compress(json.dumps(changes).encode("utf-8"), compresslevel=3)
+        write_bytes_atomic(self.fs, self._path("changes", f"{shard_key(shard_id)}.json.gz"), data)
+
+    def changes(self, shard_ids: Iterable[str]) -> Iterator[dict[str, Any]]:
+        """The stored changes of each given shard that has them."""
+        for shard_id in shard_ids:
+            raw = read_bytes(self.fs, self._path("changes", f"{shard_key(shard_id)}.json.gz"))
+            if raw:
+                yield json.loads(gzip.decompress(raw))
 
     # --- quarantine ---------------------------------------------------------------------------
 

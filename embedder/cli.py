@@ -82,6 +82,7 @@ def run(
     sink: str = typer.Option(None, "--sink", help="lance | parquet (default: detected from the output URI)."),
     model: str = typer.Option(None, "--model", "-m", help="Bundled alias, local directory or hub id."),
     runner: str = typer.Option(None, "--runner", help="local | ray."),
+    mode: str = typer.Option(None, "--mode", help="full | incremental | reembed (see README: incremental runs)."),
     workers: int = typer.Option(None, "--workers", help="Reader/tokenizer processes."),
     device: str = typer.Option(None, "--device", help="auto | cpu | cuda."),
     dtype: str = typer.Option(None, "--dtype", help="auto | float32 | float16 | bfloat16."),
@@ -96,7 +97,7 @@ def run(
     try:
         flags = {
             "source.uri": source, "source.format": format, "output.uri": output, "output.sink": sink,
-            "model.name": model, "runner.kind": runner, "runner.workers": workers,
+            "model.name": model, "runner.kind": runner, "runner.workers": workers, "output.mode": mode,
             "model.device": device, "model.dtype": dtype, "runner.gpu_hourly_usd": gpu_hourly_usd,
         }
         if no_progress:
@@ -131,9 +132,11 @@ def _print_summary(result: Any) -> None:
     rows = [
         ("output", f"{result.output} ({result.sink})"),
         ("model", result.model),
+        ("mode", result.mode),
         ("shards", f"{result.shards_done} embedded, {result.shards_skipped} already done, {result.shards_total} total"),
         ("documents", f"{result.documents:,}"),
-        ("chunks", f"{result.chunks:,}"),
+        ("chunks", f"{result.chunks:,} embedded: {result.added:,} added, {result.updated:,} updated; "
+                   f"{result.unchanged:,} unchanged, {result.deleted:,} deleted"),
         ("tokens", f"{result.tokens:,}"),
         ("quarantined", f"{result.bad_records:,}"),
         ("time", f"{result.seconds:.1f} s, of which {result.load_seconds:.1f} s loading the model"),
@@ -199,6 +202,51 @@ def status(
             table.add_row(key, str(info[key]))
         if last:
             table.add_row("last run", f"{last.get('run_id')}: {last.get('state')}" + (f" ({last.get('error')})" if last.get("error") else ""))
+        Console().print(table)
+    except BaseException as err:  # noqa: BLE001
+        _handle(err)
+
+
+HISTORY_KEYS = ("run_id", "mode", "state", "added", "updated", "deleted", "unchanged", "tokens_embedded",
+                "tokens_per_second", "started_at", "ended_at", "error")
+
+
+@app.command()
+def history(
+    output: str = typer.Argument(..., help="The job's output URI."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list of run records."),
+) -> None:
+    """List every run on an output with its counts: added, updated, deleted, unchanged, tokens."""
+    try:
+        from embedder.checkpoint import Checkpoint
+
+        checkpoint = Checkpoint(output)
+        if checkpoint.load_job_yaml() is None:
+            _fail(f"{output!r} holds no embedder job (no _embedder/job.yaml); check the path", EXIT_USAGE)
+        records = []
+        for run_record in checkpoint.runs():
+            record = {key: run_record.get(key) for key in HISTORY_KEYS}
+            record["tokens_embedded"] = run_record.get("tokens", 0)
+            for key in ("added", "updated", "deleted", "unchanged"):
+                record[key] = record[key] or 0
+            records.append(record)
+        if as_json:
+            typer.echo(json.dumps(records, indent=2))
+            return
+        import datetime
+
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"embedder history {output}")
+        for column in ("run", "started", "mode", "state", "added", "updated", "deleted", "unchanged", "tokens", "tok/s"):
+            table.add_column(column, justify="right" if column in ("added", "updated", "deleted", "unchanged", "tokens", "tok/s") else "left")
+        for r in records:
+            started = datetime.datetime.fromtimestamp(r["started_at"]).strftime("%Y-%m-%d %H:%M") if r["started_at"] else ""
+            table.add_row(
+                r["run_id"], started, r["mode"] or "", r["state"] or "", f"{r['added']:,}", f"{r['updated']:,}",
+                f"{r['deleted']:,}", f"{r['unchanged']:,}", f"{r['tokens_embedded']:,}", f"{r['tokens_per_second'] or 0:,.0f}",
+            )
         Console().print(table)
     except BaseException as err:  # noqa: BLE001
         _handle(err)

@@ -85,7 +85,12 @@ class OutputConfig(_Section):
     sink: SinkName = "auto"
     table: str = "chunks"
     storage_options: dict[str, Any] = Field(default_factory=dict)
-    mode: ModeName = "full"
+    mode: ModeName = Field(
+        "full",
+        description="full: embed (and resume) the source; incremental: only what changed since the last "
+        "complete run; reembed: everything again into a fresh table version (e.g. a new model).",
+    )
+    deletes: bool = Field(True, description="Incremental runs delete chunks of documents gone from the source.")
 
 
 class RunnerConfig(_Section):

@@ -62,6 +62,14 @@ class Document:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(slots=True, frozen=True)
+class UnchangedDocument:
+    """A document a connector skipped because its version (e.g. a Wikipedia revision id) equals the
+    one already embedded: incremental runs keep its rows without reading its text."""
+
+    id: str
+
+
 @dataclass(slots=True)
 class BadRecord:
     """Input that could not be used, with where it was and why. Written to the quarantine.

@@ -88,6 +88,18 @@ class Sink(ABC):
         for shard_id in shard_ids:
             self.abort(shard_id)
 
+    def reset(self) -> None:
+        """Removes every row (a reembed pass starts from scratch; Lance keeps old versions)."""
+        raise NotImplementedError(f"the {self.name} sink cannot reset its output")
+
+    def delete_rows(self, by_shard: dict[str, list[str]]) -> int:
+        """Deletes rows by id, grouped by the ``shard_id`` they carry; returns rows deleted.
+
+        Used by incremental passes to drop replaced, shrunk and vanished chunks. Idempotent: ids
+        already gone are ignored.
+        """
+        raise NotImplementedError(f"the {self.name} sink cannot delete rows (incremental runs need it)")
+
     def finish(self) -> None:  # noqa: B027 - optional hook
         """Called once after the last shard: compaction, index builds."""
 

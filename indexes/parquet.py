@@ -154,6 +154,44 @@ class ParquetSink(Sink):
             if upload["Key"].rsplit("/", 1)[-1] in names:
                 self.fs.abort_mpu(bucket, upload["Key"], upload["UploadId"])
 
+    def reset(self) -> None:
+        """Deletes every part file and staging leftover."""
+        if not self.local:
+            self.fs.invalidate_cache(self.root)
+        doomed = list(self.fs.glob(join(self.root, PART_GLOB)))
+        if self.local and os.path.isdir(self.staging_dir):
+            doomed += [join(self.staging_dir, entry) for entry in os.listdir(self.staging_dir)]
+        if doomed:
+            self.fs.rm(doomed)
+
+    def delete_rows(self, by_shard: dict[str, list[str]]) -> int:
+        """Rewrites each affected part file without the given ids (one atomic replace per file)."""
+        deleted = 0
+        for shard_id, ids in by_shard.items():
+            path = join(self.root, part_name(shard_id))
+            if not self.fs.exists(path):
+                continue
+            with self.fs.open(path, "rb") as f:
+                table = pq.read_table(f)
+            keep = pc.invert(pc.is_in(table.column("id"), value_set=pa.array(ids, pa.string())))
+            kept = table.filter(keep)
+            if kept.num_rows == table.num_rows:
+                continue
+            deleted += table.num_rows - kept.num_rows
+            if kept.num_rows == 0:
+                self.fs.rm(path)
+                continue
+            kept = kept.replace_schema_metadata(table.schema.metadata)
+            if self.local:
+                os.makedirs(self.staging_dir, exist_ok=True)
+                tmp = join(self.staging_dir, f"{part_name(shard_id)}.{uuid.uuid4().hex}.rewrite")
+                pq.write_table(kept, tmp, **_column_encodings(self.schema))
+                os.replace(tmp, path)
+            else:
+                with self.fs.open(path, "wb") as f:  # one PUT/upload: the object is replaced whole
+                    pq.write_table(kept, f, **_column_encodings(self.schema))
+        return deleted
+
     def read(self, columns: list[str] | None = None, filter: str | pc.Expression | None = None) -> pa.Table:
         """Committed rows; ``filter`` is None, a pyarrow expression or a SQL subset string (``parse_filter``)."""
         dataset = open_dataset(self.fs, self.root)

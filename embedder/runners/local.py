@@ -18,6 +18,7 @@ it) and the run ends ``interrupted`` (CLI exit 75).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import multiprocessing as mp
 import os
@@ -72,6 +73,7 @@ def _reader_main(
     tasks: Any,
     results: Any,
     stop: Any,
+    known_versions_path: str | None = None,
 ) -> None:
     """Reads shards from ``tasks`` and streams their chunks to ``results`` (runs in a child process)."""
     _die_with_parent()
@@ -89,6 +91,11 @@ def _reader_main(
     tokenizer.no_padding()
     chunker = Chunker.from_settings(tokenizer, max_seq_length, overhead, job.chunking)
     connector = make_connector(job)
+    if known_versions_path:
+        import pickle
+
+        with open(known_versions_path, "rb") as f:
+            connector.known_versions = pickle.load(f)
     while not stop.is_set():
         try:
             shard = tasks.get(timeout=QUEUE_POLL_S)
@@ -181,6 +188,7 @@ class LocalRunner:
         self._drain = threading.Event()  # stop taking shards, finish in-flight ones
         self._drain_deadline = float("inf")
         self._lease_lost = False
+        self._known_versions: dict[str, str] | None = None
         from embedder.validate import CanarySampler
 
         self.canaries = CanarySampler(self.job.validation.canary_samples)
@@ -207,7 +215,7 @@ class LocalRunner:
 
         job = self.job
         result = RunResult(run_id=time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6], output=job.output.uri)
-        result.model, result.sink = job.model.name, job.output.sink
+        result.model, result.sink, result.mode = job.model.name, job.output.sink, job.output.mode
         # The lease comes first: a second job on this output is refused before it loads anything.
         lease = Lease(job.output.uri, job.output.storage_options, job.runner.lease_ttl_s, on_lost=self._lost_lease)
         lease.acquire(force=self.force_unlock)
@@ -229,23 +237,41 @@ class LocalRunner:
             provenance = {**encoder.provenance(), "chunking": chunker.settings()}
             schema = output_schema(encoder.dim, job.source.metadata_fields, provenance)
             sink = sink_registry().SINKS.get(job.output.sink)(job.output, schema)
+            generation = self._resolve_generation(checkpoint, result)
+            is_new = generation.pop("new", False)
+            if generation["mode"] == "reembed" and not generation.get("reset_done"):
+                checkpoint.write_generation(generation)
+                sink.reset()  # a new table version from scratch (Lance keeps the old versions)
+                generation["reset_done"] = True
+                checkpoint.write_generation(generation)
             sink.open()
+            if is_new:
+                checkpoint.write_generation(generation)
             result.load_seconds = time.perf_counter() - started
             checkpoint.save_job(job.to_yaml())
-            done = checkpoint.completed()
+            incremental = generation["mode"] == "incremental"
+            if incremental:  # rows of this pass carry its generation: aborts never touch older rows
+                shards = [dataclasses.replace(s, id=f"{s.id}@{generation['id']}") for s in shards]
+            done = checkpoint.completed(generation["id"])
             pending = [s for s in shards if s.id not in done]
             result.shards_total = len(shards)
             result.shards_skipped = len(shards) - len(pending)
             checkpoint.write_run(result.to_dict())
             if pending and not self._drain.is_set():
                 sink.abort_many([s.id for s in pending])
-                self._run_pipeline(pending, encoder, sink, checkpoint, result)
+                change_filter = self._change_filter(sink, connector) if incremental else None
+                self._run_pipeline(pending, encoder, sink, checkpoint, result, generation["id"], change_filter)
             if self._drain.is_set():
                 result.state = "interrupted"
             else:
                 self._check_canaries(encoder, result)
+                if incremental:
+                    self._prune(sink, checkpoint, {s.id for s in shards}, result)
+                checkpoint.forget_shards_except({s.id for s in shards})
                 failpoint("during_finish")
                 sink.finish()
+                generation["complete"] = True
+                checkpoint.write_generation(generation)
                 result.state = "done"
         except BaseException as err:
             result.state = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
@@ -269,6 +295,50 @@ class LocalRunner:
             finally:
                 lease.release()
         return result
+
+    def _resolve_generation(self, checkpoint: Any, result: RunResult) -> dict[str, Any]:
+        """The pass this run works on: the unfinished one (resumed whatever mode is asked), or a new
+        one for incremental/reembed runs over a complete output."""
+        requested = self.job.output.mode
+        current = checkpoint.generation()
+        if current is not None and not current.get("complete") and not (
+            requested == "reembed" and current["mode"] != "reembed"
+        ):
+            if requested != current["mode"]:
+                log.warning("resuming the unfinished %s run on this output (asked: %s)", current["mode"], requested)
+            generation = current
+        elif current is not None and current.get("complete") and requested == "full":
+            generation = current  # extend the finished pass: new shards only
+        else:
+            mode = "full" if requested == "incremental" and current is None else requested
+            # Written once the sink accepted the output (a refused run leaves no unfinished pass).
+            generation = {"id": result.run_id, "mode": mode, "complete": False, "started_at": time.time(), "new": True}
+        result.mode = generation["mode"]
+        return generation
+
+    def _change_filter(self, sink: Any, connector: Any) -> Any:
+        """Loads what the output holds, for the incremental filter (and connector version skips)."""
+        from embedder.incremental import ChangeFilter, ExistingChunks
+
+        version_field = connector.version_field
+        columns = ["id", "doc_id", "chunk_index", "content_hash"]
+        if version_field and version_field in sink.schema.names:
+            columns.append(version_field)
+        existing = ExistingChunks.from_table(sink.read(columns=columns), version_field)
+        if version_field and not existing.versions:
+            log.info("incremental: the output has no %r column; every document is parsed again", version_field)
+        self._known_versions = existing.versions or None
+        return ChangeFilter(existing)
+
+    def _prune(self, sink: Any, checkpoint: Any, current_shards: set[str], result: RunResult) -> None:
+        """Removes old rows of re-embedded chunks, shrunk documents and (deletes: true) vanished ones."""
+        from embedder.incremental import plan_prune
+
+        table = sink.read(columns=["id", "doc_id", "shard_id"])
+        plan, deleted = plan_prune(table, checkpoint.changes(current_shards), current_shards, self.job.output.deletes)
+        if plan:
+            sink.delete_rows(plan)
+        result.deleted += deleted
 
     def _check_canaries(self, encoder: Any, result: RunResult) -> None:
         """Compares this run's sampled vectors with ``SentenceTransformer.encode`` (fp32, CPU)."""
@@ -310,9 +380,27 @@ class LocalRunner:
         cpus = os.cpu_count() or 1
         return max(1, min(len(pending), cpus - 1 if cpus > 2 else 1))
 
-    def _run_pipeline(self, pending: list[Shard], encoder: Any, sink: Any, checkpoint: Any, result: RunResult) -> None:
+    def _run_pipeline(
+        self,
+        pending: list[Shard],
+        encoder: Any,
+        sink: Any,
+        checkpoint: Any,
+        result: RunResult,
+        generation: str | None = None,
+        change_filter: Any = None,
+    ) -> None:
         from embedder.packing import TokenBudgetPacker
+
         workers = self._workers(pending)
+        versions_file = None
+        if self._known_versions:
+            import pickle
+            import tempfile
+
+            versions_file = tempfile.NamedTemporaryFile(prefix="embedder-versions-", suffix=".pkl", delete=False)
+            pickle.dump(self._known_versions, versions_file)
+            versions_file.close()
         ctx = mp.get_context("spawn")
         tasks = ctx.Queue()
         results = ctx.Queue(maxsize=max(8, 4 * workers))
@@ -334,6 +422,7 @@ class LocalRunner:
                     tasks,
                     results,
                     reader_stop,
+                    versions_file.name if versions_file else None,
                 ),
                 daemon=True,
                 name=f"embedder-reader-{i}",
@@ -383,8 +472,14 @@ class LocalRunner:
                         raise RunFailed(f"reading shard {item[1]!r} failed:\n{item[2]}")
                     if isinstance(item, ShardEnd):
                         ended += 1
+                        if change_filter is not None:
+                            item.chunks, item.changes = change_filter.finish_shard(
+                                item.shard_id, item.chunks, item.unchanged_doc_ids
+                            )
                         put(batches, item)
                         continue
+                    if change_filter is not None:
+                        item = change_filter.filter(item)
                     packer.token_budget = encoder.token_budget  # follows the encoder's OOM back-off
                     for batch in packer.add(item):
                         put(batches, batch)
@@ -444,6 +539,7 @@ class LocalRunner:
                 self.on_progress(result, 0)
 
         assembler = ShardAssembler(pending, sink, checkpoint, result, self._abort, on_commit=on_commit, canaries=self.canaries)
+        assembler.generation = generation
         sampler = _TimelineSampler(encoder)
 
         threads = [
@@ -499,6 +595,8 @@ class LocalRunner:
                     p.terminate()
             results.cancel_join_thread()
             tasks.cancel_join_thread()
+            if versions_file is not None:
+                os.unlink(versions_file.name)
 
 
 def run_local(

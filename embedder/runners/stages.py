@@ -19,7 +19,7 @@ import numpy as np
 
 from embedder.config import ConfigError, Job
 from embedder.failpoints import failpoint
-from embedder.records import BadRecord, Chunk, Document, Shard
+from embedder.records import BadRecord, Chunk, Document, Shard, UnchangedDocument
 
 if TYPE_CHECKING:
     from connectors.base import Connector
@@ -65,6 +65,11 @@ class RunResult:
     runner: str = "local"
     unfinished_shards: list[str] = field(default_factory=list)
     bad_vectors: int = 0
+    mode: str = "full"
+    added: int = 0
+    updated: int = 0
+    deleted: int = 0
+    unchanged: int = 0
     canary: dict[str, Any] | None = None
     length_histogram: list[int] = field(default_factory=list)  # chunks per 16-token bin of their length
     timeline: list[list[float]] = field(default_factory=list)  # [seconds since start, tokens so far]
@@ -106,6 +111,8 @@ class ShardEnd:
     tokens: int = 0
     trimmed_documents: int = 0
     bad_records: list[BadRecord] = field(default_factory=list)
+    unchanged_doc_ids: list[str] = field(default_factory=list)  # skipped by version (incremental)
+    changes: dict[str, Any] | None = None  # incremental: what the pass saw and replaced (see embedder.incremental)
 
 
 def connector_registry():  # noqa: ANN201 - registry type lives in connectors
@@ -183,6 +190,9 @@ def read_and_chunk(connector: Connector, chunker: Chunker, shard: Shard) -> Iter
         if isinstance(item, BadRecord):
             end.bad_records.append(item)
             continue
+        if isinstance(item, UnchangedDocument):
+            end.unchanged_doc_ids.append(item.id)
+            continue
         end.documents += 1
         block.append(item)
         block_chars += len(item.text)
@@ -254,6 +264,7 @@ class ShardAssembler:
         self.on_commit = on_commit
         self._states = {s.id: _ShardState(s.id) for s in shards}
         self.started: dict[str, float] = {}  # shard id → when a reader started it (for durations)
+        self.generation: str | None = None  # the pass this run belongs to (stored in completion records)
 
     @property
     def unfinished(self) -> list[str]:
@@ -333,6 +344,8 @@ class ShardAssembler:
             state.writer.commit()
         failpoint("after_commit")
         quarantined = self.checkpoint.write_quarantine(state.shard_id, [*end.bad_records, *state.bad_vectors])
+        if end.changes is not None:
+            self.checkpoint.write_changes(state.shard_id, end.changes)
         self.checkpoint.record_completion(
             state.shard_id,
             {
@@ -343,6 +356,7 @@ class ShardAssembler:
                 "bad_records": quarantined,
                 "trimmed_documents": end.trimmed_documents,
                 "run_id": self.result.run_id,
+                "generation": self.generation,
                 "seconds": time.time() - self.started[state.shard_id] if state.shard_id in self.started else None,
             },
         )
@@ -351,6 +365,12 @@ class ShardAssembler:
         result.rows_written += state.rows
         result.bad_records += quarantined
         result.bad_vectors += len(state.bad_vectors)
+        if end.changes is not None:
+            result.added += end.changes["added"]
+            result.updated += end.changes["updated"]
+            result.unchanged += end.changes["unchanged"]
+        else:
+            result.added += state.rows
         result.documents += end.documents
         result.trimmed_documents += end.trimmed_documents
         del self._states[state.shard_id]

@@ -1,0 +1,144 @@
+"""Incremental runs embed only what changed and end equal to a fresh full run; model changes are
+refused unless reembedding; history lists every run."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tokenizers
+
+from embedder import run
+from embedder.chunking import Chunker
+from embedder.config import ChunkingConfig, build_job
+from embedder.records import Document
+from embedder.schema import provenance_of
+
+REPO = Path(__file__).resolve().parents[2]
+WORDS = ("river mountain bread star bee chess tide volcano coffee sleep light water people small old new "
+         "city forest music paper stone glass cloud winter summer garden letter engine island").split()
+
+
+def _doc(i: int, rng: random.Random, words: int | None = None) -> dict:
+    n = words or rng.randint(30, 400)
+    return {"id": f"doc-{i}", "title": f"Title {i}", "text": " ".join(rng.choice(WORDS) for _ in range(n)) + "."}
+
+
+def _write(path: Path, docs: list[dict]) -> None:
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
+
+
+def _versions(tmp_path: Path) -> tuple[list[dict], list[dict]]:
+    rng = random.Random(3)
+    v1 = [_doc(i, rng) for i in range(60)]
+    v2 = [dict(d) for d in v1]
+    for d in v2[0:6]:  # 10% edited: a sentence added in the middle
+        words = d["text"].split()
+        d["text"] = " ".join(words[: len(words) // 2] + ["an", "inserted", "sentence", "here"] + words[len(words) // 2 :])
+    v2[6]["text"] = " ".join(v2[6]["text"].split()[:20])  # one document shrinks to one chunk
+    del v2[50:53]  # 5% deleted
+    v2 += [_doc(100 + i, rng) for i in range(3)]  # 5% added
+    return v1, v2
+
+
+def _job(source: Path, output: Path, sink: str, **output_extra) -> dict:
+    return {
+        "source": {"uri": str(source), "format": "jsonl", "shard_size_mb": 0.01},
+        "output": {"uri": str(output), "sink": sink, **output_extra},
+        "model": {"device": "cpu"},
+        "chunking": {"max_tokens": 64},
+        "runner": {"workers": 1, "show_progress": False},
+        "validation": {"canary_samples": 4},
+    }
+
+
+def _table(output: Path, sink: str):
+    if sink == "parquet":
+        import pyarrow.dataset as ds
+
+        return ds.dataset(str(output), format="parquet").to_table().sort_by("id")
+    import lancedb
+
+    return lancedb.connect(str(output)).open_table("chunks").to_arrow().sort_by("id")
+
+
+def _chunk_set(docs: list[dict], minilm_path: str) -> dict[str, tuple[str, int]]:
+    tok = tokenizers.Tokenizer.from_file(f"{minilm_path}/tokenizer.json")
+    tok.no_truncation()
+    tok.no_padding()
+    chunker = Chunker.from_settings(tok, 256, 2, ChunkingConfig(max_tokens=64))
+    chunks = chunker.chunk([Document(d["id"], d["text"], d["title"]) for d in docs])
+    return {c.id: (c.content_hash, len(c.token_ids)) for c in chunks}
+
+
+@pytest.mark.parametrize("sink", ["parquet", "lance"])
+def test_incremental_equals_fresh_run(sink, tmp_path, minilm_path) -> None:
+    v1, v2 = _versions(tmp_path)
+    source = tmp_path / "corpus.jsonl"
+    output = tmp_path / "out"
+    _write(source, v1)
+    first = run(build_job(_job(source, output, sink)))
+    assert first.state == "done" and first.mode == "full"
+
+    _write(source, v2)
+    second = run(build_job(_job(source, output, sink, mode="incremental")))
+    old, new = _chunk_set(v1, minilm_path), _chunk_set(v2, minilm_path)
+    changed = {cid for cid, (h, _) in new.items() if old.get(cid, (None,))[0] != h}
+    assert second.mode == "incremental"
+    assert second.tokens == sum(new[c][1] for c in changed), "only new and changed chunks are embedded"
+    assert second.added == sum(1 for c in changed if c not in old)
+    assert second.updated == sum(1 for c in changed if c in old)
+    assert second.unchanged == len(new) - len(changed)
+    assert second.deleted == len(set(old) - set(new))
+
+    fresh_out = tmp_path / "fresh"
+    run(build_job(_job(source, fresh_out, sink)))
+    got, want = _table(output, sink), _table(fresh_out, sink)
+    assert got.column("id").to_pylist() == want.column("id").to_pylist()
+    assert got.column("content_hash").to_pylist() == want.column("content_hash").to_pylist()
+    a, b = np.asarray(got.column("vector").to_pylist()), np.asarray(want.column("vector").to_pylist())
+    assert np.sum(a * b, axis=1).min() >= 0.9999
+
+    third = run(build_job(_job(source, output, sink, mode="incremental")))
+    assert third.tokens == 0 and third.added == third.updated == third.deleted == 0
+    after = _table(output, sink)
+    assert after.column("id").to_pylist() == got.column("id").to_pylist()
+    assert after.column("shard_id").to_pylist() == got.column("shard_id").to_pylist()
+
+    history = subprocess.run([sys.executable, "-m", "embedder.cli", "history", str(output), "--json"],
+                             env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, check=True)
+    records = json.loads(history.stdout)
+    assert [r["mode"] for r in records] == ["full", "incremental", "incremental"]
+    assert all({"mode", "added", "updated", "deleted", "unchanged", "tokens_embedded", "state"} <= set(r) for r in records)
+    assert records[1]["tokens_embedded"] == second.tokens and records[2]["tokens_embedded"] == 0
+
+
+def test_model_change_is_refused_then_reembedded(tmp_path, minilm_path) -> None:
+    from tests.embedder.tiny_models import save_tiny_model
+
+    rng = random.Random(5)
+    source = tmp_path / "corpus.jsonl"
+    _write(source, [_doc(i, rng) for i in range(12)])
+    output = tmp_path / "out"
+    run(build_job(_job(source, output, "parquet")))
+    other = save_tiny_model(tmp_path / "other-model", minilm_path, family="bert")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    base = [sys.executable, "-m", "embedder.cli", "run", "--source", str(source), "--output", str(output),
+            "--sink", "parquet", "--model", str(other), "--device", "cpu", "--no-progress"]
+    refused = subprocess.run([*base, "--mode", "incremental"], env=env, capture_output=True, text=True)
+    assert refused.returncode == 2, refused.stderr
+    assert "reembed" in refused.stderr and "model" in refused.stderr
+    redone = subprocess.run([*base, "--mode", "reembed"], env=env, capture_output=True, text=True)
+    assert redone.returncode == 0, redone.stderr
+    table = _table(output, "parquet")
+    import pyarrow.dataset as ds
+
+    prov = provenance_of(ds.dataset(str(output), format="parquet").schema)
+    assert prov["model"] == str(other)
+    assert len(set(table.column("doc_id").to_pylist())) == 12
