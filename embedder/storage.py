@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import fsspec
@@ -99,3 +100,49 @@ def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> b
         return True
     except FileExistsError:
         return False
+
+
+_FSSPEC_TO_OBJECT_STORE = {
+    "key": "aws_access_key_id",
+    "secret": "aws_secret_access_key",
+    "token": "aws_session_token",
+    "endpoint_url": "aws_endpoint",
+    "region_name": "aws_region",
+}
+_ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT")
+
+
+def object_store_options(uri: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """Options for Rust ``object_store`` readers (Lance, LanceDB) from the job's fsspec options.
+
+    Lance reads ``AWS_*`` variables by itself; this adds what it cannot infer:
+
+    * s3fs names are translated (``key``, ``secret``, ``token``, ``endpoint_url`` and
+      ``client_kwargs.endpoint_url`` / ``region_name``, ``anon``);
+    * options already named the object_store way (``aws_endpoint``, ``allow_http``...) pass through;
+    * an ``http://`` endpoint (MinIO, moto, a local gateway) gets ``allow_http=true``, which Lance
+      otherwise refuses.
+
+    Values are strings, as Lance wants them. The result holds credentials when the job gave some:
+    never log it.
+    """
+    out: dict[str, str] = {}
+    for name, value in (storage_options or {}).items():
+        if name == "client_kwargs" and isinstance(value, Mapping):
+            for inner in ("endpoint_url", "region_name"):
+                if value.get(inner):
+                    out[_FSSPEC_TO_OBJECT_STORE[inner]] = str(value[inner])
+        elif name in _FSSPEC_TO_OBJECT_STORE:
+            out[_FSSPEC_TO_OBJECT_STORE[name]] = str(value)
+        elif name == "anon":
+            if value:
+                out["aws_skip_signature"] = "true"
+        elif isinstance(value, bool):
+            out[name] = "true" if value else "false"
+        elif isinstance(value, (str, int, float)):
+            out[name] = str(value)
+    if uri.startswith(("s3://", "s3a://")):
+        endpoint = out.get("aws_endpoint") or next((os.environ[k] for k in _ENDPOINT_ENV if os.environ.get(k)), "")
+        if endpoint.startswith("http://") and "allow_http" not in out and "aws_allow_http" not in out:
+            out["allow_http"] = "true"
+    return out
