@@ -62,7 +62,7 @@ from connectors.base import Connector, ConnectorError
 from connectors.registry import register_connector
 from connectors.wikitext import DEFAULT_DROP_SECTIONS, WikitextCleaner, is_disambiguation, is_redirect
 from embedder.config import SourceConfig
-from embedder.records import BadRecord, Document, Shard
+from embedder.records import BadRecord, Document, Shard, UnchangedDocument
 from embedder.storage import filesystem
 
 _READ_BLOCK = 2 << 20  # compressed (or plain XML) bytes per range request
@@ -189,7 +189,11 @@ class WikipediaConnector(Connector):
             External links, See also, Further reading, Notes...; ``[]`` keeps all).
 
     ``counts`` tallies, per connector instance, what was read: ``pages``, ``documents``,
-    ``redirects``, ``other_namespaces``, ``disambiguation``, ``bad``.
+    ``redirects``, ``other_namespaces``, ``disambiguation``, ``bad``, ``unchanged``.
+
+    Incremental runs: ``version_field`` is ``revision_id``; a page whose revision equals the one
+    already embedded (``known_versions``) is yielded as ``UnchangedDocument`` before its markup is
+    parsed.
 
     Example:
         >>> from embedder.config import SourceConfig
@@ -199,6 +203,7 @@ class WikipediaConnector(Connector):
     """
 
     suffixes = (".xml", ".xml.bz2")
+    version_field = "revision_id"
 
     def __init__(self, config: SourceConfig) -> None:
         super().__init__(config)
@@ -739,7 +744,7 @@ class _ShardReader:
 
     # Pages -----------------------------------------------------------------------------------
 
-    def _page_item(self, page: ET.Element, at: int) -> Document | BadRecord | None:
+    def _page_item(self, page: ET.Element, at: int) -> Document | BadRecord | UnchangedDocument | None:
         """A finished ``<page>`` element as a Document, a BadRecord, or None (skipped on purpose)."""
         counts = self.connector.counts
         counts["pages"] += 1
@@ -806,6 +811,9 @@ class _ShardReader:
         if self.connector.skip_disambiguation and is_disambiguation(title, text):
             counts["disambiguation"] += 1
             return None
+        if revision_id and self.connector.is_unchanged(page_id, revision_id.strip()):
+            counts["unchanged"] += 1  # incremental run: same revision as embedded, markup never parsed
+            return UnchangedDocument(page_id)
         try:
             clean = self.cleaner.clean(text)
         except Exception as err:  # a parser failure on one page must not stop the shard

@@ -142,3 +142,64 @@ def test_model_change_is_refused_then_reembedded(tmp_path, minilm_path) -> None:
     prov = provenance_of(ds.dataset(str(output), format="parquet").schema)
     assert prov["model"] == str(other)
     assert len(set(table.column("doc_id").to_pylist())) == 12
+
+
+def _dump_pair(wiki_sample, tmp_path: Path, changed: int = 2) -> tuple[Path, Path, list[str]]:
+    """Two dumps of the sample's 10 smallest articles; in the second, ``changed`` pages have a new
+    revision with one more paragraph."""
+    import bz2
+    import re
+
+    raw = bz2.open(wiki_sample, "rt", encoding="utf-8").read()
+    head = raw[: raw.index("<page>")]
+    pages = sorted((p for p in re.findall(r"<page>.*?</page>", raw, flags=re.S)
+                    if "<redirect" not in p and "<ns>0</ns>" in p), key=len)[:10]
+    v2 = list(pages)
+    changed_ids = []
+    for i in range(changed):
+        page = v2[i]
+        rev = re.search(r"<revision>\s*<id>(\d+)</id>", page).group(1)
+        page = page.replace(f"<id>{rev}</id>", f"<id>{int(rev) + 1000000}</id>", 1)
+        v2[i] = page.replace("</text>", "\n\nA new closing paragraph was added in this revision.</text>", 1)
+        changed_ids.append(re.search(r"<id>(\d+)</id>", page).group(1))
+    paths = []
+    for name, body in (("v1", pages), ("v2", v2)):
+        path = tmp_path / name / "enwiki-pages-articles.xml.bz2"
+        path.parent.mkdir()
+        with bz2.open(path, "wt", encoding="utf-8") as f:
+            f.write(head + "".join(body) + "</mediawiki>\n")
+        paths.append(path)
+    return paths[0], paths[1], changed_ids
+
+
+def test_wikipedia_unchanged_revisions_are_not_parsed(wiki_sample, tmp_path) -> None:
+    from connectors.registry import CONNECTORS
+    from embedder.config import SourceConfig
+    from embedder.records import UnchangedDocument
+
+    v1, v2, changed_ids = _dump_pair(wiki_sample, tmp_path)
+    connector = CONNECTORS.get("wikipedia")(SourceConfig(uri=str(v1)))
+    known = {d.id: str(d.metadata["revision_id"]) for s in connector.list_shards() for d in connector.documents(s)}
+    connector = CONNECTORS.get("wikipedia")(SourceConfig(uri=str(v2)))
+    connector.known_versions = known
+    items = [i for s in connector.list_shards() for i in connector.documents(s)]
+    assert sorted(i.id for i in items if isinstance(i, Document)) == sorted(changed_ids)
+    assert len([i for i in items if isinstance(i, UnchangedDocument)]) == 8
+    assert connector.counts["unchanged"] == 8
+
+    output = tmp_path / "out"
+    job = {"source": {"uri": str(v1), "metadata_fields": ["revision_id"]},
+           "output": {"uri": str(output), "sink": "parquet"},
+           "model": {"device": "cpu"}, "chunking": {"max_tokens": 128},
+           "runner": {"workers": 1, "show_progress": False}, "validation": {"canary_samples": 0}}
+    first = run(build_job(job))
+    job["source"]["uri"] = str(v2)
+    job["output"]["mode"] = "incremental"
+    second = run(build_job(job))
+    table = _table(output, "parquet")
+    embedded_docs = {i.split("#")[0] for i, s in zip(table.column("id").to_pylist(), table.column("shard_id").to_pylist())
+                     if s.endswith("@" + second.run_id)}
+    assert embedded_docs == set(changed_ids), "only the pages with a new revision were embedded"
+    assert 0 < second.tokens < first.tokens / 4
+    assert second.deleted == 0 and second.updated + second.added >= 2
+    assert len(set(table.column("doc_id").to_pylist())) == 10
