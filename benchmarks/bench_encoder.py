@@ -254,6 +254,128 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
+# --- profile: where the time of one packed forward goes ---------------------------------------------
+
+
+def _cuda_seconds(fn: Any, reps: int = 10) -> float:
+    """Mean seconds of ``fn`` on the GPU, after three warm-up calls (CUDA events)."""
+    import torch
+
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1000 / reps
+
+
+def _profile_batch(rng: np.random.Generator, budget: int) -> dict[str, Any]:
+    """Device inputs of one packed batch with the corpus' length mix, longest first."""
+    import torch
+
+    from embedder.models.pooling import token_segments
+
+    lengths: list[int] = []
+    while True:
+        n = 512 if rng.random() < FULL_FRACTION else int(np.clip(rng.lognormal(np.log(100), 1.0), 6, 512))
+        if sum(lengths) + n > budget:
+            break
+        lengths.append(n)
+    lengths.sort(reverse=True)
+    total = sum(lengths)
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32, device="cuda")
+    return {
+        "ids": torch.from_numpy(rng.integers(1000, 30000, total)).cuda(),
+        "pos": torch.cat([torch.arange(n) for n in lengths]).cuda(),
+        "cu": cu,
+        "seg": token_segments(cu, total),
+        "max_len": max(lengths),
+        "total": total,
+        "lengths": np.asarray(lengths),
+    }
+
+
+def _packed_forward(packed: Any, b: dict[str, Any]) -> Any:
+    import torch
+
+    from embedder.models.packed_bert import build_attention
+    from embedder.models.pooling import pool
+
+    with torch.inference_mode():
+        meta = build_attention(b["cu"], b["seg"], b["max_len"], b["total"], packed.varlen)
+        return pool(packed(b["ids"], b["pos"], meta), b["cu"], b["seg"], "cls")
+
+
+def _component_seconds(shape: dict[str, int], b: dict[str, Any]) -> dict[str, float]:
+    """One layer's pieces alone: the four matmuls (with bias), attention, GELU, add+LayerNorm."""
+    import torch
+    import torch.nn.functional as F
+
+    from embedder.models.packed_bert import _attend_varlen, build_attention
+
+    h, i, total = shape["hidden"], shape["intermediate"], b["total"]
+    x = torch.randn(total, h, device="cuda", dtype=torch.bfloat16)
+    xi = torch.randn(total, i, device="cuda", dtype=torch.bfloat16)
+    sizes = {"qkv": (3 * h, h), "out": (h, h), "ffn_in": (i, h), "ffn_out": (h, i)}
+    weights = {k: 0.02 * torch.randn(o, n, device="cuda", dtype=torch.bfloat16) for k, (o, n) in sizes.items()}
+    ones = torch.ones(h, device="cuda", dtype=torch.bfloat16)
+    out: dict[str, float] = {}
+    with torch.inference_mode():
+        for k, w in weights.items():
+            inp = xi if k == "ffn_out" else x
+            bias = torch.zeros(w.shape[0], device="cuda", dtype=torch.bfloat16)
+            out[f"mm {k}"] = _cuda_seconds(lambda inp=inp, w=w, bias=bias: F.linear(inp, w, bias))
+        qkv = F.linear(x, weights["qkv"]).view(total, 3, shape["heads"], h // shape["heads"])
+        meta = build_attention(b["cu"], b["seg"], b["max_len"], total, True)
+        out["attention"] = _cuda_seconds(lambda: _attend_varlen(qkv, meta))
+        out["gelu"] = _cuda_seconds(lambda: F.gelu(xi))
+        out["add+layernorm x2"] = 2 * _cuda_seconds(lambda: F.layer_norm(x + x, (h,), ones, ones))
+    return out
+
+
+def profile_forward(name: str, budgets: list[int]) -> None:
+    """Times the packed forward of a random ``name``-shaped BERT on full batches (eager and compiled),
+    its pieces alone, and prints the top CUDA kernels of one eager forward."""
+    import torch
+    import transformers
+    from torch.profiler import ProfilerActivity, profile
+
+    from embedder.models.packed_bert import PackedBertEncoder
+
+    shape = SHAPES[name]
+    config = transformers.BertConfig(
+        vocab_size=30522, hidden_size=shape["hidden"], num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"], intermediate_size=shape["intermediate"], max_position_embeddings=512,
+    )
+    model = transformers.BertModel(config).eval()
+    rng = np.random.default_rng(0)
+    batches = {budget: _profile_batch(rng, budget) for budget in budgets}
+    for label, compile in (("eager", False), ("compiled", True)):
+        packed = PackedBertEncoder.from_hf(model, torch.device("cuda"), torch.bfloat16, compile=compile)
+        for b in batches.values():
+            seconds = _cuda_seconds(lambda packed=packed, b=b: _packed_forward(packed, b))
+            flops = flops_per_corpus(shape, b["lengths"])
+            print(f"  profile {name} {label} T={b['total']}: {seconds * 1e3:.1f} ms/batch, "
+                  f"{b['total'] / seconds / 1e3:.0f}k tok/s, {flops / seconds / 1e12:.0f} TFLOP/s", flush=True)
+    b = batches[budgets[-1]]
+    parts = {k: v * shape["layers"] * 1e3 for k, v in _component_seconds(shape, b).items()}
+    for k, ms in parts.items():
+        print(f"    {k:<18} {ms:7.1f} ms/batch ({100 * ms / sum(parts.values()):4.1f}%)", flush=True)
+    h, i = shape["hidden"], shape["intermediate"]
+    mm_ms = sum(v for k, v in parts.items() if k.startswith("mm"))
+    print(f"    matmuls alone {2 * b['total'] * (4 * h * h + 2 * h * i) * shape['layers'] / mm_ms / 1e9:.0f} TFLOP/s; "
+          f"sum of pieces {sum(parts.values()):.1f} ms/batch", flush=True)
+    packed = PackedBertEncoder.from_hf(model, torch.device("cuda"), torch.bfloat16)
+    _packed_forward(packed, b)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        _packed_forward(packed, b)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60), flush=True)
+
+
 # --- main -----------------------------------------------------------------------------------------
 
 
@@ -292,15 +414,18 @@ def bench_model(name: str, args: argparse.Namespace, root: Path, minilm_path: st
     ) as pool:
         list(pool.map(_chunk_task, [docs[:4]] * args.workers))  # start the workers
         variants = [("eager", encoder)]
-        if args.compile:
+        if device == "cuda" and name in args.approximate_gelu_models.split(","):
+            fused = Encoder.load(ModelConfig(name=path, device=device, dtype=dtype), approximate_gelu=True)
+            variants.append(("eager tanh-GELU fused", fused))
+        if args.compile and (not args.compile_models or name in args.compile_models.split(",")):
             compiled = Encoder.load(ModelConfig(name=path, device=device, dtype=dtype, compile=True))
             variants.append(("compiled", compiled))
         for label, enc in variants:
             if args.token_budget:
                 enc.token_budget = args.token_budget
             t_warm = time.perf_counter()
-            for batch in prebuilt_batches(enc, docs[:2000], pool, enc.token_budget)[:6]:
-                enc.encode(batch)  # compile / autotune / allocator warm-up
+            # Compile, cuBLAS heuristics, the allocator's pool and the workers all warm on 1/8 of the corpus.
+            run_end_to_end(enc, docs[: max(64, len(docs) // 8)], pool, args.window_batches)
             print(f"    {label}: warm-up {time.perf_counter() - t_warm:.1f}s, token budget {enc.token_budget}", flush=True)
             e2e = run_end_to_end(enc, docs, pool, args.window_batches)
             assert e2e["tokens"] == total_tokens, (e2e["tokens"], total_tokens)
@@ -342,14 +467,14 @@ def _row(model: str, path: str, rate: float, flops_per_s: float, peak: float, ra
 
 def print_table(rows: list[dict[str, Any]], peak: float) -> None:
     print(f"\nbf16 matmul peak (8192^3, measured): {peak:.0f} TFLOP/s")
-    header = f"| {'model':<10} | {'path':<52} | {'tokens/s':>10} | {'TFLOP/s':>7} | {'% peak':>6} | {'× ST':>5} | {'min cos':>8} |"
+    header = f"| {'model':<10} | {'path':<64} | {'tokens/s':>10} | {'TFLOP/s':>7} | {'% peak':>6} | {'× ST':>5} | {'min cos':>8} |"
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for r in rows:
         pct = f"{r['pct_peak']:.1f}" if r["pct_peak"] is not None else "-"
         cos = f"{r['min_cos_vs_st_fp32']:.5f}" if r["min_cos_vs_st_fp32"] is not None else "-"
         print(
-            f"| {r['model']:<10} | {r['path']:<52} | {r['tokens_per_s']:>10,.0f} | {r['tflops']:>7.1f} | {pct:>6} | "
+            f"| {r['model']:<10} | {r['path']:<64} | {r['tokens_per_s']:>10,.0f} | {r['tflops']:>7.1f} | {pct:>6} | "
             f"{r['x_st']:>5.2f} | {cos:>8} |"
         )
 
@@ -361,12 +486,17 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4_000_000, help="corpus size per model, in tokens")
     parser.add_argument("--st-batch-sizes", default="32,128,256")
     parser.add_argument("--compile", action="store_true", help="also run the torch.compile variant")
+    parser.add_argument("--compile-models", default="", help="only these models get the compile variant (default: all)")
+    parser.add_argument(
+        "--approximate-gelu-models", default="", help="these models also run with the fused tanh-GELU (opt-in) variant"
+    )
     parser.add_argument("--token-budget", type=int, default=0, help="0: the encoder's auto budget")
     parser.add_argument("--budget-sweep", default="", help="GPU-only token budgets to try, e.g. 32768,65536,131072")
-    parser.add_argument("--window-batches", type=int, default=4)
+    parser.add_argument("--window-batches", type=int, default=2, help="packer window, in token budgets")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     parser.add_argument("--check-texts", type=int, default=256, help="texts compared with sentence-transformers fp32")
     parser.add_argument("--out", default="", help="write the rows as JSON here")
+    parser.add_argument("--profile", action="store_true", help="profile the packed forward of the first model, then stop")
     args = parser.parse_args()
     args.st_batch_sizes = [int(x) for x in args.st_batch_sizes.split(",") if x]
     args.budget_sweep = [int(x) for x in args.budget_sweep.split(",") if x]
@@ -380,6 +510,9 @@ def main() -> None:
     peak = matmul_peak_tflops(args.device)
     device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
     print(f"device {device_name}, torch {torch.__version__}, peak {peak:.0f} TFLOP/s, workers {args.workers}", flush=True)
+    if args.profile:
+        profile_forward(args.models.split(",")[0], args.budget_sweep or [65536, 131072])
+        return
     rows: list[dict[str, Any]] = []
     root = Path(tempfile.mkdtemp(prefix="bench-encoder-"))
     try:

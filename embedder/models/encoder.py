@@ -63,6 +63,9 @@ log = logging.getLogger(__name__)
 CPU_TOKEN_BUDGET = 8192
 AUTO_BUDGET_CAP = 131072
 PINNED_SLOTS = 3
+# CUDA batches are topped up with filler sequences to a multiple of this many tokens, so the matmul
+# shapes repeat: every new shape costs cuBLAS a heuristic lookup, and the allocator fewer block sizes.
+CUDA_TOKEN_GRANULE = 512
 
 
 class EncodeHandle:
@@ -199,6 +202,8 @@ class Encoder:
         dtype: Its precision.
         token_budget: Tokens per batch; halved after a CUDA out-of-memory error (packers follow it).
         packed: True when the padding-free forward is in use, False for the padded fallback.
+        token_granule: Batches run as a multiple of this many tokens, topped up with filler
+            sequences whose vectors are dropped (``CUDA_TOKEN_GRANULE`` on CUDA, 1 elsewhere).
 
     Example:
         >>> from embedder.config import ModelConfig
@@ -224,6 +229,7 @@ class Encoder:
         self.dtype = torch.float32
         self.token_budget = CPU_TOKEN_BUDGET
         self.packed = False
+        self.token_granule = 1
         self.architecture = ""
         self._local_dir: str | None = None
         self._packed_model: PackedBertEncoder | None = None
@@ -240,8 +246,11 @@ class Encoder:
     # --- loading --------------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, config: ModelConfig) -> Encoder:
+    def load(cls, config: ModelConfig, *, approximate_gelu: bool = False) -> Encoder:
         """Loads the model ``config.name`` and prepares it for ``config.device``/``config.dtype``.
+
+        ``approximate_gelu`` (CUDA, fp16/bf16, erf-GELU models): fuse the FFN's GELU into its matmul
+        in the tanh form (faster; within bf16 rounding of the exact function, but not identical).
 
         Raises:
             ModelError: unknown or unloadable model, unsupported pipeline, prompt that does not
@@ -308,7 +317,9 @@ class Encoder:
         for module in spec.post_modules:
             self._post_modules.append(module.to(device=device, dtype=torch.float32).eval())
         if reason is None:
-            self._packed_model = PackedBertEncoder.from_hf(auto_model, device, dtype, compile=config.compile)
+            self._packed_model = PackedBertEncoder.from_hf(
+                auto_model, device, dtype, compile=config.compile, approximate_gelu=approximate_gelu
+            )
             self.packed = True
             hidden, layers = self._packed_model.hidden_size, self._packed_model.num_layers
             intermediate = self._packed_model.intermediate_size
@@ -320,6 +331,7 @@ class Encoder:
             hidden = int(getattr(model_config, "hidden_size", 1024) or 1024)
             layers = int(getattr(model_config, "num_hidden_layers", 24) or 24)
             intermediate = int(getattr(model_config, "intermediate_size", 4 * hidden) or 4 * hidden)
+        self.token_granule = CUDA_TOKEN_GRANULE if device.type == "cuda" else 1
         if config.token_budget == "auto":
             self.token_budget = auto_token_budget(device, dtype, hidden, layers, intermediate, limit)
         else:
@@ -338,7 +350,12 @@ class Encoder:
             ", normalized" if self.normalize else "",
             device,
             str(dtype).removeprefix("torch."),
-            f"packed ({self._packed_model.attention_backend} attention)" if self.packed else "padded fallback",
+            (
+                f"packed ({self._packed_model.attention_backend} attention"
+                f"{', fused tanh-GELU' if self._packed_model.gelu_fused else ''})"
+            )
+            if self.packed
+            else "padded fallback",
             self.max_seq_length,
             self.token_budget,
         )
@@ -465,38 +482,70 @@ class Encoder:
         # sentence-transformers drops the leading special token and the prompt, and only with a prompt.
         return np.where(prompt > 0, prompt + len(self.layout.prefix_ids), 0)
 
+    def _filler_lengths(self, batch: PackedBatch) -> list[int]:
+        """Lengths of the filler sequences that top the batch up to a multiple of ``token_granule``."""
+        missing = -batch.num_tokens % self.token_granule
+        longest = max(1, batch.max_seqlen)
+        return [longest] * (missing // longest) + ([missing % longest] if missing % longest else [])
+
     def _submit(self, batch: PackedBatch) -> EncodeHandle:
-        num_tokens, n = batch.num_tokens, batch.num_sequences
+        n, real_tokens = batch.num_sequences, batch.num_tokens
         skip = self._skip_lengths(batch)
+        filler = self._filler_lengths(batch)
+        num_tokens, m = real_tokens + sum(filler), n + len(filler)
         with torch.inference_mode():
             if self.device.type != "cuda":
-                ids = torch.from_numpy(np.ascontiguousarray(batch.input_ids, dtype=np.int64))
-                pos = torch.from_numpy(np.ascontiguousarray(batch.position_ids, dtype=np.int64))
-                cu = torch.from_numpy(np.ascontiguousarray(batch.cu_seqlens, dtype=np.int32))
-                skip_t = None if skip is None else torch.from_numpy(skip)
-                vectors = self._forward(ids, pos, cu, skip_t, batch.max_seqlen, num_tokens)
-                return EncodeHandle(vectors.numpy().astype(np.float32, copy=True))
+                ids, pos, cu, skip_arr = self._host_arrays(batch, skip, filler)
+                skip_t = None if skip_arr is None else torch.from_numpy(skip_arr)
+                vectors = self._forward(
+                    torch.from_numpy(ids), torch.from_numpy(pos), torch.from_numpy(cu), skip_t, batch.max_seqlen, num_tokens
+                )
+                return EncodeHandle(vectors[:n].numpy().astype(np.float32, copy=True))
+            # One pinned staging buffer, one host-to-device copy: [ids | positions | cu_seqlens | skip].
             slot = self._slot()
-            extra = 0 if skip is None else n
-            total = 2 * num_tokens + n + 1 + extra
+            total = 2 * num_tokens + m + 1 + (0 if skip is None else m)
             slot.reserve(total, n * self.dim)
             host = slot.inputs.numpy()
-            host[:num_tokens] = batch.input_ids
-            host[num_tokens : 2 * num_tokens] = batch.position_ids
-            host[2 * num_tokens : 2 * num_tokens + n + 1] = batch.cu_seqlens
+            host[:real_tokens] = batch.input_ids
+            host[real_tokens:num_tokens] = self._pad_id
+            host[num_tokens : num_tokens + real_tokens] = batch.position_ids
+            host[num_tokens + real_tokens : 2 * num_tokens] = self.layout.position_offset
+            cu_at = 2 * num_tokens
+            host[cu_at : cu_at + n + 1] = batch.cu_seqlens
+            if filler:
+                host[cu_at + n + 1 : cu_at + m + 1] = real_tokens + np.cumsum(filler)
             if skip is not None:
-                host[2 * num_tokens + n + 1 : total] = skip
+                host[cu_at + m + 1 : cu_at + m + 1 + n] = skip
+                host[cu_at + m + 1 + n : total] = 0
             dev = slot.inputs[:total].to(self.device, non_blocking=True)
             ids, pos = dev[:num_tokens], dev[num_tokens : 2 * num_tokens]
-            cu = dev[2 * num_tokens : 2 * num_tokens + n + 1]
-            skip_t = None if skip is None else dev[2 * num_tokens + n + 1 : total]
+            cu = dev[cu_at : cu_at + m + 1]
+            skip_t = None if skip is None else dev[cu_at + m + 1 : total]
             vectors = self._forward(ids, pos, cu, skip_t, batch.max_seqlen, num_tokens)
             out = slot.outputs[: n * self.dim].view(n, self.dim)
-            out.copy_(vectors, non_blocking=True)
+            out.copy_(vectors[:n], non_blocking=True)
             event = torch.cuda.Event()
             event.record()
             slot.handle = EncodeHandle(event=event, out=out)
             return slot.handle
+
+    def _host_arrays(
+        self, batch: PackedBatch, skip: np.ndarray | None, filler: list[int]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """The batch's ids, positions, cu_seqlens and skip counts as host arrays, filler appended."""
+        if not filler:
+            return (
+                np.ascontiguousarray(batch.input_ids, dtype=np.int64),
+                np.ascontiguousarray(batch.position_ids, dtype=np.int64),
+                np.ascontiguousarray(batch.cu_seqlens, dtype=np.int32),
+                skip,
+            )
+        extra = sum(filler)
+        ids = np.concatenate([batch.input_ids, np.full(extra, self._pad_id)]).astype(np.int64)
+        pos = np.concatenate([batch.position_ids, np.full(extra, self.layout.position_offset)]).astype(np.int64)
+        cu = np.concatenate([batch.cu_seqlens, batch.num_tokens + np.cumsum(filler)]).astype(np.int32)
+        skip = None if skip is None else np.concatenate([skip, np.zeros(len(filler), np.int64)])
+        return ids, pos, cu, skip
 
     def _slot(self) -> _PinnedSlot:
         if not self._slots:

@@ -155,6 +155,18 @@ def test_split_batch_halves_give_the_same_vectors(tiny_dirs: dict[str, str]) -> 
     np.testing.assert_allclose(halves, whole, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["instructor-like-no-prompt-pooling", "distilbert"])
+def test_filler_sequences_topping_up_a_batch_change_no_vector(tiny_dirs: dict[str, str], name: str) -> None:
+    """On CUDA batches are topped up to a token granule with filler sequences; they must not leak."""
+    encoder = Encoder.load(ModelConfig(name=tiny_dirs[name]))
+    texts = texts_of_lengths(encoder.tokenizer, [5, 40, 1, 70, 9], seed=9)
+    batch = build_batch(_chunks(encoder, texts), encoder.layout)
+    plain = encoder.encode(batch)
+    encoder.token_granule = 97  # forces 1-3 filler sequences of odd lengths
+    assert encoder._filler_lengths(batch)
+    np.testing.assert_allclose(encoder.encode(batch), plain, atol=1e-5)
+
+
 def test_architecture_without_packed_forward_uses_the_fallback(
     tiny_dirs: dict[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -72,6 +72,21 @@ def test_minilm_half_precision_varlen_matches_fp32(minilm_path: str, dtype: str)
     assert cosines(ours, _fp32_reference(minilm_path, texts, "")).min() >= HALF_MIN_COS
 
 
+def test_minilm_approximate_gelu_stays_within_half_precision_fidelity(minilm_path: str) -> None:
+    encoder = Encoder.load(ModelConfig(name=minilm_path, device="cuda"), approximate_gelu=True)
+    assert encoder._packed_model.gelu_fused
+    texts = texts_of_lengths(encoder.tokenizer, _lengths(encoder), seed=5)
+    assert cosines(encoder.encode_texts(texts, ""), _fp32_reference(minilm_path, texts, "")).min() >= HALF_MIN_COS
+
+
+def test_token_granule_tops_batches_up_on_cuda(minilm_path: str) -> None:
+    encoder = Encoder.load(ModelConfig(name=minilm_path, device="cuda"))
+    assert encoder.token_granule == 512
+    texts = texts_of_lengths(encoder.tokenizer, [3, 100, 254, 17], seed=6)  # 382 tokens: 130 filler
+    ours = encoder.encode_texts(texts, "")
+    assert cosines(ours, _fp32_reference(minilm_path, texts, "")).min() >= HALF_MIN_COS
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_tiny_families_half_precision_match_fp32(gpu_tiny_dirs: dict[str, str], name: str, dtype: str) -> None:
