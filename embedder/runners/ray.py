@@ -2,44 +2,47 @@
 
 ::
 
-    driver                      Ray Data (streaming, backpressured)                          driver
-    list shards ─▶ from_items ─▶ read_and_chunk   ─▶ EncoderActor pool          ─▶ iter_batches ─▶ ShardAssembler
-    (pending,      (one block    (CPU tasks over     (one model each, 1 GPU      (one writer:     (sink commit,
-     one row each)  per shard)    every CPU of the    each; packs its input by     rows in any      quarantine,
-                                  cluster; chunk      token budget, encodes,       order)           completion record)
-                                  rows + one end      passes end rows through)
-                                  row per shard)
+    driver              Ray Data (streaming executor, backpressure between operators)            driver
+    pending shards ──▶ read_and_chunk ─────────▶ EncoderActor pool ──────────▶ iter_batches ──▶ ShardAssembler
+    (one row, one      (CPU tasks on every CPU    (one model per actor, 1 GPU    (rows in any     (sink commit,
+     block each)        of the cluster: chunk      each: packs its rows by         order, dupes     quarantine,
+                        rows, then one end row     token budget, encodes, end      possible)        completion
+                        per shard)                 rows pass through)                               record)
 
-The stage functions are the local runner's: ``read_and_chunk`` (with a ``Chunker`` rebuilt from the
-model's serialized tokenizer) in the CPU tasks, ``TokenBudgetPacker`` + ``Encoder`` in the actors,
-``ShardAssembler`` on the driver — so both runners give the same rows for the same job.
+The stage functions are the local runner's: ``read_and_chunk`` with a ``Chunker`` rebuilt from the
+model's serialized tokenizer in the CPU tasks, ``TokenBudgetPacker`` + ``Encoder`` in the actors,
+``ShardAssembler`` on the driver; the run around them (lease, drain on SIGTERM, spot notice, canary
+check, run record) is ``LocalRunner``'s. So both runners write the same rows for the same job.
 
-Exactly once: Ray's retries are at-least-once (a read task re-run after a worker died, an actor task
-retried on a restarted actor, a lost block rebuilt from lineage), so the same chunk can reach the
-driver twice. The driver is the only writer and the ``ShardAssembler`` takes a chunk once (by id)
-and a shard once (its completion record), so the output holds every row exactly once. Each encoder
-call returns every chunk it was given (its packer is flushed per call), so an actor that dies loses
-nothing Ray does not retry. A driver that dies loses only uncommitted shards; a rerun redoes them.
+Exactly once. Ray's own retries are at-least-once: a read task re-run after its worker died, an
+actor task retried on a restarted actor, a lost block rebuilt from lineage can all deliver a chunk
+twice. The driver is the only writer, and its ``ShardAssembler`` takes a chunk once (by id) and
+commits a shard once (sink commit, then completion record), so the output holds every row exactly
+once. An encoder call returns every chunk it was given (its packer is flushed per call), so a call
+lost with its actor is redone whole by Ray's retry. A driver that dies loses only the shards it had
+not committed: the next run aborts their leftovers and redoes them.
 
-Memory: the dataset streams. Read tasks yield blocks of a few thousand chunks (``read_and_chunk``'s
-blocks) as they go, blocks are capped at ``BLOCK_BYTES``, and Ray Data's streaming executor stops
-launching tasks when an operator's output queue fills its object-store budget, so a 90 GB dump flows
-through a bounded window. Encoded rows are consumed by the driver as they come.
+Memory. Shards enter one per block; a read task yields blocks of at most a few thousand chunks
+(``read_and_chunk``'s blocks) as it reads, blocks are capped at ``BLOCK_BYTES``, and the streaming
+executor launches no new task while an operator's output queue fills its object-store budget. A
+90 GB dump streams through a bounded window, the way the local runner's bounded queues do.
+
+The model is not loaded on the driver: a one-off task placed like an encoder actor reports what the
+driver needs (tokenizer, limits, dimension, provenance with the actors' device and dtype).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pickle
 import queue
-import signal
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
@@ -47,8 +50,9 @@ import numpy as np
 import pyarrow as pa
 
 from embedder.config import ConfigError, Job
-from embedder.failpoints import failpoint
-from embedder.records import BadRecord, Chunk, Shard
+from embedder.failpoints import corrupt, failpoint
+from embedder.records import Chunk, Shard
+from embedder.runners.local import LocalRunner, _Stop, _TimelineSampler
 from embedder.runners.stages import (
     RunFailed,
     RunResult,
@@ -56,25 +60,27 @@ from embedder.runners.stages import (
     ShardEnd,
     make_connector,
     read_and_chunk,
-    resolve_job,
     sink_registry,
 )
 
 if TYPE_CHECKING:
+    import tokenizers
+
     from embedder.chunking import Chunker
+    from embedder.packing import SequenceLayout
 
 log = logging.getLogger("embedder")
 
 KILL_ENCODER_ENV = "EMBEDDER_RAY_KILL_ENCODER"
-"""Test hook: ``"<n>:<marker file>"`` makes one encoder actor exit (``os._exit``) at its ``n``-th call,
-once per marker file (the actor that creates the file dies; restarted and other actors go on)."""
+"""Test hook, read on the driver: ``"<n>:<marker file>"`` makes the first encoder actor to reach its
+``n``-th call create the marker file and exit (``os._exit``); the file keeps it to one death."""
 
 CALL_BUDGETS = 4
-"""Token budgets' worth of chunks per encoder call: enough to keep several batches in flight."""
+"""Token budgets' worth of chunks per encoder call: several batches, so the device stays busy."""
 BLOCK_BYTES = 16 * 1024 * 1024
-"""Largest block between stages (Ray Data's default of 128 MB would hold whole shards)."""
+"""Largest block between stages (Ray Data's default, 128 MB, would hold whole shards)."""
 ENCODER_MAX_RESTARTS = 8
-"""Restarts of one encoder actor (a dead process, a lost node) before the run fails."""
+"""Restarts of one encoder actor (its process or node died) and retries of its call before the run fails."""
 QUEUE_POLL_S = 0.2
 
 CHUNK_ROWS = pa.schema(
@@ -86,11 +92,11 @@ CHUNK_ROWS = pa.schema(
         pa.field("title", pa.string()),
         pa.field("content_hash", pa.string()),
         pa.field("token_ids", pa.list_(pa.int32())),
-        pa.field("metadata", pa.binary()),  # pickled passthrough fields (exact types), null when none
-        pa.field("shard_end", pa.string()),  # JSON of the shard's ShardEnd on its one end row
+        pa.field("metadata", pa.binary()),  # the passthrough fields, pickled (exact types); null when none
+        pa.field("shard_end", pa.binary()),  # the shard's ShardEnd, pickled, on its one end row
     ]
 )
-"""Rows between the read stage and the encoders: one per chunk, plus one end row per shard."""
+"""Rows from the read stage to the encoders: one per chunk, and one end row per shard."""
 
 
 # --- where encoders run ---------------------------------------------------------------------
@@ -103,7 +109,7 @@ class EncoderPool:
     Attributes:
         size: Number of actors (each loads the model once).
         num_gpus: GPUs per actor (0: the model runs on CPU).
-        num_cpus: CPUs per actor (its torch threads on CPU).
+        num_cpus: CPUs per actor (its torch threads when on CPU).
     """
 
     size: int
@@ -124,24 +130,21 @@ def plan_encoder_pool(job: Job, cluster: dict[str, float]) -> EncoderPool:
 
     Raises:
         ConfigError: ``model.device: cuda`` on a cluster without GPUs, or more encoders asked for
-            than the cluster can place.
+            than the cluster's GPUs can hold.
     """
     configured = getattr(job.runner, "encoders", "auto")
     gpus_per_encoder = float(getattr(job.runner, "gpus_per_encoder", 1.0))
     gpus = float(cluster.get("GPU", 0.0))
     cpus = float(cluster.get("CPU", 1.0))
-    device = job.model.device
-    if device == "cuda" and gpus <= 0:
+    if job.model.device == "cuda" and gpus <= 0:
         raise ConfigError(
-            "model.device is cuda but the Ray cluster has no GPUs: start the workers with GPUs "
+            "model.device is cuda but the Ray cluster has no GPUs: start its workers with GPUs "
             "(ray start --num-gpus N) or set model.device: cpu"
         )
-    if device != "cpu" and gpus > 0:
+    if job.model.device != "cpu" and gpus > 0:
         fit = int(gpus // gpus_per_encoder)
         if fit < 1:
-            raise ConfigError(
-                f"runner.gpus_per_encoder {gpus_per_encoder} is more than the cluster's {gpus:g} GPUs; lower it"
-            )
+            raise ConfigError(f"runner.gpus_per_encoder {gpus_per_encoder:g} is more than the cluster's {gpus:g} GPUs")
         size = fit if configured == "auto" else int(configured)
         if size > fit:
             raise ConfigError(
@@ -156,42 +159,80 @@ def plan_encoder_pool(job: Job, cluster: dict[str, float]) -> EncoderPool:
     return EncoderPool(size=size, num_gpus=0.0, num_cpus=per_actor)
 
 
-# --- what the driver needs to know about the model ------------------------------------------
+# --- what the driver knows of the model -----------------------------------------------------
 
 
 @dataclass(slots=True)
 class EncoderFacts:
-    """What the driver needs from the model, measured where the encoders run (device, dtype)."""
+    """The encoder as the driver sees it, measured where the encoder actors run (their device and
+    dtype decide the provenance), without the driver holding the model or a GPU.
+
+    It answers what the run asks of an ``Encoder`` (``Chunker.for_encoder``, the output schema, the
+    canary check): ``tokenizer``, ``max_seq_length``, ``layout``, ``dim``, ``provenance()``,
+    ``source``, ``document_prompt``.
+    """
 
     tokenizer_json: str
     max_seq_length: int
-    overhead: int
+    layout: SequenceLayout
     token_budget: int
     dim: int
-    provenance: dict[str, Any]
+    source: str
+    document_prompt: str
+    facts: dict[str, Any]
+
+    @property
+    def tokenizer(self) -> tokenizers.Tokenizer:
+        return _tokenizer(self.tokenizer_json)
+
+    def provenance(self) -> dict[str, Any]:
+        return dict(self.facts)
 
 
 def probe_encoder(job_json: str) -> EncoderFacts:
-    """Loads the model once, as an encoder actor would, and reports its facts (a Ray task)."""
+    """Loads the model once, as an encoder actor does, and reports its facts (runs as a Ray task)."""
     from embedder.models.encoder import Encoder
 
     encoder = Encoder.load(Job.model_validate_json(job_json).model)
     return EncoderFacts(
         tokenizer_json=encoder.tokenizer_json,
         max_seq_length=encoder.max_seq_length,
-        overhead=encoder.layout.overhead,
+        layout=encoder.layout,
         token_budget=encoder.token_budget,
         dim=encoder.dim,
-        provenance=encoder.provenance(),
+        source=encoder.source,
+        document_prompt=encoder.document_prompt,
+        facts=encoder.provenance(),
     )
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(tokenizer_json: str) -> tokenizers.Tokenizer:
+    """The model's fast tokenizer, truncation and padding off (cached: rebuilding one costs ~0.1 s)."""
+    import tokenizers
+
+    tokenizer = tokenizers.Tokenizer.from_str(tokenizer_json)
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer
+
+
+@lru_cache(maxsize=4)
+def _chunker(tokenizer_json: str, max_seq_length: int, overhead: int, chunking_json: str) -> Chunker:
+    """The chunker of ``Chunker.for_encoder``, built in a worker from the encoder's facts."""
+    from embedder.chunking import Chunker
+    from embedder.config import ChunkingConfig
+
+    config = ChunkingConfig.model_validate_json(chunking_json)
+    return Chunker.from_settings(_tokenizer(tokenizer_json), max_seq_length, overhead, config)
 
 
 # --- rows between stages --------------------------------------------------------------------
 
 
 def chunks_to_rows(chunks: Sequence[Chunk], metadata_fields: Sequence[str]) -> pa.Table:
-    """Chunk rows (``CHUNK_ROWS``): token ids as ``list<int32>``, only the passthrough metadata kept."""
-    lengths = np.fromiter((len(c.token_ids) for c in chunks), np.int32, len(chunks))
+    """Chunk rows (``CHUNK_ROWS``); of the metadata only the job's passthrough fields travel."""
+    lengths = np.fromiter((len(c.token_ids) for c in chunks), np.int64, len(chunks))
     offsets = np.zeros(len(chunks) + 1, np.int32)
     np.cumsum(lengths, out=offsets[1:])
     values = np.concatenate([c.token_ids for c in chunks]).astype(np.int32, copy=False) if chunks else np.zeros(0, np.int32)
@@ -209,77 +250,62 @@ def chunks_to_rows(chunks: Sequence[Chunk], metadata_fields: Sequence[str]) -> p
         pa.array([c.content_hash for c in chunks], pa.string()),
         pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.int32())),
         pa.array([metadata(c) for c in chunks], pa.binary()),
-        pa.nulls(len(chunks), pa.string()),
+        pa.nulls(len(chunks), pa.binary()),
     ]
     return pa.Table.from_arrays(columns, schema=CHUNK_ROWS)
 
 
 def end_to_rows(end: ShardEnd) -> pa.Table:
-    """The one end row of a shard: its counts and bad records, as JSON."""
-    row = {name: None for name in CHUNK_ROWS.names}
+    """The end row of a shard: its counts and bad records."""
+    row: dict[str, Any] = dict.fromkeys(CHUNK_ROWS.names)
     row["shard_id"] = end.shard_id
-    row["shard_end"] = json.dumps(asdict(end))
+    row["shard_end"] = pickle.dumps(end)
     return pa.Table.from_pylist([row], schema=CHUNK_ROWS)
 
 
 def rows_to_chunks(rows: pa.Table) -> list[Chunk]:
-    """Chunks back from chunk rows (end rows excluded by the caller)."""
+    """The chunks of chunk rows (no end rows); token ids are views of the block's buffer."""
     token_ids = rows.column("token_ids").combine_chunks()
     values = token_ids.values.to_numpy(zero_copy_only=False)
     offsets = token_ids.offsets.to_numpy()
-    columns = {name: rows.column(name).to_pylist() for name in ("shard_id", "doc_id", "chunk_index", "text", "title", "content_hash", "metadata")}
+    names = ("shard_id", "doc_id", "chunk_index", "text", "title", "content_hash", "metadata")
+    cols = {name: rows.column(name).to_pylist() for name in names}
     return [
         Chunk(
-            doc_id=columns["doc_id"][i],
-            chunk_index=columns["chunk_index"][i],
-            text=columns["text"][i],
+            doc_id=cols["doc_id"][i],
+            chunk_index=cols["chunk_index"][i],
+            text=cols["text"][i],
             token_ids=values[offsets[i] : offsets[i + 1]],
-            content_hash=columns["content_hash"][i],
-            shard_id=columns["shard_id"][i],
-            title=columns["title"][i],
-            metadata=pickle.loads(columns["metadata"][i]) if columns["metadata"][i] is not None else {},
+            content_hash=cols["content_hash"][i],
+            shard_id=cols["shard_id"][i],
+            title=cols["title"][i],
+            metadata=pickle.loads(cols["metadata"][i]) if cols["metadata"][i] is not None else {},
         )
         for i in range(rows.num_rows)
     ]
 
 
-def rows_to_end(raw: str) -> ShardEnd:
-    data = json.loads(raw)
-    data["bad_records"] = [BadRecord(**b) for b in data["bad_records"]]
-    return ShardEnd(**data)
-
-
-def _split_rows(rows: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """(chunk rows, end rows) of a block."""
+def partition_rows(rows: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """A block's chunk rows and its end rows."""
     import pyarrow.compute as pc
 
     is_end = pc.is_valid(rows.column("shard_end"))
     return rows.filter(pc.invert(is_end)), rows.filter(is_end)
 
 
+def rows_to_ends(end_rows: pa.Table) -> list[ShardEnd]:
+    return [pickle.loads(raw) for raw in end_rows.column("shard_end").to_pylist()]
+
+
 # --- the CPU stage: read + chunk ------------------------------------------------------------
-
-
-@lru_cache(maxsize=4)
-def _chunker(tokenizer_json: str, max_seq_length: int, overhead: int, chunking_json: str) -> Chunker:
-    """One chunker per worker process and model (rebuilding a tokenizer costs ~0.1 s)."""
-    import tokenizers
-
-    from embedder.chunking import Chunker
-    from embedder.config import ChunkingConfig
-
-    tokenizer = tokenizers.Tokenizer.from_str(tokenizer_json)
-    tokenizer.no_truncation()
-    tokenizer.no_padding()
-    return Chunker.from_settings(tokenizer, max_seq_length, overhead, ChunkingConfig.model_validate_json(chunking_json))
 
 
 def read_shard_rows(
     shards: pa.Table, job_json: str, tokenizer_json: str, max_seq_length: int, overhead: int
 ) -> Iterator[pa.Table]:
-    """Ray Data CPU stage: ``read_and_chunk`` each shard of the block; yields chunk rows as they are
-    made, then the shard's end row."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one CPU per task; before tokenizers starts
+    """Ray Data CPU stage: ``read_and_chunk`` for each shard of the block, yielding chunk rows as
+    they are made and the shard's end row last."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # a task has one CPU
     job = Job.model_validate_json(job_json)
     chunker = _chunker(tokenizer_json, max_seq_length, overhead, job.chunking.model_dump_json())
     connector = make_connector(job)
@@ -290,16 +316,17 @@ def read_shard_rows(
             yield end_to_rows(item) if isinstance(item, ShardEnd) else chunks_to_rows(item, fields)
 
 
-# --- the GPU stage: the encoder actor -------------------------------------------------------
+# --- the device stage: the encoder actor ----------------------------------------------------
 
 
 class EncoderActor:
-    """Ray Data actor: holds one model; each call packs its chunk rows by token budget, encodes them
-    and returns them with a ``vector`` column; end rows pass through (``vector`` null).
+    """Ray Data actor holding one model. Each call packs its chunk rows by token budget (the local
+    runner's ``TokenBudgetPacker``), encodes them with two batches in flight, and returns them with a
+    ``vector`` column; end rows pass through with a null vector.
 
-    A call returns every chunk it was given (the packer is flushed per call), so a retried call
-    after an actor death redoes exactly the lost work. The first row of each output carries the
-    call's encode time and the actor's id (``encode_seconds``, ``encoder``) for the run record.
+    A call returns every chunk it was given, so a call retried after the actor died redoes exactly
+    the lost work. The first row of each output carries the call's encode time and the actor's id
+    (``encode_seconds``, ``encoder``) for the run record.
 
     Args:
         job_json: The resolved job.
@@ -323,34 +350,39 @@ class EncoderActor:
 
         self.calls += 1
         self._maybe_die()
-        chunk_rows, end_rows = _split_rows(rows)
+        chunk_rows, ends = partition_rows(rows)
         chunks = rows_to_chunks(chunk_rows)
-        position = {c.id: i for i, c in enumerate(chunks)}
         encoder = self.encoder
-        packer = TokenBudgetPacker(encoder.layout, encoder.token_budget)
+        packer = TokenBudgetPacker(encoder.layout, encoder.token_budget)  # per call: follows OOM back-off
+        position = {c.id: i for i, c in enumerate(chunks)}
         order: list[int] = []
         vectors: list[np.ndarray] = []
         in_flight: list[tuple[Any, Any]] = []
         started = time.perf_counter()
-        for batch in [*packer.add(chunks), *packer.flush()]:
-            in_flight.append((batch, encoder.encode_async(batch)))  # next batch queued before the last is read
-            if len(in_flight) > 2:
-                done, handle = in_flight.pop(0)
-                order.extend(position[c.id] for c in done.chunks)
-                vectors.append(handle.result())
-        for done, handle in in_flight:
-            order.extend(position[c.id] for c in done.chunks)
+
+        def complete_one() -> None:
+            batch, handle = in_flight.pop(0)
+            order.extend(position[c.id] for c in batch.chunks)
             vectors.append(handle.result())
+
+        for batch in [*packer.add(chunks), *packer.flush()]:
+            in_flight.append((batch, encoder.encode_async(batch)))
+            if len(in_flight) > 2:
+                complete_one()
+        while in_flight:
+            complete_one()
         seconds = time.perf_counter() - started
+
         dim = encoder.dim
-        encoded = chunk_rows.take(pa.array(order, pa.int64())) if order else chunk_rows.slice(0, 0)
+        vector_type = pa.list_(pa.float32(), dim)
         flat = np.concatenate(vectors).reshape(-1) if vectors else np.zeros(0, np.float32)
+        encoded = chunk_rows.take(pa.array(order, pa.int64()))
         encoded = encoded.append_column("vector", pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), dim))
-        ends = end_rows.append_column("vector", pa.nulls(end_rows.num_rows, pa.list_(pa.float32(), dim)))
+        ends = ends.append_column("vector", pa.nulls(ends.num_rows, vector_type))
         out = pa.concat_tables([encoded, ends])
-        first_only = [True] + [False] * (out.num_rows - 1) if out.num_rows else []
-        out = out.append_column("encode_seconds", pa.array([seconds if f else None for f in first_only], pa.float64()))
-        return out.append_column("encoder", pa.array([self.actor_id if f else None for f in first_only], pa.string()))
+        first = [True] + [False] * (out.num_rows - 1) if out.num_rows else []
+        out = out.append_column("encode_seconds", pa.array([seconds if f else None for f in first], pa.float64()))
+        return out.append_column("encoder", pa.array([self.actor_id if f else None for f in first], pa.string()))
 
     def _maybe_die(self) -> None:
         if not self.kill_hook:
@@ -369,18 +401,19 @@ class EncoderActor:
 # --- the driver -----------------------------------------------------------------------------
 
 
-class _Stop(Exception):
-    pass
+class RayRunner(LocalRunner):
+    """Runs a job on a Ray cluster: the one this process is connected to, else the one at
+    ``runner.address`` or ``RAY_ADDRESS``, else a local one started for the run (and stopped after).
 
-
-class RayRunner:
-    """Runs a job on a Ray cluster: the one at ``runner.address`` or ``RAY_ADDRESS``, the one this
-    process is already connected to, or else a local one started for the run.
+    The driver holds the lease, lists shards, writes and commits (one writer); Ray runs reading,
+    chunking and encoding. Stopping (SIGTERM, SIGINT, spot notice) drains as the local runner does:
+    shards in flight finish and commit within ``runner.grace_period_s``, then the run ends
+    ``interrupted``.
 
     Args:
         job: The job (``auto`` fields are resolved here).
-        on_progress: Called on the driver with the running ``RunResult`` after each block of
-            encoded rows and each commit (the CLI draws its progress bars from it).
+        on_progress: Called on the driver with the running ``RunResult`` after each block of encoded
+            rows and each commit (the CLI draws its progress bars from it).
         force_unlock: Remove another job's lease on the output first (with a warning).
     """
 
@@ -390,26 +423,14 @@ class RayRunner:
         on_progress: Callable[[RunResult, int], None] | None = None,
         force_unlock: bool = False,
     ) -> None:
-        self.job = resolve_job(job)
-        self.on_progress = on_progress
-        self.force_unlock = force_unlock
+        super().__init__(job, on_progress=on_progress, force_unlock=force_unlock)
+        if self.job.output.mode != "full":
+            raise ConfigError(
+                f"output.mode {self.job.output.mode!r} runs on the local runner only for now; "
+                "use runner.kind: local for it, or output.mode: full"
+            )
         self.pool: EncoderPool | None = None
-        self.encoders_seen: dict[str, float] = {}  # actor id → its encode seconds
-        self._abort = threading.Event()
-        self._drain = threading.Event()
-        self._drain_deadline = float("inf")
-        self._lease_lost = False
-
-    def request_stop(self, reason: str = "stop requested") -> None:
-        """Starts a drain: in-flight shards finish and commit within the grace period, then the run stops."""
-        if not self._drain.is_set():
-            log.warning("%s: finishing in-flight shards (up to %.0f s), then stopping", reason, self.job.runner.grace_period_s)
-            self._drain_deadline = time.monotonic() + self.job.runner.grace_period_s
-            self._drain.set()
-
-    def _lost_lease(self) -> None:
-        self._lease_lost = True
-        self._abort.set()
+        self.encoders_seen: dict[str, float] = {}  # encoder actor id → its encode seconds
 
     def run(self) -> RunResult:
         from embedder.checkpoint import Checkpoint
@@ -419,12 +440,14 @@ class RayRunner:
         job = self.job
         result = RunResult(run_id=time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6], output=job.output.uri)
         result.model, result.sink, result.runner = job.model.name, job.output.sink, "ray"
+        # The lease comes first: a second job on this output is refused before it starts anything.
         lease = Lease(job.output.uri, job.output.storage_options, job.runner.lease_ttl_s, on_lost=self._lost_lease)
         lease.acquire(force=self.force_unlock)
         checkpoint = Checkpoint(job.output.uri, job.output.storage_options)
-        restore = self._install_signal_handlers()
+        restore: Callable[[], None] = lambda: None  # noqa: E731
         watcher = None
         started = time.perf_counter()
+        ray = None
         connected_here = False
         try:
             if job.runner.spot_watch:
@@ -435,16 +458,13 @@ class RayRunner:
                 ).start()
             ray = _import_ray()
             connected_here = _connect(ray, job.runner.address)
+            restore = self._install_signal_handlers()  # after ray.init, which installs its own
             self.pool = plan_encoder_pool(job, ray.cluster_resources())
-            log.info(
-                "ray: %d encoder actor(s), %s each", self.pool.size,
-                f"{self.pool.num_gpus:g} GPU" if self.pool.on_gpu else f"{self.pool.num_cpus:g} CPU",
-            )
             shards = make_connector(job).list_shards()
-            facts = self._probe(ray)
-            chunker = _chunker(facts.tokenizer_json, facts.max_seq_length, facts.overhead, job.chunking.model_dump_json())
-            provenance = {**facts.provenance, "chunking": chunker.settings()}
-            schema = output_schema(facts.dim, job.source.metadata_fields, provenance)
+            encoder = self._probe(ray)
+            chunker = _chunker(encoder.tokenizer_json, encoder.max_seq_length, encoder.layout.overhead, job.chunking.model_dump_json())
+            provenance = {**encoder.provenance(), "chunking": chunker.settings()}
+            schema = output_schema(encoder.dim, job.source.metadata_fields, provenance)
             sink = sink_registry().SINKS.get(job.output.sink)(job.output, schema)
             sink.open()
             result.load_seconds = time.perf_counter() - started
@@ -456,10 +476,11 @@ class RayRunner:
             checkpoint.write_run(result.to_dict())
             if pending and not self._drain.is_set():
                 sink.abort_many([s.id for s in pending])
-                self._run_pipeline(ray, pending, facts, sink, checkpoint, result)
+                self._run_pipeline(pending, encoder, sink, checkpoint, result)
             if self._drain.is_set():
                 result.state = "interrupted"
             else:
+                self._check_canaries(encoder, result)
                 failpoint("during_finish")
                 sink.finish()
                 result.state = "done"
@@ -477,100 +498,99 @@ class RayRunner:
             result.seconds = time.perf_counter() - started
             embedding_s = result.seconds - result.load_seconds
             result.tokens_per_second = result.tokens / embedding_s if embedding_s > 0 else 0.0
+            gpus = self.pool.size * self.pool.num_gpus if self.pool is not None and self.pool.on_gpu else 1.0
+            hourly = job.runner.gpu_hourly_usd
+            result.add_cost(None if hourly is None else hourly * gpus)  # every encoder GPU is billed
             result.ended_at = time.time()
             try:
                 if result.shards_total or result.state != "failed":
                     checkpoint.write_run(result.to_dict())
             finally:
                 lease.release()
-                if connected_here:
-                    import ray
-
-                    ray.shutdown()  # also ends this job's actors and tasks on a shared cluster
+                if connected_here and ray is not None:
+                    ray.shutdown()  # on a shared cluster this also ends the run's actors and tasks
         return result
 
-    def _install_signal_handlers(self) -> Callable[[], None]:
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-
-        def handler(signum: int, _frame: Any) -> None:
-            if self._drain.is_set() and signum == signal.SIGINT:
-                raise KeyboardInterrupt  # a second Ctrl-C: stop now
-            self.request_stop(signal.Signals(signum).name)
-
-        old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-        def restore() -> None:
-            for sig, previous in old.items():
-                signal.signal(sig, previous)
-
-        return restore
-
     def _probe(self, ray: Any) -> EncoderFacts:
-        """The model's facts from a one-off task placed like an encoder actor (same device and dtype).
+        """The model's facts, from a one-off task placed like an encoder actor.
 
-        ``max_calls=1`` ends the task's worker afterwards, so it holds no GPU memory during the run.
+        On a GPU, ``max_calls=1`` ends its worker after it, so it holds no GPU memory during the run.
         """
         pool = self.pool
         assert pool is not None
-        task = ray.remote(num_gpus=pool.num_gpus, num_cpus=pool.num_cpus, max_calls=1, max_retries=2)(probe_encoder)
-        return ray.get(task.remote(self.job.model_dump_json()))
+        options: dict[str, Any] = {"num_gpus": pool.num_gpus, "num_cpus": pool.num_cpus, "max_retries": 2}
+        if pool.on_gpu:
+            options["max_calls"] = 1
+        task = ray.remote(**options)(probe_encoder)
+        facts = ray.get(task.remote(self.job.model_dump_json()))
+        log.info(
+            "ray: %d encoder actor(s) of %s each; model %s, %s, token budget %d",
+            pool.size, f"{pool.num_gpus:g} GPU" if pool.on_gpu else f"{pool.num_cpus:g} CPU",
+            self.job.model.name, facts.facts.get("dtype"), facts.token_budget,
+        )
+        return facts
 
-    def _dataset(self, ray: Any, pending: Sequence[Shard], facts: EncoderFacts) -> Any:
-        """The Ray Data pipeline: pending shards → chunk rows (CPU tasks) → encoded rows (actor pool)."""
+    def _dataset(self, ray: Any, pending: Sequence[Shard], encoder: EncoderFacts) -> Any:
+        """The Ray Data pipeline: pending shards → chunk rows (CPU tasks) → encoded rows (actors)."""
+        from ray.data import ActorPoolStrategy, TaskPoolStrategy
+
         job, pool = self.job, self.pool
         assert pool is not None
         items = [{"shard": pickle.dumps(shard)} for shard in pending]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ctx = ds.context  # this dataset's own copy of the DataContext
+        ctx = ds.context  # this dataset's own DataContext
         ctx.target_max_block_size = BLOCK_BYTES
         ctx.enable_progress_bars = False  # the driver reports progress itself
         ctx.execution_options.preserve_order = False
-        ctx.max_errored_blocks = 0
+        ctx.max_errored_blocks = 0  # a shard that cannot be read fails the run (a rerun resumes)
         workers = job.runner.workers
+        job_json = job.model_dump_json()
         ds = ds.map_batches(
             read_shard_rows,
             batch_size=1,
             batch_format="pyarrow",
-            zero_copy_batch=True,
             fn_kwargs={
-                "job_json": job.model_dump_json(),
-                "tokenizer_json": facts.tokenizer_json,
-                "max_seq_length": facts.max_seq_length,
-                "overhead": facts.overhead,
+                "job_json": job_json,
+                "tokenizer_json": encoder.tokenizer_json,
+                "max_seq_length": encoder.max_seq_length,
+                "overhead": encoder.layout.overhead,
             },
             num_cpus=1,
-            concurrency=None if workers == "auto" else max(1, int(workers)),
+            compute=None if workers == "auto" else TaskPoolStrategy(size=max(1, int(workers))),
         )
-        max_chunk = max(1, facts.max_seq_length)
-        rows_per_call = max(16, CALL_BUDGETS * facts.token_budget // max_chunk)
-        return ds.map_batches(
-            EncoderActor,
-            batch_size=rows_per_call,
-            batch_format="pyarrow",
-            fn_constructor_kwargs={
-                "job_json": job.model_dump_json(),
-                "num_cpus": pool.num_cpus,
-                "kill_hook": os.environ.get(KILL_ENCODER_ENV) or None,
-            },
-            concurrency=pool.size,
-            num_gpus=pool.num_gpus,
-            num_cpus=pool.num_cpus,
-            max_restarts=ENCODER_MAX_RESTARTS,
-            max_task_retries=ENCODER_MAX_RESTARTS,
-        )
+        rows_per_call = max(16, CALL_BUDGETS * encoder.token_budget // max(1, encoder.max_seq_length))
+        with warnings.catch_warnings():
+            # max_restarts/max_task_retries are still only reachable as extra remote args.
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+            return ds.map_batches(
+                EncoderActor,
+                batch_size=rows_per_call,
+                batch_format="pyarrow",
+                fn_constructor_kwargs={
+                    "job_json": job_json,
+                    "num_cpus": pool.num_cpus,
+                    "kill_hook": os.environ.get(KILL_ENCODER_ENV) or None,
+                },
+                compute=ActorPoolStrategy(size=pool.size),
+                num_gpus=pool.num_gpus,
+                num_cpus=pool.num_cpus,
+                max_restarts=ENCODER_MAX_RESTARTS,
+                max_task_retries=ENCODER_MAX_RESTARTS,
+            )
 
     def _run_pipeline(
-        self, ray: Any, pending: list[Shard], facts: EncoderFacts, sink: Any, checkpoint: Any, result: RunResult
+        self, pending: list[Shard], encoder: Any, sink: Any, checkpoint: Any, result: RunResult, *_: Any
     ) -> None:
-        dataset = self._dataset(ray, pending, facts)
+        import ray
+
+        dataset = self._dataset(ray, pending, encoder)
         blocks: queue.Queue = queue.Queue(maxsize=2)
         failure: list[BaseException] = []
-        pull_done = threading.Event()
+        pulled_all = threading.Event()
 
         def pull() -> None:
-            """Ray Data output stream → ``blocks`` (a thread, so the driver can stop on time)."""
-            stream = dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
+            """Ray Data's output stream → ``blocks``; a thread, so the driver can stop on time."""
+            stream = iter(dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2))
             try:
                 for rows in stream:
                     while True:
@@ -589,18 +609,18 @@ class RayRunner:
                 close = getattr(stream, "close", None)
                 if close is not None:
                     try:
-                        close()  # stops the streaming executor when the run ends early
+                        close()  # ends the streaming executor when the run stops early
                     except Exception:
                         log.debug("closing the Ray Data stream failed", exc_info=True)
-                pull_done.set()
+                pulled_all.set()
 
         def on_commit(_result: RunResult) -> None:
             if self.on_progress:
                 self.on_progress(result, 0)
 
-        assembler = ShardAssembler(pending, sink, checkpoint, result, self._abort, on_commit=on_commit)
-        seen: set[str] = set()  # shards with rows received
-        draining: set[str] | None = None  # in-flight shards when the drain began
+        assembler = ShardAssembler(pending, sink, checkpoint, result, self._abort, on_commit=on_commit, canaries=self.canaries)
+        sampler = _TimelineSampler(encoder)
+        in_flight_at_drain: set[str] | None = None
         puller = threading.Thread(target=pull, name="embedder-ray-pull", daemon=True)
         puller.start()
         try:
@@ -609,31 +629,33 @@ class RayRunner:
                     raise RunFailed("stopped: " + ("lease lost" if self._lease_lost else "aborted"))
                 if self._drain.is_set():
                     unfinished = set(assembler.unfinished)
-                    if draining is None:
-                        draining = seen & unfinished
-                    if not draining & unfinished:
-                        break  # every shard in flight at the drain has committed
+                    if in_flight_at_drain is None:
+                        in_flight_at_drain = set(assembler.started) & unfinished
+                    if not in_flight_at_drain & unfinished:
+                        break  # every shard in flight when the drain began has committed
                     if time.monotonic() > self._drain_deadline:
                         log.warning(
                             "grace period over: abandoning %d in-flight shard(s); a rerun redoes them",
-                            len(draining & unfinished),
+                            len(in_flight_at_drain & unfinished),
                         )
                         break
                 try:
                     rows = blocks.get(timeout=QUEUE_POLL_S)
                 except queue.Empty:
-                    if pull_done.is_set() and blocks.empty():
+                    if pulled_all.is_set() and blocks.empty():
                         if failure:
                             raise RunFailed(f"the Ray pipeline failed: {failure[0]}") from failure[0]
                         break
                     continue
-                self._take(rows, assembler, seen, result)
+                self._take(rows, assembler, result)
+                sampler.sample(result)
             if assembler.unfinished and not self._drain.is_set():
                 raise RunFailed(f"pipeline ended with {len(assembler.unfinished)} shard(s) unfinished")
         finally:
             self._abort.set()
             result.unfinished_shards = sorted(assembler.unfinished)
             assembler.discard_all()
+            sampler.finish(result)
             puller.join(timeout=5)
             if self.encoders_seen:
                 log.info(
@@ -641,24 +663,26 @@ class RayRunner:
                     len(self.encoders_seen), ", ".join(f"{s:.1f}" for s in self.encoders_seen.values()),
                 )
 
-    def _take(self, rows: pa.Table, assembler: ShardAssembler, seen: set[str], result: RunResult) -> None:
-        """Feeds one block of encoded rows (and end rows) to the assembler."""
+    def _take(self, rows: pa.Table, assembler: ShardAssembler, result: RunResult) -> None:
+        """Feeds one block of encoded rows and end rows to the assembler."""
         for actor, seconds in zip(rows.column("encoder").to_pylist(), rows.column("encode_seconds").to_pylist()):
             if actor is not None:
                 self.encoders_seen[actor] = self.encoders_seen.get(actor, 0.0) + (seconds or 0.0)
                 result.encode_seconds += seconds or 0.0
-        chunk_rows, end_rows = _split_rows(rows)
+        chunk_rows, end_rows = partition_rows(rows)
         if chunk_rows.num_rows:
             chunks = rows_to_chunks(chunk_rows)
-            seen.update(c.shard_id for c in chunks)
+            now = time.time()
+            for chunk in chunks:
+                assembler.started.setdefault(chunk.shard_id, now)  # first rows seen: a shard's duration starts
             vectors = chunk_rows.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            vectors = corrupt(vectors.reshape(len(chunks), -1))
             failpoint("mid_encode")
-            assembler.add_vectors(chunks, vectors.reshape(len(chunks), -1))
+            assembler.add_vectors(chunks, vectors)
             if self.on_progress:
                 self.on_progress(result, len(chunks))
-        for raw in end_rows.column("shard_end").to_pylist():
-            end = rows_to_end(raw)
-            seen.add(end.shard_id)
+        for end in rows_to_ends(end_rows):
+            assembler.started.setdefault(end.shard_id, time.time())
             failpoint("after_read")
             assembler.end_shard(end)
 
@@ -673,15 +697,15 @@ def _import_ray() -> Any:
 
 
 def _connect(ray: Any, address: str | None) -> bool:
-    """Connects to the cluster; True when this call did (and the run should disconnect after).
+    """Connects to the cluster; True when this call did (so the run disconnects after).
 
-    An already connected process (a notebook, a Ray job's entrypoint, the tests) keeps its
-    connection; otherwise ``address`` or ``RAY_ADDRESS``, or else a local cluster of this machine.
+    A process already connected (a notebook, a Ray job's entrypoint, the tests) keeps its
+    connection; otherwise ``address`` or ``RAY_ADDRESS``, or else a new local cluster.
     """
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING}
     if address is None:
         kwargs["include_dashboard"] = False
         log.info("ray: no runner.address or RAY_ADDRESS; starting a local Ray cluster on this machine")
@@ -696,4 +720,4 @@ def run_ray(
     return RayRunner(job, on_progress=on_progress, force_unlock=force_unlock).run()
 
 
-__all__ = ["EncoderActor", "EncoderPool", "RayRunner", "plan_encoder_pool", "run_ray"]
+__all__ = ["EncoderActor", "EncoderFacts", "EncoderPool", "RayRunner", "plan_encoder_pool", "run_ray"]
