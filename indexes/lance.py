@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import pyarrow as pa
 
 from embedder.config import OutputConfig
-from embedder.storage import filesystem, is_local, join, read_bytes, write_bytes_atomic
+from embedder.storage import filesystem, is_local, join, object_store_options, read_bytes, write_bytes_atomic
 from indexes.base import (
     STAGING_DIR,
     ShardWriter,
@@ -74,6 +74,9 @@ STAGE_BYTES = 64 << 20
 
 PRUNE_EVERY = 64
 """Commits between two prunings of old table versions during a run (``finish`` prunes them all)."""
+
+DELETE_BATCH = 1000
+"""Ids per delete predicate in incremental prunes."""
 
 RETAIN_VERSIONS = 16
 """Versions a pruning keeps: commits in flight read the latest one, so a few recent ones suffice."""
@@ -101,59 +104,13 @@ VECTOR_INDEX_NAME, TEXT_INDEX_NAME = "vector_idx", "text_idx"
 VectorIndexKind = Literal["IVF_HNSW_SQ", "IVF_PQ"]
 _LANCE_INDEX_TYPES = {"IvfHnswSq": "IVF_HNSW_SQ", "IVF_HNSW_SQ": "IVF_HNSW_SQ", "IvfPq": "IVF_PQ", "IVF_PQ": "IVF_PQ"}
 
-_FSSPEC_TO_OBJECT_STORE = {
-    "key": "aws_access_key_id",
-    "secret": "aws_secret_access_key",
-    "token": "aws_session_token",
-    "endpoint_url": "aws_endpoint",
-    "region_name": "aws_region",
-}
-_ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT")
-
-
-def lance_storage_options(uri: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, str]:
-    """Lance's object-store options for ``uri``, from the job's fsspec options and the environment.
-
-    Lance reads ``AWS_*`` variables by itself; this adds what it cannot infer:
-
-    * s3fs names are translated (``key``, ``secret``, ``token``, ``endpoint_url`` and
-      ``client_kwargs.endpoint_url`` / ``region_name``, ``anon``);
-    * options already named the object_store way (``aws_endpoint``, ``allow_http``...) pass through;
-    * an ``http://`` endpoint (MinIO, moto, a local gateway) gets ``allow_http=true``, which Lance
-      otherwise refuses.
-
-    Values are strings, as Lance wants them. The result holds credentials when the job gave some:
-    never log it.
-    """
-    out: dict[str, str] = {}
-    for name, value in (storage_options or {}).items():
-        if name == "client_kwargs" and isinstance(value, Mapping):
-            for inner in ("endpoint_url", "region_name"):
-                if value.get(inner):
-                    out[_FSSPEC_TO_OBJECT_STORE[inner]] = str(value[inner])
-        elif name in _FSSPEC_TO_OBJECT_STORE:
-            out[_FSSPEC_TO_OBJECT_STORE[name]] = str(value)
-        elif name == "anon":
-            if value:
-                out["aws_skip_signature"] = "true"
-        elif isinstance(value, bool):
-            out[name] = "true" if value else "false"
-        elif isinstance(value, (str, int, float)):
-            out[name] = str(value)
-    if uri.startswith(("s3://", "s3a://")):
-        endpoint = out.get("aws_endpoint") or next((os.environ[k] for k in _ENDPOINT_ENV if os.environ.get(k)), "")
-        if endpoint.startswith("http://") and "allow_http" not in out and "aws_allow_http" not in out:
-            out["allow_http"] = "true"
-    return out
-
-
 def connect_database(uri: str, storage_options: Mapping[str, Any] | None = None) -> lancedb.DBConnection:
     """Connects to the LanceDB database at ``uri`` (local path or object store URL)."""
     try:
         import lancedb
     except ImportError as err:  # pragma: no cover - lancedb is a core dependency
         raise SinkError("the lance sink needs lancedb: pip install lancedb pylance") from err
-    return lancedb.connect(uri, storage_options=lance_storage_options(uri, storage_options))
+    return lancedb.connect(uri, storage_options=object_store_options(uri, storage_options))
 
 
 def table_exists(db: lancedb.DBConnection, name: str) -> bool:
@@ -371,7 +328,7 @@ class LanceSink(Sink):
         self.fts_index = bool(getattr(config, "fts_index", True)) if fts_index is None else fts_index
         self.index_report: dict[str, Any] = {}
         self._commits = 0
-        self.storage_options = lance_storage_options(config.uri, config.storage_options)
+        self.storage_options = object_store_options(config.uri, config.storage_options)
         self.dataset_uri = join(config.uri, f"{config.table}.lance")
         self._fs, root = filesystem(config.uri, config.storage_options)
         self._data_dir = join(root, f"{config.table}.lance", "data")
@@ -457,6 +414,34 @@ class LanceSink(Sink):
     def count_rows(self) -> int:
         self._require_open()
         return self.dataset().count_rows()
+
+    # -- incremental passes ----------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Drops the table and everything staged for it; ``open`` then creates it afresh."""
+        db = connect_database(self.config.uri, self.config.storage_options)
+        if table_exists(db, self.config.table):
+            db.drop_table(self.config.table)
+        staging = self._staging_dir
+        if self._fs.exists(staging):
+            self._fs.rm(staging, recursive=True)
+        self._opened = False
+
+    def delete_rows(self, by_shard: dict[str, list[str]]) -> int:
+        """Deletes rows by id within the shard tag they carry (``shard_id = s AND id IN (...)``)."""
+        self._require_open()
+        deleted = 0
+        dataset = self.dataset()
+        for shard_id, ids in by_shard.items():
+            for start in range(0, len(ids), DELETE_BATCH):
+                part = ids[start : start + DELETE_BATCH]
+                predicate = f"shard_id = {sql_string(shard_id)} AND id IN ({', '.join(sql_string(i) for i in part)})"
+                count = dataset.count_rows(filter=predicate)
+                if count:
+                    dataset.delete(predicate)
+                    deleted += count
+                    dataset = self.dataset()
+        return deleted
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "table": self.config.table}

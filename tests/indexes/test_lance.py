@@ -14,8 +14,9 @@ from embedder.chunking import content_hash
 from embedder.config import OutputConfig
 from embedder.records import Chunk
 from embedder.schema import chunks_to_table, output_schema, provenance_of
+from embedder.storage import object_store_options as lance_storage_options
 from indexes.base import SinkError
-from indexes.lance import RETAIN_VERSIONS, LanceSink, lance_storage_options, shard_filter
+from indexes.lance import RETAIN_VERSIONS, LanceSink, shard_filter
 from indexes.registry import SINKS
 
 DIM = 8
