@@ -6,7 +6,8 @@ time instead (to keep a job running long enough for a test to interrupt it).
 
 Points: ``after_read`` (a shard fully read), ``mid_encode`` (a batch encoded), ``after_sink_write``
 (rows staged, shard not committed), ``after_commit`` (shard committed, completion not recorded),
-``during_finish`` (before and inside the final compaction). Unset, a call costs one comparison.
+``during_finish`` (before the final compaction), ``during_compaction`` (Lance: fragments compacted,
+indexes and cleanup not done yet). Unset, a call costs one comparison.
 
 ``EMBEDDER_TEST_CORRUPT_VECTORS=1`` perturbs every encoded vector (``corrupt``): the canary test's
 deliberately broken encoder.

@@ -382,6 +382,7 @@ class LanceSink(Sink):
         dataset = self.dataset()
         if len(dataset.get_fragments()) > 1:
             dataset.optimize.compact_files()
+            failpoint("during_compaction")
         table = connect_database(self.config.uri, self.config.storage_options).open_table(self.config.table)
         self.index_report = build_indexes(
             table, vector=self.vector_index, text=self.fts_index, min_rows=self.index_min_rows
