@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import pyarrow as pa
 
 from embedder.config import OutputConfig
+from embedder.failpoints import failpoint
 from embedder.storage import filesystem, is_local, join, object_store_options, read_bytes, write_bytes_atomic
 from indexes.base import (
     STAGING_DIR,
