@@ -163,7 +163,8 @@ def status(
     output: str = typer.Argument(..., help="The job's output URI."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Show a job's progress: shards done/total, rows, quarantined records, model, last run."""
+    """Show a job's progress: shards done/pending, rows and documents written by the current pass,
+    quarantined records, model, mode and the last run's end state."""
     try:
         import yaml
 
@@ -174,15 +175,21 @@ def status(
         if job_yaml is None:
             _fail(f"{output!r} holds no embedder job (no _embedder/job.yaml); check the path", EXIT_USAGE)
         job = yaml.safe_load(job_yaml)
-        done = checkpoint.completed()
         runs = checkpoint.runs()
         last = runs[-1] if runs else {}
+        generation = checkpoint.generation() or {}
+        done = checkpoint.completed(generation.get("id"))  # the current pass (all records before any)
+        total = next((r.get("shards_total") for r in reversed(runs) if r.get("shards_total")), None)
         info = {
             "output": output,
             "model": job.get("model", {}).get("name"),
             "sink": job.get("output", {}).get("sink"),
+            "mode": generation.get("mode"),
+            "complete": bool(generation.get("complete")),
             "shards_done": len(done),
-            "shards_total": last.get("shards_total"),
+            "shards_total": total,
+            "shards_pending": None if total is None else max(0, total - len(done)),
+            "shards_interrupted": len(last.get("interrupted_shards") or []) if last.get("state") != "done" else 0,
             "rows": sum(int(r.get("rows", 0)) for r in done.values()),
             "documents": sum(int(r.get("documents", 0)) for r in done.values()),
             "quarantined": sum(int(r.get("bad_records", 0)) for r in done.values()),
@@ -197,8 +204,9 @@ def status(
 
         table = Table(title=f"embedder status {output}", show_header=False)
         total = info["shards_total"] if info["shards_total"] is not None else "?"
-        table.add_row("shards", f"{info['shards_done']}/{total} done")
-        for key in ("rows", "documents", "quarantined", "model", "sink", "runs"):
+        table.add_row("shards", f"{info['shards_done']}/{total} done, {info['shards_pending'] if info['shards_pending'] is not None else '?'} pending"
+                      + (f" ({info['shards_interrupted']} were in flight when the last run stopped)" if info["shards_interrupted"] else ""))
+        for key in ("rows", "documents", "quarantined", "model", "sink", "mode", "runs"):
             table.add_row(key, str(info[key]))
         if last:
             table.add_row("last run", f"{last.get('run_id')}: {last.get('state')}" + (f" ({last.get('error')})" if last.get("error") else ""))

@@ -241,7 +241,7 @@ class LocalRunner:
             is_new = generation.pop("new", False)
             if generation["mode"] == "reembed" and not generation.get("reset_done"):
                 checkpoint.write_generation(generation)
-                sink.reset()  # a new table version from scratch (Lance keeps the old versions)
+                sink.reset()  # the old vectors go: this pass embeds everything with the new model
                 generation["reset_done"] = True
                 checkpoint.write_generation(generation)
             sink.open()
@@ -585,6 +585,7 @@ class LocalRunner:
             self._abort.set()
             reader_stop.set()
             result.unfinished_shards = sorted(assembler.unfinished)
+            result.interrupted_shards = sorted(s for s in assembler.unfinished if s in assembler.started)
             assembler.discard_all()
             sampler.finish(result)
             for t in threads:

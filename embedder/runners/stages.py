@@ -63,7 +63,8 @@ class RunResult:
     model: str = ""
     sink: str = ""
     runner: str = "local"
-    unfinished_shards: list[str] = field(default_factory=list)
+    unfinished_shards: list[str] = field(default_factory=list)  # not committed when the run ended
+    interrupted_shards: list[str] = field(default_factory=list)  # of those, started (in flight or failed)
     bad_vectors: int = 0
     mode: str = "full"
     added: int = 0
