@@ -53,16 +53,21 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
     PUT, which is atomic by itself (the object appears whole or not at all).
     """
     if is_local(fs):
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(_write_temp_beside(path, data), path)
     else:
         fs.pipe_file(path, data)
+
+
+def _write_temp_beside(path: str, data: bytes) -> str:
+    """Writes ``data`` durably to a hidden temp file in ``path``'s folder; returns its path."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
 
 
 def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes | None:
@@ -81,13 +86,7 @@ def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> b
     partial file). Object stores: a conditional PUT (``If-None-Match: *``).
     """
     if is_local(fs):
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        tmp = _write_temp_beside(path, data)
         try:
             os.link(tmp, path)
             return True
