@@ -139,6 +139,9 @@ def test_encoder_pool_follows_the_cluster() -> None:
     cuda_job = build_job(_job("in.jsonl", "out", "jsonl", "lance", "ray", model__device="cuda"))
     with pytest.raises(ConfigError, match="ray start --num-gpus"):
         plan_encoder_pool(cuda_job, {"CPU": 64.0})
+    incremental = build_job(_job("in.jsonl", "out", "jsonl", "lance", "ray", output__mode="incremental"))
+    with pytest.raises(ConfigError, match="runner.kind: local"):
+        RayRunner(incremental)
 
 
 def test_rows_between_stages_carry_chunks_exactly() -> None:
@@ -274,3 +277,35 @@ def test_sigterm_drains_the_ray_driver_and_rerun_completes(ray_cluster, corpus, 
     proc = _run_cli(corpus, out, ray_cluster)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_same_rows(_read(out, "lance"), local_jsonl)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif("__import__('torch').cuda.device_count() < 2", reason="needs 2 or more CUDA GPUs")
+def test_gpu_encoder_actors_match_local(ray_cluster, wiki_sample, tmp_path) -> None:
+    """On a machine with 2+ GPUs: one bf16 encoder actor per GPU, rows equal to the local runner's
+    on one GPU. Throughput of both runs is in their run records (``tokens_per_second``)."""
+    import ray
+    import torch
+
+    assert ray.cluster_resources().get("GPU", 0) >= 2  # ray.init detects the GPUs
+    outputs = {kind: str(tmp_path / kind) for kind in ("local", "ray")}
+    jobs = {
+        kind: build_job(_job(str(wiki_sample), outputs[kind], "wikipedia", "parquet", kind, model__device="cuda",
+                             model__token_budget="auto", chunking__max_tokens=256, chunking__context="section"))
+        for kind in outputs
+    }
+    local = run(jobs["local"])
+    runner = RayRunner(jobs["ray"])
+    remote = runner.run()
+    assert runner.pool is not None and runner.pool.on_gpu and runner.pool.size == torch.cuda.device_count()
+    assert len(runner.encoders_seen) >= 2
+    table, reference = _read(outputs["ray"], "parquet"), _read(outputs["local"], "parquet")
+    assert table.column("id").to_pylist() == reference.column("id").to_pylist()
+    a = np.asarray(table.column("vector").to_pylist(), dtype=np.float32)
+    b = np.asarray(reference.column("vector").to_pylist(), dtype=np.float32)
+    assert np.sum(a * b, axis=1).min() >= 0.999  # bf16 on both sides
+    from embedder.schema import provenance_of
+
+    assert provenance_of(table.schema)["dtype"] == provenance_of(reference.schema)["dtype"] == "bfloat16"
+    print(f"tokens/s: local {local.tokens_per_second:,.0f} on 1 GPU; ray {remote.tokens_per_second:,.0f} "
+          f"on {runner.pool.size} GPUs; encode seconds per actor {sorted(runner.encoders_seen.values())}")
