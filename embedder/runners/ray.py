@@ -33,6 +33,7 @@ driver needs (tokenizer, limits, dimension, provenance with the actors' device a
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import pickle
@@ -365,7 +366,7 @@ class EncoderActor:
             order.extend(position[c.id] for c in batch.chunks)
             vectors.append(handle.result())
 
-        for batch in [*packer.add(chunks), *packer.flush()]:
+        for batch in itertools.chain(packer.add(chunks), packer.flush()):  # lazily: the device starts early
             in_flight.append((batch, encoder.encode_async(batch)))
             if len(in_flight) > 2:
                 complete_one()
