@@ -1,0 +1,260 @@
+"""Operations commands: ``embedder estimate``, ``embedder validate`` and ``embedder report``.
+
+They answer the three questions around a batch job: what will it cost (before), are the vectors
+right (after), and how did it go (pictures). Registered on ``embedder.cli.app`` when ``embedder.cli``
+imports this module; heavy libraries are imported inside the commands so ``embedder --help`` stays
+fast. Exit codes as everywhere: 0 done · 1 failed (e.g. vectors that do not validate) · 2 usage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import typer
+
+from embedder.cli import EXIT_FAILED, EXIT_USAGE, _build_job, _fail, _handle, _quiet_libraries, app
+
+VALIDATE_SAMPLES = 64
+NORM_TOLERANCE = 1e-2
+"""A normalizing model's vectors must have unit length within this (fp16/bf16 rounding included)."""
+
+
+# --- estimate ---------------------------------------------------------------------------------------
+
+
+@app.command()
+def estimate(
+    config: str = typer.Argument(None, help="YAML job file (its source, model and chunking are estimated)."),
+    source: str = typer.Option(None, "--source", "-s", help="Corpus file, folder, glob or s3:// URL."),
+    format: str = typer.Option(None, "--format", "-f", help="jsonl | parquet | text | wikipedia | lance (default: detected)."),
+    model: str = typer.Option(None, "--model", "-m", help="Bundled alias, local directory or hub id."),
+    gpu: str = typer.Option("h200", "--gpu", help="GPU of the measured throughput table (h200, ...)."),
+    gpu_hourly_usd: float = typer.Option(None, "--gpu-hourly-usd", help="GPU price per hour: gives the cost in $."),
+    tokens_per_second: float = typer.Option(
+        None, "--tokens-per-second", help="Use this encoder rate (tokens/s, specials included) instead of the table."
+    ),
+    calibrate: bool = typer.Option(False, "--calibrate", help="Measure the rate on this machine's GPU (needs CUDA)."),
+    sample_mb: float = typer.Option(64.0, "--sample-mb", help="Input megabytes to sample."),
+    max_seconds: float = typer.Option(60.0, "--max-seconds", help="Sampling time budget."),
+    set_: list[str] = typer.Option([], "--set", help="Override any key: --set chunking.max_tokens=256 (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (keys documents, chunks, tokens, gpu_hours, usd...)."),
+) -> None:
+    """Predict documents, chunks, tokens, GPU-hours and cost of a job from a sample of its source."""
+    try:
+        flags = {
+            "source.uri": source, "source.format": format, "model.name": model,
+            "runner.gpu_hourly_usd": gpu_hourly_usd,
+            # The output is not touched by an estimate; a job needs one to be valid.
+            "output.uri": None if config else "embedder-estimate-output",
+        }
+        job = _build_job(config, set_, flags)
+        _quiet_libraries()
+        from embedder.estimate import estimate as run_estimate
+
+        result = run_estimate(
+            job, gpu=gpu, gpu_hourly_usd=gpu_hourly_usd, sample_mb=sample_mb, max_seconds=max_seconds,
+            calibrate_on_gpu=calibrate, tokens_per_second=tokens_per_second,
+        )
+        if as_json:
+            typer.echo(json.dumps(result.to_dict(), indent=2))
+            return
+        _print_estimate(result)
+    except BaseException as err:  # noqa: BLE001 - mapped to exit codes
+        _handle(err)
+
+
+def _print_estimate(result: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    sample = result.sample
+    basis = "exact (whole source read)" if result.exact else (
+        f"extrapolated from {sample['shards']:,} of {sample['total_shards']:,} shards "
+        f"({sample['bytes'] / 2**20:,.1f} of {sample['total_bytes'] / 2**20:,.1f} MB)"
+    )
+    table = Table(title=f"embedder estimate: {result.model} on {result.gpu}", show_header=False)
+    rows = [
+        ("documents", f"{result.documents:,}"),
+        ("chunks", f"{result.chunks:,} (mean {result.mean_chunk_tokens:.0f} tokens, limit {result.max_seq_length})"),
+        ("tokens", f"{result.tokens:,} ({result.sequence_tokens:,} with specials and prompt)"),
+        ("counts", basis),
+        ("throughput", f"{result.tokens_per_second:,.0f} tokens/s" + (" (EXTRAPOLATED)" if result.extrapolated else "")),
+        ("  from", result.throughput_source),
+        ("GPU time", f"{result.gpu_hours:,.2f} GPU-hours" if result.gpu_hours >= 0.1
+         else f"{result.gpu_hours * 3600:,.1f} GPU-seconds"),
+        ("cost", "— (give --gpu-hourly-usd)" if result.usd is None
+         else f"${result.usd:,.{2 if result.usd >= 1 else 4}f} at ${result.gpu_hourly_usd:g}/h"),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    Console().print(table)
+
+
+# --- validate ---------------------------------------------------------------------------------------
+
+
+def _reference_source(provenance: dict[str, Any]) -> str:
+    """What sentence-transformers loads to re-embed: the recorded model directory when it exists
+    here, else the model name resolved as a run would."""
+    from embedder.models.loader import resolve_model_source
+
+    recorded = provenance.get("source")
+    if recorded and os.path.isdir(str(recorded)):
+        return str(recorded)
+    model = provenance.get("model")
+    if not model:
+        from embedder.config import ConfigError
+
+        raise ConfigError("the output records no model in its provenance; it cannot be validated")
+    return resolve_model_source(str(model))[0]
+
+
+def _sample_rows(index: Any, samples: int, seed: int) -> Any:
+    """A uniform sample of rows (id, text, vector), the same for the same output and seed."""
+    import numpy as np
+
+    if index.kind == "lance":
+        dataset = index.table.to_lance()
+    else:
+        from indexes.parquet import open_dataset
+
+        dataset = open_dataset(index.fs, index.root)
+    rows = dataset.count_rows() if dataset is not None else 0
+    if rows == 0:
+        return None, 0
+    picks = np.sort(np.random.default_rng(seed).choice(rows, size=min(samples, rows), replace=False))
+    return dataset.take(picks, columns=["id", "text", "vector"]), rows
+
+
+def validate_output(
+    output: str, samples: int = VALIDATE_SAMPLES, min_cosine: float | None = None, seed: int = 0
+) -> dict[str, Any]:
+    """Re-checks a uniform sample of a finished output against ``SentenceTransformer.encode`` (fp32).
+
+    Each sampled row's text is re-embedded with the model and document prompt recorded in the
+    output's provenance and compared with the stored vector; every sampled vector is also checked
+    for NaN/Inf, zero norm, and unit length when the model normalizes.
+
+    Returns:
+        A report: ``ok``, ``rows``, ``samples``, ``min_cosine``, ``mean_cosine``, ``threshold``,
+        ``worst`` (lowest cosines) and ``bad_vectors`` (``[id, reason]``).
+    """
+    import numpy as np
+    import yaml
+
+    from embedder.checkpoint import Checkpoint
+    from embedder.validate import compare, reference_vectors, vector_problems
+    from indexes.search import open_index
+
+    def no_queries(_: str) -> Any:
+        raise AssertionError("validate embeds documents, not queries")
+
+    index = open_index(output, embed_query=no_queries)
+    provenance = dict(index.provenance)
+    if min_cosine is None:
+        job_yaml = Checkpoint(output).load_job_yaml()
+        job = yaml.safe_load(job_yaml) if job_yaml else {}
+        min_cosine = float(((job or {}).get("validation") or {}).get("min_cosine", 0.999))
+    table, rows = _sample_rows(index, samples, seed)
+    report: dict[str, Any] = {
+        "output": output, "model": provenance.get("model"), "rows": rows, "samples": 0,
+        "threshold": min_cosine, "min_cosine": None, "mean_cosine": None, "worst": [], "bad_vectors": [], "ok": True,
+    }
+    if table is None:
+        return report
+    ids = table.column("id").to_pylist()
+    texts = table.column("text").to_pylist()
+    vectors = np.asarray(table.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
+    vectors = vectors.reshape(len(ids), -1)
+    problems = vector_problems(vectors)
+    if provenance.get("normalize") in (True, "true", "True"):
+        norms = np.linalg.norm(np.nan_to_num(vectors), axis=1)
+        off = (problems == "") & (np.abs(norms - 1.0) > NORM_TOLERANCE)
+        problems[off] = [f"vector norm {n:.4f}, but the model normalizes" for n in norms[off]]
+    report["bad_vectors"] = [[ids[i], str(problems[i])] for i in range(len(ids)) if problems[i]]
+    reference = reference_vectors(_reference_source(provenance), texts, str(provenance.get("document_prompt") or ""))
+    fine = [i for i in range(len(ids)) if not problems[i]]
+    checked = compare([ids[i] for i in fine], vectors[fine], reference[fine])
+    report.update(
+        samples=len(ids), min_cosine=checked.min_cosine, mean_cosine=checked.mean_cosine,
+        worst=[list(w) for w in checked.worst],
+    )
+    report["ok"] = not report["bad_vectors"] and (checked.min_cosine is None or checked.min_cosine >= min_cosine)
+    return report
+
+
+@app.command()
+def validate(
+    output: str = typer.Argument(..., help="The job's output URI."),
+    samples: int = typer.Option(VALIDATE_SAMPLES, "--samples", "-n", help="Rows to re-embed and check."),
+    min_cosine: float = typer.Option(None, "--min-cosine", help="Fail below this cosine (default: the job's validation.min_cosine)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sample."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Re-embed a sample of a finished output with SentenceTransformer.encode (fp32) and compare.
+
+    Exit 1 when a sampled vector is NaN/Inf/zero/not unit length, or its cosine to the reference
+    is below the threshold.
+    """
+    try:
+        if samples < 1:
+            _fail(f"--samples must be at least 1, got {samples}", EXIT_USAGE)
+        _quiet_libraries()
+        from indexes.search import SearchError
+
+        try:
+            report = validate_output(output, samples, min_cosine, seed)
+        except SearchError as err:
+            _fail(str(err), EXIT_USAGE)
+        if as_json:
+            typer.echo(json.dumps(report, indent=2))
+        else:
+            _print_validation(report)
+        if not report["ok"]:
+            reasons = [f"{i}: {why}" for i, why in report["bad_vectors"][:5]]
+            reasons += [f"{i} (cos {c:.4f})" for i, c in report["worst"] if c < report["threshold"]]
+            _fail(
+                f"validation failed for {output}: " + "; ".join(reasons)
+                + ". These vectors do not match the model that the output says wrote them", EXIT_FAILED,
+            )
+    except BaseException as err:  # noqa: BLE001
+        _handle(err)
+
+
+def _print_validation(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"embedder validate {report['output']}: {'ok' if report['ok'] else 'FAILED'}", show_header=False)
+    table.add_row("model", str(report["model"]))
+    table.add_row("checked", f"{report['samples']:,} of {report['rows']:,} rows")
+    if report["min_cosine"] is not None:
+        table.add_row("cosine", f"min {report['min_cosine']:.5f}, mean {report['mean_cosine']:.5f} "
+                                f"(threshold {report['threshold']})")
+    table.add_row("bad vectors", str(len(report["bad_vectors"])))
+    Console().print(table)
+
+
+# --- report -----------------------------------------------------------------------------------------
+
+
+@app.command()
+def report(
+    output: str = typer.Argument(..., help="The job's output URI."),
+    out: str = typer.Option(None, "--out", help="Folder for report.html and the PNGs (default: <output>/_embedder/report)."),
+) -> None:
+    """Write an HTML report (with PNGs): chunk lengths, tokens/s over time, shard durations, canaries, runs."""
+    try:
+        from embedder.report import ReportError, build_report
+
+        try:
+            built = build_report(output, out)
+        except ReportError as err:
+            _fail(str(err), EXIT_USAGE)
+        typer.echo(built.html_path)
+        for name, why in built.missing.items():
+            typer.echo(f"note: no {name.replace('_', ' ')} picture: {why}", err=True)
+    except BaseException as err:  # noqa: BLE001
+        _handle(err)

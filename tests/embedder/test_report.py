@@ -1,0 +1,117 @@
+"""``embedder report``: a self-contained HTML page with the pictures a user looks at after a run,
+checked in a real headless browser."""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embedder import run
+from embedder.checkpoint import Checkpoint
+from embedder.config import build_job
+from embedder.report import ACCENT, FIGURES, build_report
+
+REPO = Path(__file__).resolve().parents[2]
+QUICKSTART = REPO / "examples" / "quickstart" / "docs.jsonl"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
+]
+
+
+@pytest.fixture(scope="module")
+def output(tmp_path_factory) -> str:
+    """A real output with two runs: the embedding run, then a rerun that finds every shard done."""
+    out = str(tmp_path_factory.mktemp("report") / "db")
+    job = build_job({"source": {"uri": str(QUICKSTART)}, "output": {"uri": out, "sink": "lance"},
+                     "model": {"device": "cpu"}, "chunking": {"max_tokens": 64},
+                     "runner": {"show_progress": False, "gpu_hourly_usd": 2.5}, "validation": {"canary_samples": 8}})
+    first = run(job)
+    second = run(job)
+    assert first.state == second.state == "done" and first.chunks > 0 and second.chunks == 0
+    return out
+
+
+def _png_pixels(data: bytes) -> np.ndarray:
+    import io
+
+    import matplotlib.image
+
+    return matplotlib.image.imread(io.BytesIO(data), format="png")
+
+
+def test_report_holds_every_picture_inline_and_as_files(output, tmp_path) -> None:
+    report = build_report(output, str(tmp_path / "rep"))
+    assert report.missing == {} and set(report.figures) == set(FIGURES)
+    page = Path(report.html_path).read_text(encoding="utf-8")
+    inline = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert [alt for alt, _ in inline] == [title for title, _ in FIGURES.values()]
+    for (name, path), (_, data) in zip(report.figures.items(), inline):
+        png = Path(path).read_bytes()
+        assert png.startswith(b"\x89PNG\r\n\x1a\n") and base64.b64decode(data) == png, name
+        pixels = _png_pixels(png)
+        assert pixels.shape[0] > 200 and pixels.shape[1] > 500 and pixels[..., :3].std() > 0.05, name
+    runs = Checkpoint(output).runs()
+    assert len(runs) == 2 and all(r["run_id"] in page for r in runs)
+    assert "$" in page and "per 1M tokens" in page  # the cost of the priced runs
+    assert "src=\"http" not in page and "<script" not in page  # nothing to fetch: one file is the report
+
+
+def test_default_location_is_next_to_the_job_state(output) -> None:
+    report = build_report(output)
+    assert report.html_path == f"{output}/_embedder/report/report.html" and Path(report.html_path).exists()
+
+
+def test_records_from_before_the_metrics_still_give_a_report(tmp_path) -> None:
+    out = str(tmp_path / "old")
+    checkpoint = Checkpoint(out)
+    checkpoint.save_job("source: {uri: docs.jsonl}\noutput: {uri: old, sink: parquet}\nmodel: {name: m}\n")
+    checkpoint.record_completion("docs.jsonl@0-10", {"rows": 3, "documents": 1, "chunks": 3, "tokens": 40})
+    checkpoint.write_run({"run_id": "r1", "state": "done", "started_at": 1.0, "tokens": 40, "seconds": 2.0})
+    report = build_report(out)
+    assert report.figures == {} and set(report.missing) == set(FIGURES)
+    page = Path(report.html_path).read_text(encoding="utf-8")
+    assert "r1" in page and page.count('class="missing"') == len(FIGURES)
+
+
+def test_cli_report_and_its_usage_error(output, tmp_path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cli = [sys.executable, "-c", "from embedder.cli import main; main()", "report"]
+    proc = subprocess.run([*cli, output, "--out", str(tmp_path / "r")], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(tmp_path / "r" / "report.html")
+    proc = subprocess.run([*cli, str(tmp_path / "nothing")], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "holds no embedder job" in proc.stderr
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install -y chromium)")
+def test_report_renders_in_headless_chromium_with_its_plots(output, tmp_path) -> None:
+    report = build_report(output, str(tmp_path / "rep"))
+    url = Path(report.html_path).resolve().as_uri()
+    common = [str(CHROMIUM), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    images = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,', dom.stdout)
+    assert images == [title for title, _ in FIGURES.values()]
+    assert '<table id="history">' in dom.stdout
+
+    shot = tmp_path / "shot.png"
+    proc = subprocess.run([*common, f"--screenshot={shot}", "--window-size=1200,1400", url],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and shot.exists(), proc.stderr[-2000:]
+    pixels = _png_pixels(shot.read_bytes())[..., :3]
+    assert pixels.shape[:2] == (1400, 1200)
+    colours = np.unique((pixels * 255).astype(np.uint8).reshape(-1, 3), axis=0)
+    assert len(colours) > 100  # text, axes and plots, not a blank or single-colour page
+    # The plots' bars and lines (the report's accent colour) are on screen: the PNGs were drawn.
+    accent = np.array([int(ACCENT[i : i + 2], 16) for i in (1, 3, 5)]) / 255
+    near_accent = np.all(np.abs(pixels - accent) < 0.06, axis=-1)
+    assert near_accent.sum() > 2000, near_accent.sum()
