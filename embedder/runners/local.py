@@ -115,11 +115,11 @@ def _reader_main(
 # --- the run --------------------------------------------------------------------------------
 
 
-class _Stop(Exception):
-    pass
+class PipelineStopped(Exception):
+    """Raised inside pipeline threads when the run stops; ends them quietly."""
 
 
-class _TimelineSampler:
+class TimelineSampler:
     """Samples tokens/s (and GPU utilization where NVML answers) every few seconds for the run record."""
 
     PERIOD_S = 2.0
@@ -204,23 +204,44 @@ class LocalRunner:
         self._lease_lost = True
         self._abort.set()
 
+    # Hooks a runner on other machines overrides (the Ray runner does) ------------------------------
+
+    runner_name = "local"
+    """Stored in run records."""
+
+    def _setup(self) -> None:
+        """Called under the lease before anything is listed or loaded (Ray: connect, plan the pool)."""
+
+    def _teardown(self) -> None:
+        """Called last, whatever happened (Ray: disconnect from a cluster started for the run)."""
+
+    def _load_encoder(self) -> Any:
+        """The encoder the run chunks for and describes in provenance; here, the model itself."""
+        from embedder.models.encoder import Encoder
+
+        return Encoder.load(self.job.model)
+
+    def _billed_gpus(self) -> float:
+        """GPUs the run pays for, for ``$ per 1M tokens``."""
+        return 1.0
+
     # The run ----------------------------------------------------------------------------------
 
     def run(self) -> RunResult:
         from embedder.checkpoint import Checkpoint
         from embedder.chunking import Chunker
         from embedder.lease import Lease
-        from embedder.models.encoder import Encoder
         from embedder.schema import output_schema
 
         job = self.job
         result = RunResult(run_id=time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6], output=job.output.uri)
         result.model, result.sink, result.mode = job.model.name, job.output.sink, job.output.mode
+        result.runner = self.runner_name
         # The lease comes first: a second job on this output is refused before it loads anything.
         lease = Lease(job.output.uri, job.output.storage_options, job.runner.lease_ttl_s, on_lost=self._lost_lease)
         lease.acquire(force=self.force_unlock)
         checkpoint = Checkpoint(job.output.uri, job.output.storage_options)
-        restore = self._install_signal_handlers()
+        restore: Callable[[], None] = lambda: None  # noqa: E731
         watcher = None
         started = time.perf_counter()
         try:
@@ -230,9 +251,11 @@ class LocalRunner:
                 watcher = SpotWatcher(
                     job.runner.spot_url, lambda _: self.request_stop("spot interruption notice"), job.runner.spot_poll_s
                 ).start()
+            self._setup()
+            restore = self._install_signal_handlers()  # after _setup: ray.init installs its own
             connector = make_connector(job)
             shards = connector.list_shards()
-            encoder = Encoder.load(job.model)
+            encoder = self._load_encoder()
             chunker = Chunker.for_encoder(encoder, job.chunking)
             provenance = {**encoder.provenance(), "chunking": chunker.settings()}
             schema = output_schema(encoder.dim, job.source.metadata_fields, provenance)
@@ -287,13 +310,15 @@ class LocalRunner:
             result.seconds = time.perf_counter() - started
             embedding_s = result.seconds - result.load_seconds
             result.tokens_per_second = result.tokens / embedding_s if embedding_s > 0 else 0.0
-            result.add_cost(job.runner.gpu_hourly_usd)
+            hourly = job.runner.gpu_hourly_usd
+            result.add_cost(None if hourly is None else hourly * self._billed_gpus())
             result.ended_at = time.time()
             try:
                 if result.shards_total or result.state != "failed":
                     checkpoint.write_run(result.to_dict())
             finally:
                 lease.release()
+                self._teardown()
         return result
 
     def _resolve_generation(self, checkpoint: Any, result: RunResult) -> dict[str, Any]:
@@ -439,7 +464,7 @@ class LocalRunner:
         def put(q: queue.Queue, item: Any) -> None:
             while True:
                 if self._abort.is_set():
-                    raise _Stop
+                    raise PipelineStopped
                 try:
                     q.put(item, timeout=QUEUE_POLL_S)
                     return
@@ -458,7 +483,7 @@ class LocalRunner:
                         item = results.get(timeout=QUEUE_POLL_S)
                     except queue.Empty:
                         if self._abort.is_set():
-                            raise _Stop from None
+                            raise PipelineStopped from None
                         if not any(p.is_alive() for p in procs) and results.empty():
                             if self._drain.is_set() and ended == started_shards:
                                 break  # drained: every started shard has ended
@@ -486,7 +511,7 @@ class LocalRunner:
                 for batch in packer.flush():
                     put(batches, batch)
                 put(batches, None)
-            except _Stop:
+            except PipelineStopped:
                 return
             except BaseException as err:
                 failure.append(err)
@@ -528,7 +553,7 @@ class LocalRunner:
                         return
                     else:
                         put(encoded, item)  # a ShardEnd: the assembler accepts it in any order
-            except _Stop:
+            except PipelineStopped:
                 return
             except BaseException as err:
                 failure.append(err)
@@ -540,7 +565,7 @@ class LocalRunner:
 
         assembler = ShardAssembler(pending, sink, checkpoint, result, self._abort, on_commit=on_commit, canaries=self.canaries)
         assembler.generation = generation
-        sampler = _TimelineSampler(encoder)
+        sampler = TimelineSampler(encoder)
 
         threads = [
             threading.Thread(target=feeder, name="embedder-pack", daemon=True),

@@ -53,7 +53,7 @@ import pyarrow as pa
 from embedder.config import ConfigError, Job
 from embedder.failpoints import corrupt, failpoint
 from embedder.records import Chunk, Shard
-from embedder.runners.local import LocalRunner, _Stop, _TimelineSampler
+from embedder.runners.local import LocalRunner, PipelineStopped, TimelineSampler
 from embedder.runners.stages import (
     RunFailed,
     RunResult,
@@ -61,7 +61,6 @@ from embedder.runners.stages import (
     ShardEnd,
     make_connector,
     read_and_chunk,
-    sink_registry,
 )
 
 if TYPE_CHECKING:
@@ -133,8 +132,8 @@ def plan_encoder_pool(job: Job, cluster: dict[str, float]) -> EncoderPool:
         ConfigError: ``model.device: cuda`` on a cluster without GPUs, or more encoders asked for
             than the cluster's GPUs can hold.
     """
-    configured = getattr(job.runner, "encoders", "auto")
-    gpus_per_encoder = float(getattr(job.runner, "gpus_per_encoder", 1.0))
+    configured = job.runner.encoders
+    gpus_per_encoder = float(job.runner.gpus_per_encoder)
     gpus = float(cluster.get("GPU", 0.0))
     cpus = float(cluster.get("CPU", 1.0))
     if job.model.device == "cuda" and gpus <= 0:
@@ -425,92 +424,37 @@ class RayRunner(LocalRunner):
         force_unlock: bool = False,
     ) -> None:
         super().__init__(job, on_progress=on_progress, force_unlock=force_unlock)
-        if self.job.output.mode != "full":
+        if self.job.output.mode == "incremental":
             raise ConfigError(
-                f"output.mode {self.job.output.mode!r} runs on the local runner only for now; "
-                "use runner.kind: local for it, or output.mode: full"
+                "output.mode 'incremental' runs on the local runner only for now (its change filter "
+                "sits between chunking and encoding, which Ray runs remotely); use runner.kind: local for it"
             )
+        self._connected_here = False
         self.pool: EncoderPool | None = None
         self.encoders_seen: dict[str, float] = {}  # encoder actor id → its encode seconds
 
-    def run(self) -> RunResult:
-        from embedder.checkpoint import Checkpoint
-        from embedder.lease import Lease
-        from embedder.schema import output_schema
+    runner_name = "ray"
 
-        job = self.job
-        result = RunResult(run_id=time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6], output=job.output.uri)
-        result.model, result.sink, result.runner = job.model.name, job.output.sink, "ray"
-        # The lease comes first: a second job on this output is refused before it starts anything.
-        lease = Lease(job.output.uri, job.output.storage_options, job.runner.lease_ttl_s, on_lost=self._lost_lease)
-        lease.acquire(force=self.force_unlock)
-        checkpoint = Checkpoint(job.output.uri, job.output.storage_options)
-        restore: Callable[[], None] = lambda: None  # noqa: E731
-        watcher = None
-        started = time.perf_counter()
-        ray = None
-        connected_here = False
-        try:
-            if job.runner.spot_watch:
-                from embedder.spot import SpotWatcher
+    def _setup(self) -> None:
+        ray = _import_ray()
+        self._connected_here = _connect(ray, self.job.runner.address)
+        self.pool = plan_encoder_pool(self.job, ray.cluster_resources())
 
-                watcher = SpotWatcher(
-                    job.runner.spot_url, lambda _: self.request_stop("spot interruption notice"), job.runner.spot_poll_s
-                ).start()
-            ray = _import_ray()
-            connected_here = _connect(ray, job.runner.address)
-            restore = self._install_signal_handlers()  # after ray.init, which installs its own
-            self.pool = plan_encoder_pool(job, ray.cluster_resources())
-            shards = make_connector(job).list_shards()
-            encoder = self._probe(ray)
-            chunker = _chunker(encoder.tokenizer_json, encoder.max_seq_length, encoder.layout.overhead, job.chunking.model_dump_json())
-            provenance = {**encoder.provenance(), "chunking": chunker.settings()}
-            schema = output_schema(encoder.dim, job.source.metadata_fields, provenance)
-            sink = sink_registry().SINKS.get(job.output.sink)(job.output, schema)
-            sink.open()
-            result.load_seconds = time.perf_counter() - started
-            checkpoint.save_job(job.to_yaml())
-            done = checkpoint.completed()
-            pending = [s for s in shards if s.id not in done]
-            result.shards_total = len(shards)
-            result.shards_skipped = len(shards) - len(pending)
-            checkpoint.write_run(result.to_dict())
-            if pending and not self._drain.is_set():
-                sink.abort_many([s.id for s in pending])
-                self._run_pipeline(pending, encoder, sink, checkpoint, result)
-            if self._drain.is_set():
-                result.state = "interrupted"
-            else:
-                self._check_canaries(encoder, result)
-                failpoint("during_finish")
-                sink.finish()
-                result.state = "done"
-        except BaseException as err:
-            result.state = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-            result.error = f"{type(err).__name__}: {err}"
-            if self._lease_lost:
-                result.error = "the output's lease was taken over by another job (this job's heartbeat was late)"
-                raise RunFailed(result.error) from err
-            raise
-        finally:
-            if watcher is not None:
-                watcher.stop()
-            restore()
-            result.seconds = time.perf_counter() - started
-            embedding_s = result.seconds - result.load_seconds
-            result.tokens_per_second = result.tokens / embedding_s if embedding_s > 0 else 0.0
-            gpus = self.pool.size * self.pool.num_gpus if self.pool is not None and self.pool.on_gpu else 1.0
-            hourly = job.runner.gpu_hourly_usd
-            result.add_cost(None if hourly is None else hourly * gpus)  # every encoder GPU is billed
-            result.ended_at = time.time()
-            try:
-                if result.shards_total or result.state != "failed":
-                    checkpoint.write_run(result.to_dict())
-            finally:
-                lease.release()
-                if connected_here and ray is not None:
-                    ray.shutdown()  # on a shared cluster this also ends the run's actors and tasks
-        return result
+    def _teardown(self) -> None:
+        if self._connected_here:
+            import ray
+
+            ray.shutdown()  # on a shared cluster this also ends the run's actors and tasks
+
+    def _load_encoder(self) -> EncoderFacts:
+        import ray
+
+        return self._probe(ray)
+
+    def _billed_gpus(self) -> float:
+        """Every encoder actor's GPUs are billed."""
+        pool = self.pool
+        return pool.size * pool.num_gpus if pool is not None and pool.on_gpu else 1.0
 
     def _probe(self, ray: Any) -> EncoderFacts:
         """The model's facts, from a one-off task placed like an encoder actor.
@@ -580,7 +524,14 @@ class RayRunner(LocalRunner):
             )
 
     def _run_pipeline(
-        self, pending: list[Shard], encoder: Any, sink: Any, checkpoint: Any, result: RunResult, *_: Any
+        self,
+        pending: list[Shard],
+        encoder: Any,
+        sink: Any,
+        checkpoint: Any,
+        result: RunResult,
+        generation: str | None = None,
+        change_filter: Any = None,
     ) -> None:
         import ray
 
@@ -596,13 +547,13 @@ class RayRunner(LocalRunner):
                 for rows in stream:
                     while True:
                         if self._abort.is_set():
-                            raise _Stop
+                            raise PipelineStopped
                         try:
                             blocks.put(rows, timeout=QUEUE_POLL_S)
                             break
                         except queue.Full:
                             continue
-            except _Stop:
+            except PipelineStopped:
                 pass
             except BaseException as err:
                 failure.append(err)
@@ -620,7 +571,8 @@ class RayRunner(LocalRunner):
                 self.on_progress(result, 0)
 
         assembler = ShardAssembler(pending, sink, checkpoint, result, self._abort, on_commit=on_commit, canaries=self.canaries)
-        sampler = _TimelineSampler(encoder)
+        assembler.generation = generation
+        sampler = TimelineSampler(encoder)
         in_flight_at_drain: set[str] | None = None
         puller = threading.Thread(target=pull, name="embedder-ray-pull", daemon=True)
         puller.start()
@@ -655,6 +607,7 @@ class RayRunner(LocalRunner):
         finally:
             self._abort.set()
             result.unfinished_shards = sorted(assembler.unfinished)
+            result.interrupted_shards = sorted(s for s in assembler.unfinished if s in assembler.started)
             assembler.discard_all()
             sampler.finish(result)
             puller.join(timeout=5)
