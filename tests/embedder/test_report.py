@@ -1,22 +1,29 @@
-"""``embedder report``: a self-contained HTML page with the pictures a user looks at after a run,
-checked in a real headless browser."""
+"""After a run: ``embedder validate`` re-checks the stored vectors against the reference model, and
+``embedder report`` draws a self-contained HTML page with the pictures a user looks at, checked in a
+real headless browser."""
 
 from __future__ import annotations
 
 import base64
-import os
+import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
+from click.testing import Result
+from typer.testing import CliRunner
 
 from embedder import run
 from embedder.checkpoint import Checkpoint
-from embedder.config import build_job
+from embedder.cli import app
+from embedder.cli_ops import validate_output
+from embedder.config import OutputConfig, build_job
 from embedder.report import ACCENT, FIGURES, build_report
+from indexes.lance import LanceSink
+from indexes.search import open_index
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "examples" / "quickstart" / "docs.jsonl"
@@ -38,6 +45,11 @@ def output(tmp_path_factory) -> str:
     second = run(job)
     assert first.state == second.state == "done" and first.chunks > 0 and second.chunks == 0
     return out
+
+
+def cli(*args: str) -> Result:
+    """The ``embedder`` command line, run in this process."""
+    return CliRunner().invoke(app, list(args))
 
 
 def _png_pixels(data: bytes) -> np.ndarray:
@@ -83,13 +95,10 @@ def test_records_from_before_the_metrics_still_give_a_report(tmp_path) -> None:
 
 
 def test_cli_report_and_its_usage_error(output, tmp_path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cli = [sys.executable, "-c", "from embedder.cli import main; main()", "report"]
-    proc = subprocess.run([*cli, output, "--out", str(tmp_path / "r")], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == str(tmp_path / "r" / "report.html")
-    proc = subprocess.run([*cli, str(tmp_path / "nothing")], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "holds no embedder job" in proc.stderr
+    done = cli("report", output, "--out", str(tmp_path / "r"))
+    assert done.exit_code == 0 and done.stdout.strip() == str(tmp_path / "r" / "report.html"), done.stderr
+    missing = cli("report", str(tmp_path / "nothing"))
+    assert missing.exit_code == 2 and "holds no embedder job" in missing.stderr
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install -y chromium)")
@@ -115,3 +124,37 @@ def test_report_renders_in_headless_chromium_with_its_plots(output, tmp_path) ->
     accent = np.array([int(ACCENT[i : i + 2], 16) for i in (1, 3, 5)]) / 255
     near_accent = np.all(np.abs(pixels - accent) < 0.06, axis=-1)
     assert near_accent.sum() > 2000, near_accent.sum()
+
+
+def test_validate_passes_a_real_output(output) -> None:
+    report = validate_output(output, samples=16)
+    assert report["ok"] and report["samples"] == 16 and report["rows"] > 16
+    assert report["min_cosine"] >= 0.9999 and report["bad_vectors"] == [] and report["threshold"] == 0.999
+
+
+def test_validate_fails_an_output_whose_vectors_do_not_match_their_text(output, tmp_path) -> None:
+    """The real rows copied with two vectors swapped and one zeroed: ``embedder validate`` exits 1
+    and names exactly those chunks."""
+    index = open_index(output)
+    table = index.table.to_arrow().select(index.schema.names)
+    vectors = np.stack(table.column("vector").to_numpy(zero_copy_only=False)).astype(np.float32)
+    ids = table.column("id").to_pylist()
+    vectors[[0, 1]] = vectors[[1, 0]]
+    vectors[2] = 0.0
+    broken = table.set_column(table.schema.get_field_index("vector"), table.schema.field("vector"),
+                              pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1]))
+    bad = str(tmp_path / "bad")
+    sink = LanceSink(OutputConfig(uri=bad), index.schema)
+    sink.open()
+    writer = sink.begin(table.column("shard_id")[0].as_py())
+    writer.write(broken)
+    writer.commit()
+
+    report = validate_output(bad, samples=len(ids))
+    assert not report["ok"] and report["bad_vectors"] == [[ids[2], "vector has zero norm"]]
+    assert {i for i, c in report["worst"] if c < 0.999} == {ids[0], ids[1]}
+    failed = cli("validate", bad, "--samples", str(len(ids)))
+    assert failed.exit_code == 1 and all(i in failed.stderr for i in ids[:3]), failed.stderr
+    passed = cli("validate", output, "--samples", "8", "--json")
+    assert passed.exit_code == 0 and json.loads(passed.stdout)["ok"] is True, passed.stderr
+    assert cli("validate", str(tmp_path / "nothing")).exit_code == 2
