@@ -14,8 +14,13 @@ Attention is exact per sequence on every device:
   through ``scaled_dot_product_attention`` with a key mask and gathered back — the same packed
   code path around it, so CPU tests exercise packing, positions and pooling.
 
+A tanh-GELU model's FFN activation runs in the FFN matmul's epilogue (cuBLASLt) on CUDA in half
+precision; erf-GELU models (BERT's ``gelu``) run it exactly, as a separate pass, unless the caller
+opts into the tanh form (``approximate_gelu``).
+
 With ``compile=True`` the per-layer math after attention (out proj, residual, LayerNorm, FFN) and
-the embeddings are compiled with dynamic shapes, fusing the elementwise work around the matmuls.
+the embeddings are compiled with dynamic shapes. Measured on an H200 (benchmarks/RESULTS.md) that
+was ~7% slower than eager for a BGE-large shape, so it is opt-in.
 """
 
 from __future__ import annotations
