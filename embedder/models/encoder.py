@@ -249,8 +249,10 @@ class Encoder:
     def load(cls, config: ModelConfig, *, approximate_gelu: bool = False) -> Encoder:
         """Loads the model ``config.name`` and prepares it for ``config.device``/``config.dtype``.
 
-        ``approximate_gelu`` (CUDA, fp16/bf16, erf-GELU models): fuse the FFN's GELU into its matmul
-        in the tanh form (faster; within bf16 rounding of the exact function, but not identical).
+        ``approximate_gelu`` (CUDA, fp16/bf16, erf-GELU models; also read from
+        ``config.approximate_gelu`` when the config has it): fuse the FFN's GELU into its matmul in
+        the tanh form (~8% faster for BGE-large; within bf16 rounding of the exact function, but
+        not identical, hence opt-in).
 
         Raises:
             ModelError: unknown or unloadable model, unsupported pipeline, prompt that does not
@@ -261,6 +263,7 @@ class Encoder:
 
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
+        approximate_gelu = approximate_gelu or bool(getattr(config, "approximate_gelu", False))
         st_model, source, local_dir = load_sentence_transformer(config.name, "cpu", config.trust_remote_code)
         spec = read_model_spec(st_model)
         transformer = transformer_module(st_model)
