@@ -166,8 +166,10 @@ class Chunker:
         n = len(ids)
         if n == 0:
             return []
-        offsets = enc.offsets
-        word_ids = np.asarray([-1 if w is None else w for w in enc.word_ids], dtype=np.int64)
+        # No special tokens were added, so every token has a word id (the conversion runs in C).
+        # Offsets are fetched per window edge (token_to_chars), never converted for every token.
+        word_ids = np.array(enc.word_ids, dtype=np.int64)
+        char_span = enc.token_to_chars
         # Token i starts a word when its word id differs from token i-1's; windows start and end there.
         starts_word = np.empty(n + 1, dtype=bool)
         starts_word[0] = True
@@ -181,7 +183,7 @@ class Chunker:
         start = 0
         index = 0
         while start < n:
-            prefix = self._prefix_for(doc, offsets[start][0], sections, section_starts)
+            prefix = self._prefix_for(doc, char_span(start)[0], sections, section_starts)
             prefix_ids = self._prefix_ids(prefix) if prefix else None
             budget = self.max_tokens - (len(prefix_ids) if prefix_ids is not None else 0)
             if budget < 4:  # an absurdly long title/heading: drop the prefix rather than the text
@@ -194,7 +196,7 @@ class Chunker:
                 end = int(boundaries[j]) if boundaries[j] > start else hard_end
             else:
                 end = n
-            char_start, char_end = offsets[start][0], offsets[end - 1][1]
+            char_start, char_end = char_span(start)[0], char_span(end - 1)[1]
             window_text = text[char_start:char_end]
             window_ids = ids[start:end]
             if prefix_ids is not None:
