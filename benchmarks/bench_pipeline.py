@@ -4,7 +4,8 @@ Where ``bench_encoder.py`` times the encoder and its feeding, this runs exactly 
 reader processes (JSONL connector, chunking, tokenization), the token-budget packer, the encoder,
 the Parquet sink with per-shard commits, checkpoints and canaries — on the same synthetic
 Wikipedia-like corpus, and prints tokens/s of the embedding phase (model loading excluded, sink
-included) next to peak host memory.
+included; model loading, the end-of-run canary check and compaction excluded) next to peak host
+memory of the driver process.
 
 Usage (GPU machine, repository root)::
 
@@ -74,7 +75,7 @@ def main() -> None:
             wall = time.perf_counter() - t0
             rows.append({
                 "model": name, "documents": result.documents, "chunks": result.chunks, "tokens": result.tokens,
-                "load_s": round(result.load_seconds, 1), "embed_s": round(result.seconds - result.load_seconds, 2),
+                "load_s": round(result.load_seconds, 1), "embed_s": round(result.pipeline_seconds, 2),
                 "wall_s": round(wall, 1), "tokens_per_s": round(result.tokens_per_second),
                 "canary_min_cos": (result.canary or {}).get("min_cosine"),
                 "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),

@@ -283,7 +283,11 @@ class LocalRunner:
             if pending and not self._drain.is_set():
                 sink.abort_many([s.id for s in pending])
                 change_filter = self._change_filter(sink, connector) if incremental else None
-                self._run_pipeline(pending, encoder, sink, checkpoint, result, generation["id"], change_filter)
+                pipeline_started = time.perf_counter()
+                try:
+                    self._run_pipeline(pending, encoder, sink, checkpoint, result, generation["id"], change_filter)
+                finally:
+                    result.pipeline_seconds = time.perf_counter() - pipeline_started
             if self._drain.is_set():
                 result.state = "interrupted"
             else:
@@ -308,8 +312,7 @@ class LocalRunner:
                 watcher.stop()
             restore()
             result.seconds = time.perf_counter() - started
-            embedding_s = result.seconds - result.load_seconds
-            result.tokens_per_second = result.tokens / embedding_s if embedding_s > 0 else 0.0
+            result.tokens_per_second = result.tokens / result.pipeline_seconds if result.pipeline_seconds > 0 else 0.0
             hourly = job.runner.gpu_hourly_usd
             result.add_cost(None if hourly is None else hourly * self._billed_gpus())
             result.ended_at = time.time()

@@ -38,7 +38,8 @@ class RunResult:
     """What a run did. ``state`` is ``done``, ``failed`` or ``interrupted``.
 
     ``seconds`` is the whole run; ``load_seconds`` the part spent listing shards and loading the
-    model; ``tokens_per_second`` is measured over the rest (the embedding itself).
+    model; ``pipeline_seconds`` the embedding itself (read, chunk, encode, write, commit), over which
+    ``tokens_per_second`` is measured (the end-of-run canary check and compaction are outside it).
     """
 
     run_id: str
@@ -55,6 +56,7 @@ class RunResult:
     trimmed_documents: int = 0
     seconds: float = 0.0
     load_seconds: float = 0.0
+    pipeline_seconds: float = 0.0
     encode_seconds: float = 0.0
     tokens_per_second: float = 0.0
     started_at: float = field(default_factory=time.time)
