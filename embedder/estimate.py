@@ -17,7 +17,7 @@ counts are exactly what a run would embed), and extrapolates by input bytes:
    ``embedder/data/throughput.json`` (figures measured by ``benchmarks/bench_encoder.py``), or
    from a short real run of the encoder on the sample with ``calibrate=True`` (needs CUDA).
    A shape the table lacks is scaled from the nearest measured one by FLOPs per token (see
-   ``ModelShape.flops_per_token``) and flagged ``extrapolated``.
+   ``ModelShape.flops_per_token`` and ``table_throughput``) and flagged ``extrapolated``.
 5. ``usd = gpu_hours x gpu_hourly_usd`` when a price is given (``--gpu-hourly-usd`` or the job's
    ``runner.gpu_hourly_usd``), else None: prices are the user's to give, not ours to guess.
 
@@ -41,8 +41,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from embedder.config import ConfigError, Job, ModelConfig
 
@@ -223,12 +221,16 @@ def load_throughput_table(path: str | Path | None = None) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def table_throughput(table: dict[str, Any], gpu: str, shape: ModelShape, attention_length: float) -> Throughput:
+def table_throughput(
+    table: dict[str, Any], gpu: str, shape: ModelShape, attention_length: float | None = None
+) -> Throughput:
     """The measured rate of ``shape`` on ``gpu``, or the nearest measured shape's scaled by FLOPs.
 
-    Scaling: ``rate = measured_rate x flops(measured shape) / flops(shape)``, both at
-    ``attention_length``, from the measured shape nearest in FLOPs per token (log distance). The
-    encoder is compute-bound on big models, so this is fair near measured shapes and rough far away.
+    Scaling: ``rate = measured_rate x flops(measured shape) / flops(shape)`` at the benchmark's
+    ``attention_length`` (the table's, or the argument), from the measured shape nearest in FLOPs
+    per token (log distance). The encoder is compute-bound on big models, so this is fair near
+    measured shapes and rough far from them; small models are bound by the CPU side of the
+    pipeline instead, so a scaled rate is capped at the fastest measured one.
 
     Raises:
         EstimateError: when the table has no figures for ``gpu`` (lists the GPUs it has).
@@ -241,19 +243,20 @@ def table_throughput(table: dict[str, Any], gpu: str, shape: ModelShape, attenti
             f"no measured throughput for GPU {gpu!r} (measured: {measured}); pick one of those with --gpu, "
             "run with --calibrate on that GPU, or give --tokens-per-second"
         )
-    wanted = shape.flops_per_token(attention_length)
-    best: tuple[float, str, dict[str, Any]] | None = None
-    for name, row in entry["models"].items():
-        row_shape = ModelShape(int(row["hidden"]), int(row["layers"]), int(row["intermediate"]))
+    length = float(attention_length or entry.get("attention_length") or table.get("attention_length") or 512)
+    wanted = shape.flops_per_token(length)
+    rows = {
+        name: (ModelShape(int(row["hidden"]), int(row["layers"]), int(row["intermediate"])), row)
+        for name, row in entry["models"].items()
+    }
+    for name, (row_shape, row) in rows.items():
         if row_shape == shape:
             return Throughput(float(row["tokens_per_second"]), f"measured on {gpu} ({name}): {row['source']}")
-        distance = abs(math.log(row_shape.flops_per_token(attention_length) / wanted))
-        if best is None or distance < best[0]:
-            best = (distance, name, row)
-    assert best is not None
-    _, name, row = best
-    row_shape = ModelShape(int(row["hidden"]), int(row["layers"]), int(row["intermediate"]))
-    rate = float(row["tokens_per_second"]) * row_shape.flops_per_token(attention_length) / wanted
+    name, (row_shape, row) = min(
+        rows.items(), key=lambda item: abs(math.log(item[1][0].flops_per_token(length) / wanted))
+    )
+    ceiling = max(float(r["tokens_per_second"]) for _, r in rows.values())
+    rate = min(ceiling, float(row["tokens_per_second"]) * row_shape.flops_per_token(length) / wanted)
     return Throughput(
         rate,
         f"extrapolated by FLOPs/token from {name} measured on {gpu} ({row['source']})",
@@ -344,7 +347,6 @@ class SourceSample:
     tokens: int = 0
     bad_records: int = 0
     seconds: float = 0.0
-    chunk_lengths: list[int] = field(default_factory=list)
     kept_chunks: list[Any] = field(default_factory=list)
 
     @property
@@ -387,10 +389,8 @@ def sample_source(
                 out.chunks += item.chunks
                 out.tokens += item.tokens
                 out.bad_records += len(item.bad_records)
-            else:
-                out.chunk_lengths += [len(c.token_ids) for c in item]
-                if len(out.kept_chunks) < keep_chunks:
-                    out.kept_chunks += item[: keep_chunks - len(out.kept_chunks)]
+            elif len(out.kept_chunks) < keep_chunks:
+                out.kept_chunks += item[: keep_chunks - len(out.kept_chunks)]
         out.shards += 1
         out.bytes += max(0, shard.size_bytes)
     out.seconds = time.perf_counter() - started
@@ -472,9 +472,6 @@ def estimate(
     chunks = round(sample.chunks * scale)
     tokens = round(sample.tokens * scale)
     sequence_tokens = tokens + chunks * profile.overhead
-    lengths = np.asarray(sample.chunk_lengths, dtype=np.float64) + profile.overhead
-    attention_length = float((lengths**2).sum() / lengths.sum()) if len(lengths) else float(profile.max_seq_length)
-
     if tokens_per_second is not None:
         if tokens_per_second <= 0:
             raise EstimateError(f"--tokens-per-second must be positive, got {tokens_per_second}")
@@ -482,7 +479,7 @@ def estimate(
     elif calibrate_on_gpu:
         rate = calibrate(job, sample.kept_chunks)
     else:
-        rate = table_throughput(load_throughput_table(throughput_table), gpu, profile.shape, attention_length)
+        rate = table_throughput(load_throughput_table(throughput_table), gpu, profile.shape)
     price = job.runner.gpu_hourly_usd if gpu_hourly_usd is None else gpu_hourly_usd
     if price is not None and price < 0:
         raise EstimateError(f"--gpu-hourly-usd must be >= 0, got {price}")
