@@ -29,8 +29,9 @@ def _usage_error_types() -> tuple[type[BaseException], ...]:
     from embedder.registry import RegistryError
     from embedder.storage import StorageError
     from indexes.base import SinkError
+    from indexes.search import SearchError
 
-    types: list[type[BaseException]] = [ConfigError, ConnectorError, RegistryError, StorageError, SinkError]
+    types: list[type[BaseException]] = [ConfigError, ConnectorError, RegistryError, StorageError, SinkError, SearchError]
     try:
         from embedder.models.encoder import ModelError
 
@@ -266,13 +267,14 @@ def search(
     query: str = typer.Argument(..., help="What to search for (embedded with the model's query prompt)."),
     k: int = typer.Option(5, "-k", help="Number of hits."),
     filter: str = typer.Option(None, "--filter", help="SQL-like filter, e.g. \"title = 'Albedo'\"."),
+    mode: str = typer.Option("vector", "--mode", help="vector (cosine) | fts (BM25 over text) | hybrid (both, fused by rank)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Search an output with the model that built it."""
     try:
         from embedder.api import open_index
 
-        hits = open_index(output).search(query, k=k, filter=filter)
+        hits = open_index(output).search(query, k=k, filter=filter, mode=mode)
         if as_json:
             from dataclasses import asdict
 
@@ -313,4 +315,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from embedder.cli import main as _main  # commands register on embedder.cli.app, not on __main__'s
+
+    _main()

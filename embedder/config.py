@@ -94,6 +94,10 @@ class OutputConfig(_Section):
         "complete run; reembed: everything again into a fresh table version (e.g. a new model).",
     )
     deletes: bool = Field(True, description="Incremental runs delete chunks of documents gone from the source.")
+    vector_index: Literal["auto", "none"] = Field(
+        "auto", description="LanceDB: build an ANN index at the end of a run once the table is large enough."
+    )
+    fts_index: bool = Field(True, description="LanceDB: build a full-text index on text (hybrid search).")
 
 
 class RunnerConfig(_Section):

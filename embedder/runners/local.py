@@ -297,6 +297,7 @@ class LocalRunner:
                 checkpoint.forget_shards_except({s.id for s in shards})
                 failpoint("during_finish")
                 sink.finish()
+                result.indexes = getattr(sink, "index_report", None) or None
                 generation["complete"] = True
                 checkpoint.write_generation(generation)
                 result.state = "done"
@@ -566,7 +567,9 @@ class LocalRunner:
             if self.on_progress:
                 self.on_progress(result, 0)
 
-        assembler = ShardAssembler(pending, sink, checkpoint, result, self._abort, on_commit=on_commit, canaries=self.canaries)
+        assembler = ShardAssembler(
+            pending, sink, checkpoint, result, self._abort, on_commit=on_commit, canaries=self.canaries, background=True
+        )
         assembler.generation = generation
         sampler = TimelineSampler(encoder)
 
@@ -581,6 +584,7 @@ class LocalRunner:
             while True:
                 if failure:
                     raise failure[0]
+                assembler.check()
                 if self._abort.is_set():
                     raise RunFailed("stopped: " + ("lease lost" if self._lease_lost else "aborted"))
                 if self._drain.is_set() and time.monotonic() > self._drain_deadline:
@@ -607,6 +611,7 @@ class LocalRunner:
                 sampler.sample(result)
                 if self.on_progress:
                     self.on_progress(result, batch.num_sequences)
+            assembler.wait()  # commits every complete shard still queued for the committer
             if assembler.unfinished and not self._drain.is_set():
                 raise RunFailed(f"pipeline ended with {len(assembler.unfinished)} shard(s) unfinished")
         finally:

@@ -570,7 +570,9 @@ class RayRunner(LocalRunner):
             if self.on_progress:
                 self.on_progress(result, 0)
 
-        assembler = ShardAssembler(pending, sink, checkpoint, result, self._abort, on_commit=on_commit, canaries=self.canaries)
+        assembler = ShardAssembler(
+            pending, sink, checkpoint, result, self._abort, on_commit=on_commit, canaries=self.canaries, background=True
+        )
         assembler.generation = generation
         sampler = TimelineSampler(encoder)
         in_flight_at_drain: set[str] | None = None
@@ -578,6 +580,7 @@ class RayRunner(LocalRunner):
         puller.start()
         try:
             while True:
+                assembler.check()
                 if self._abort.is_set():
                     raise RunFailed("stopped: " + ("lease lost" if self._lease_lost else "aborted"))
                 if self._drain.is_set():
@@ -602,6 +605,7 @@ class RayRunner(LocalRunner):
                     continue
                 self._take(rows, assembler, result)
                 sampler.sample(result)
+            assembler.wait()  # commits every complete shard still queued for the committer
             if assembler.unfinished and not self._drain.is_set():
                 raise RunFailed(f"pipeline ended with {len(assembler.unfinished)} shard(s) unfinished")
         finally:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import queue
 import threading
 import time
 from collections import Counter
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("embedder")
 ROWS_PER_WRITE = 4096
 LENGTH_BIN = 16
+COMMIT_QUEUE = 16  # complete shards waiting for the committer thread before the main thread waits
 
 
 @dataclass(slots=True)
@@ -74,6 +76,7 @@ class RunResult:
     deleted: int = 0
     unchanged: int = 0
     canary: dict[str, Any] | None = None
+    indexes: dict[str, Any] | None = None  # what the sink's finish built (vector / full-text index)
     length_histogram: list[int] = field(default_factory=list)  # chunks per 16-token bin of their length
     timeline: list[list[float]] = field(default_factory=list)  # [seconds since start, tokens so far]
     tokens_computed: int | None = None  # tokens the forward computed (specials, prompts, padding included)
@@ -245,6 +248,9 @@ class ShardAssembler:
         abort: When set, nothing more is committed (an error elsewhere, a lost lease).
         on_commit: Called after each committed shard.
         canaries: Optional sampler offered every written chunk (for the end-of-run canary check).
+        background: Commit complete shards on a committer thread, so the thread that drains the
+            encoder never waits on storage (fsyncs, renames, object-store PUTs). Call ``wait()``
+            at the end of the stream and ``close()`` when stopping.
 
     Vectors with NaN/Inf values or zero norm are never written: they go to the shard's quarantine.
     """
@@ -258,9 +264,19 @@ class ShardAssembler:
         abort: threading.Event,
         on_commit: Callable[[RunResult], None] | None = None,
         canaries: CanarySampler | None = None,
+        background: bool = False,
     ) -> None:
         self.sink = sink
         self.canaries = canaries
+        self._lock = threading.Lock()
+        self._committing: dict[str, _ShardState] = {}
+        self._error: BaseException | None = None
+        self._queue: queue.Queue | None = None
+        self._committer: threading.Thread | None = None
+        if background:
+            self._queue = queue.Queue(maxsize=COMMIT_QUEUE)
+            self._committer = threading.Thread(target=self._commit_loop, name="embedder-commit", daemon=True)
+            self._committer.start()
         self.checkpoint = checkpoint
         self.result = result
         self.abort = abort
@@ -271,7 +287,48 @@ class ShardAssembler:
 
     @property
     def unfinished(self) -> list[str]:
-        return list(self._states)
+        """Shards not committed yet (still receiving, or waiting for the committer)."""
+        with self._lock:
+            return [*self._states, *self._committing]
+
+    def check(self) -> None:
+        """Raises the committer thread's error, if it had one."""
+        if self._error is not None:
+            raise self._error
+
+    def wait(self) -> None:
+        """Commits every complete shard handed to the committer, then stops it (end of stream)."""
+        if self._committer is not None and self._committer.is_alive():
+            self._queue.put(None)
+            self._committer.join()
+        self.check()
+
+    def close(self) -> None:
+        """Stops the committer without committing what is still queued (the run is stopping)."""
+        if self._committer is not None and self._committer.is_alive():
+            self.abort.set()
+            while True:
+                try:
+                    self._queue.put(None, timeout=0.2)
+                    break
+                except queue.Full:
+                    try:
+                        self._queue.get_nowait()
+                    except queue.Empty:
+                        pass
+            self._committer.join(timeout=60)
+
+    def _commit_loop(self) -> None:
+        while True:
+            state = self._queue.get()
+            if state is None:
+                return
+            if self._error is not None or self.abort.is_set():
+                continue  # stopping: leave it uncommitted (a rerun redoes it)
+            try:
+                self._commit(state)
+            except BaseException as err:  # handed to the main thread by check()
+                self._error = err
 
     def add_vectors(self, chunks: Sequence[Chunk], vectors: np.ndarray) -> None:
         """Takes encoded chunks (``vectors[i]`` belongs to ``chunks[i]``)."""
@@ -316,7 +373,10 @@ class ShardAssembler:
 
     def discard_all(self) -> None:
         """Drops staged rows of every unfinished shard (best effort; the next run's abort cleans up)."""
-        for state in self._states.values():
+        self.close()
+        with self._lock:
+            states = [*self._states.values(), *self._committing.values()]
+        for state in states:
             if state.writer is not None:
                 try:
                     state.writer.discard()
@@ -339,6 +399,18 @@ class ShardAssembler:
         end = state.end
         if end is None or len(state.received) < end.chunks:
             return
+        with self._lock:
+            del self._states[state.shard_id]
+            self._committing[state.shard_id] = state
+        if self._queue is None:
+            self._commit(state)
+        else:
+            self.check()
+            self._queue.put(state)  # bounded: if storage lags far behind, the stream waits for it
+
+    def _commit(self, state: _ShardState) -> None:
+        end = state.end
+        assert end is not None
         self._flush(state)
         failpoint("after_sink_write")
         if self.abort.is_set():
@@ -376,6 +448,7 @@ class ShardAssembler:
             result.added += state.rows
         result.documents += end.documents
         result.trimmed_documents += end.trimmed_documents
-        del self._states[state.shard_id]
+        with self._lock:
+            del self._committing[state.shard_id]
         if self.on_commit:
             self.on_commit(result)
