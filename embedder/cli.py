@@ -104,7 +104,6 @@ def run(
         if no_progress:
             flags["runner.show_progress"] = False
         job = _build_job(config, set_, flags)
-        _quiet_libraries()
         from embedder.api import run as run_job
         from embedder.progress import RunProgress
 
@@ -311,6 +310,7 @@ _register_command_modules()
 
 def main() -> None:
     """Console-script entry point."""
+    _quiet_libraries()
     app()
 
 
