@@ -41,3 +41,15 @@ def test_credentials_redacted_in_saved_job() -> None:
     saved = job.to_yaml()
     assert "AKIA123" not in saved and "s3cr3t" not in saved and "tok" not in saved.replace("token", "")
     assert REDACTED in saved and "http://e" in saved
+
+
+def test_every_shipped_config_is_valid() -> None:
+    from pathlib import Path
+
+    from embedder.api import load_job
+
+    configs = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+    assert len(configs) >= 4
+    for path in configs:
+        job = load_job(path)
+        assert job.source.uri and job.output.uri, path
