@@ -323,6 +323,8 @@ class LocalRunner:
             finally:
                 lease.release()
                 self._teardown()
+                if result.state == "failed" and not result.shards_total:
+                    _remove_if_empty(job.output.uri)  # a refused job leaves no empty output behind
         return result
 
     def _resolve_generation(self, checkpoint: Any, result: RunResult) -> dict[str, Any]:
@@ -631,6 +633,18 @@ class LocalRunner:
             tasks.cancel_join_thread()
             if versions_file is not None:
                 os.unlink(versions_file.name)
+
+
+def _remove_if_empty(output_uri: str) -> None:
+    """Removes a local output folder (and its ``_embedder``) that the lease created and nothing filled."""
+    if "://" in output_uri and not output_uri.startswith("file://"):
+        return
+    root = output_uri.removeprefix("file://")
+    for folder in (os.path.join(root, "_embedder"), root):
+        try:
+            os.rmdir(folder)  # only succeeds when empty
+        except OSError:
+            return
 
 
 def run_local(
