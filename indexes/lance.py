@@ -32,7 +32,7 @@ rebuilt when the table has outgrown it (twice the rows it was trained on, or a s
 the other index type).
 
 Storage options: the job's ``output.storage_options`` are fsspec (s3fs) options, because the
-checkpoint reads the same output through fsspec. ``lance_storage_options`` derives Lance's
+checkpoint reads the same output through fsspec. ``embedder.storage.object_store_options`` derives Lance's
 (object_store) options from them and the environment.
 """
 

@@ -14,7 +14,7 @@ from embedder.chunking import content_hash
 from embedder.config import OutputConfig
 from embedder.records import Chunk
 from embedder.schema import chunks_to_table, output_schema, provenance_of
-from embedder.storage import object_store_options as lance_storage_options
+from embedder.storage import object_store_options
 from indexes.base import SinkError
 from indexes.lance import RETAIN_VERSIONS, LanceSink, shard_filter
 from indexes.registry import SINKS
@@ -235,7 +235,7 @@ def test_storage_options_translate_fsspec_names_and_allow_http_endpoints(monkeyp
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     monkeypatch.delenv("AWS_ENDPOINT", raising=False)
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-    options = lance_storage_options(
+    options = object_store_options(
         "s3://bucket/db", {"key": "K", "secret": "S", "client_kwargs": {"endpoint_url": "http://minio:9000"}}
     )
     assert options == {
@@ -244,10 +244,10 @@ def test_storage_options_translate_fsspec_names_and_allow_http_endpoints(monkeyp
         "aws_endpoint": "http://minio:9000",
         "allow_http": "true",
     }
-    assert lance_storage_options("s3://bucket/db", {}) == {}
+    assert object_store_options("s3://bucket/db", {}) == {}
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:5000")
-    assert lance_storage_options("s3://bucket/db", {}) == {"allow_http": "true"}
-    assert lance_storage_options("/local/db", {}) == {}
+    assert object_store_options("s3://bucket/db", {}) == {"allow_http": "true"}
+    assert object_store_options("/local/db", {}) == {}
 
 
 def test_s3_write_commit_read_abort(s3_bucket: str) -> None:
