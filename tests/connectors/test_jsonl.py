@@ -13,23 +13,15 @@ import zstandard
 from connectors.base import Connector, ConnectorError
 from connectors.registry import CONNECTORS
 from embedder.config import SourceConfig
-from embedder.records import BadRecord, Document
+from embedder.records import Document
+from tests.connectors.reading import bad_of, docs_of, read_all
 
 
 def _connector(uri: str, **options: object) -> Connector:
     return CONNECTORS.get("jsonl")(SourceConfig(uri=uri, **options))
 
 
-def _read_all(connector: Connector) -> list[Document | BadRecord]:
-    return [item for shard in connector.list_shards() for item in connector.documents(shard)]
 
-
-def _docs(items: list[Document | BadRecord]) -> list[Document]:
-    return [item for item in items if isinstance(item, Document)]
-
-
-def _bad(items: list[Document | BadRecord]) -> list[BadRecord]:
-    return [item for item in items if isinstance(item, BadRecord)]
 
 
 def _corpus(n: int = 300) -> bytes:
@@ -57,16 +49,16 @@ def corpus_file(tmp_path: Path) -> Path:
 
 
 def test_byte_range_shards_yield_every_line_once_in_order(corpus_file: Path) -> None:
-    whole = _read_all(_connector(str(corpus_file), metadata_fields=["lang"]))
+    whole = read_all(_connector(str(corpus_file), metadata_fields=["lang"]))
     split_connector = _connector(str(corpus_file), shard_size_mb=0.001, metadata_fields=["lang"])
     shards = split_connector.list_shards()
     assert len(shards) >= 3
-    split = _read_all(split_connector)
-    assert _bad(whole) == [] and _bad(split) == []
-    assert [d.id for d in _docs(whole)] == [f"doc-{i}" for i in range(300)]
-    assert _docs(split) == _docs(whole)
-    assert _docs(whole)[7].title == "Title 7" and _docs(whole)[7].metadata == {"lang": "fr"}
-    assert "naïve café" in _docs(whole)[7].text
+    split = read_all(split_connector)
+    assert bad_of(whole) == [] and bad_of(split) == []
+    assert [d.id for d in docs_of(whole)] == [f"doc-{i}" for i in range(300)]
+    assert docs_of(split) == docs_of(whole)
+    assert docs_of(whole)[7].title == "Title 7" and docs_of(whole)[7].metadata == {"lang": "fr"}
+    assert "naïve café" in docs_of(whole)[7].text
 
 
 @pytest.mark.parametrize("shard_bytes", [1, 2, 3, 7, 31, 64, 100])
@@ -75,9 +67,9 @@ def test_any_cut_points_keep_each_line_once(tmp_path: Path, shard_bytes: int) ->
     lines = [json.dumps({"id": i, "text": "é" * (i % 5 + 1)}, ensure_ascii=False) for i in range(25)]
     path = tmp_path / "crlf.jsonl"
     path.write_bytes("\r\n".join(lines).encode("utf-8"))
-    split = _read_all(_connector(str(path), shard_size_mb=shard_bytes / 1024 / 1024))
-    assert _bad(split) == []
-    assert [(d.id, d.text) for d in _docs(split)] == [(str(i), "é" * (i % 5 + 1)) for i in range(25)]
+    split = read_all(_connector(str(path), shard_size_mb=shard_bytes / 1024 / 1024))
+    assert bad_of(split) == []
+    assert [(d.id, d.text) for d in docs_of(split)] == [(str(i), "é" * (i % 5 + 1)) for i in range(25)]
 
 
 def test_shard_ids_are_stable_across_listings(corpus_file: Path) -> None:
@@ -101,15 +93,15 @@ def test_gzip_and_zstd_give_the_same_documents(tmp_path: Path) -> None:
     zstd = zstandard.ZstdCompressor()
     (tmp_path / "zst" / "docs.jsonl.zst").write_bytes(zstd.compress(data[:half]) + zstd.compress(data[half:]))
 
-    plain = _docs(_read_all(_connector(str(tmp_path / "plain"))))
+    plain = docs_of(read_all(_connector(str(tmp_path / "plain"))))
     gz_connector = _connector(str(tmp_path / "gz"), shard_size_mb=0.001)
     assert len(gz_connector.list_shards()) == 1  # a compressed file cannot be split
-    gz = _read_all(gz_connector)
-    zst = _read_all(_connector(str(tmp_path / "zst")))
-    assert _bad(gz) == [] and _bad(zst) == []
+    gz = read_all(gz_connector)
+    zst = read_all(_connector(str(tmp_path / "zst")))
+    assert bad_of(gz) == [] and bad_of(zst) == []
     assert len(plain) == 300
-    assert _docs(gz) == plain
-    assert _docs(zst) == plain
+    assert docs_of(gz) == plain
+    assert docs_of(zst) == plain
 
 
 def test_truncated_gzip_keeps_records_before_the_damage(tmp_path: Path) -> None:
@@ -117,8 +109,8 @@ def test_truncated_gzip_keeps_records_before_the_damage(tmp_path: Path) -> None:
     compressed = gzip.compress(data)
     path = tmp_path / "cut.jsonl.gz"
     path.write_bytes(compressed[: len(compressed) * 2 // 3])
-    items = _read_all(_connector(str(path)))
-    docs, bad = _docs(items), _bad(items)
+    items = read_all(_connector(str(path)))
+    docs, bad = docs_of(items), bad_of(items)
     assert len(bad) == 1
     assert "gzip" in bad[0].reason and "truncated" in bad[0].reason
     assert items[-1] is bad[0]  # the report comes after every record that could be read
@@ -134,11 +126,11 @@ def test_truncated_zstd_is_reported_not_silently_short(tmp_path: Path) -> None:
     compressed = zstandard.ZstdCompressor().compress(data)
     path = tmp_path / "cut.jsonl.zst"
     path.write_bytes(compressed[: len(compressed) // 2])
-    items = _read_all(_connector(str(path)))
-    bad = _bad(items)
+    items = read_all(_connector(str(path)))
+    bad = bad_of(items)
     assert len(bad) == 1 and "zstd" in bad[0].reason
-    assert [d.id for d in _docs(items)] == [f"doc-{i}" for i in range(len(_docs(items)))]
-    assert len(_docs(items)) > 100
+    assert [d.id for d in docs_of(items)] == [f"doc-{i}" for i in range(len(docs_of(items)))]
+    assert len(docs_of(items)) > 100
 
 
 def test_each_kind_of_bad_line_is_quarantined_and_reading_goes_on(tmp_path: Path) -> None:
@@ -160,9 +152,9 @@ def test_each_kind_of_bad_line_is_quarantined_and_reading_goes_on(tmp_path: Path
     ]
     path = tmp_path / "bad.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
-    items = _read_all(_connector(str(path)))
-    assert [d.id for d in _docs(items)] == [f"g{i}" for i in range(7)]
-    bad = _bad(items)
+    items = read_all(_connector(str(path)))
+    assert [d.id for d in docs_of(items)] == [f"g{i}" for i in range(7)]
+    bad = bad_of(items)
     assert len(bad) == 6
     assert all(b.reason and b.shard_id == "bad.jsonl" for b in bad)
     reasons = [b.reason for b in bad]
@@ -181,17 +173,17 @@ def test_records_without_id_get_stable_offset_ids(tmp_path: Path) -> None:
     lines = [b'{"text": "first"}', b'{"id": null, "text": "second"}', b'{"id": 7, "text": "third"}']
     path = tmp_path / "noid.jsonl"
     path.write_bytes(b"\n".join(lines))
-    docs = _docs(_read_all(_connector(str(path))))
+    docs = docs_of(read_all(_connector(str(path))))
     assert [d.id for d in docs] == ["noid.jsonl@0", f"noid.jsonl@{len(lines[0]) + 1}", "7"]
-    again = _docs(_read_all(_connector(str(path), shard_size_mb=10 / 1024 / 1024)))
+    again = docs_of(read_all(_connector(str(path), shard_size_mb=10 / 1024 / 1024)))
     assert [d.id for d in again] == [d.id for d in docs]
 
 
 def test_custom_fields(tmp_path: Path) -> None:
     path = tmp_path / "custom.ndjson"
     path.write_text(json.dumps({"uid": 1, "body": "hello", "name": "Greeting", "url": "http://x"}) + "\n")
-    docs = _docs(
-        _read_all(
+    docs = docs_of(
+        read_all(
             _connector(
                 str(path), id_field="uid", text_field="body", title_field="name", metadata_fields=["url"]
             )
@@ -213,10 +205,10 @@ def test_s3_gives_the_same_documents_as_local(s3_bucket: str, tmp_path: Path) ->
     local = _connector(str(tmp_path), shard_size_mb=0.002)
     assert [s.id for s in remote.list_shards()] == [s.id for s in local.list_shards()]
     assert remote.list_shards()[0].path.startswith("s3://")
-    remote_docs = _read_all(remote)
-    assert _bad(remote_docs) == []
+    remote_docs = read_all(remote)
+    assert bad_of(remote_docs) == []
     assert len(remote_docs) == 600
-    assert _docs(remote_docs) == _docs(_read_all(local))
+    assert docs_of(remote_docs) == docs_of(read_all(local))
 
 
 def test_missing_path_names_source_uri(tmp_path: Path) -> None:

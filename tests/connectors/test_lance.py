@@ -12,12 +12,10 @@ from connectors.registry import CONNECTORS
 from embedder import run
 from embedder.config import SourceConfig, build_job
 from embedder.records import Document
+from tests.connectors.reading import read_all
 
 QUICKSTART = "examples/quickstart/docs.jsonl"
 
-
-def _read_all(connector) -> list:
-    return [item for shard in connector.list_shards() for item in connector.documents(shard)]
 
 
 def test_any_table_with_a_text_column(tmp_path) -> None:
@@ -30,7 +28,7 @@ def test_any_table_with_a_text_column(tmp_path) -> None:
     connector = CONNECTORS.get("lance")(config)
     shards = connector.list_shards()
     assert len(shards) == 2 and [s.id for s in shards] == [s.id for s in connector.list_shards()]
-    items = _read_all(connector)
+    items = read_all(connector)
     docs = [i for i in items if isinstance(i, Document)]
     assert [d.id for d in docs] == [f"k{i}" for i in range(50) if i != 3]
     assert docs[0].metadata == {"lang": "en"}

@@ -14,23 +14,15 @@ import pytest
 from connectors.base import Connector, ConnectorError
 from connectors.registry import CONNECTORS
 from embedder.config import SourceConfig
-from embedder.records import BadRecord, Document
+from embedder.records import Document
+from tests.connectors.reading import bad_of, docs_of, read_all
 
 
 def _connector(uri: str, **options: object) -> Connector:
     return CONNECTORS.get("parquet")(SourceConfig(uri=uri, **options))
 
 
-def _read_all(connector: Connector) -> list[Document | BadRecord]:
-    return [item for shard in connector.list_shards() for item in connector.documents(shard)]
 
-
-def _docs(items: list[Document | BadRecord]) -> list[Document]:
-    return [item for item in items if isinstance(item, Document)]
-
-
-def _bad(items: list[Document | BadRecord]) -> list[BadRecord]:
-    return [item for item in items if isinstance(item, BadRecord)]
 
 
 def _wikipedia_table(n: int = 600) -> pa.Table:
@@ -57,7 +49,7 @@ def test_row_groups_become_shards_with_the_same_documents(tmp_path: Path) -> Non
 
     whole_connector = _connector(str(path), metadata_fields=["url"])
     assert [s.id for s in whole_connector.list_shards()] == ["wiki.parquet"]
-    whole = _read_all(whole_connector)
+    whole = read_all(whole_connector)
 
     split_connector = _connector(str(path), metadata_fields=["url"], shard_size_mb=0.01)
     shards = split_connector.list_shards()
@@ -70,16 +62,16 @@ def test_row_groups_become_shards_with_the_same_documents(tmp_path: Path) -> Non
     assert shards[0].start == 0 and shards[-1].end == 12
     assert [s.id for s in split_connector.list_shards()] == [s.id for s in shards]  # stable
 
-    split = _read_all(split_connector)
-    assert _bad(whole) == [] and _bad(split) == []
-    assert _docs(split) == _docs(whole)
-    assert [d.id for d in _docs(whole)] == [str(12 + 7 * i) for i in range(600)]
+    split = read_all(split_connector)
+    assert bad_of(whole) == [] and bad_of(split) == []
+    assert docs_of(split) == docs_of(whole)
+    assert [d.id for d in docs_of(whole)] == [str(12 + 7 * i) for i in range(600)]
 
 
 def test_wikipedia_layout_with_url_metadata(tmp_path: Path) -> None:
     path = tmp_path / "enwiki.parquet"
     _write(_wikipedia_table(3), path)
-    docs = _docs(_read_all(_connector(str(path), metadata_fields=["url"])))
+    docs = docs_of(read_all(_connector(str(path), metadata_fields=["url"])))
     assert docs[1] == Document(
         id="19",
         text="Article 1 is about ünïcode and things. " * 2,
@@ -126,12 +118,12 @@ def test_null_and_empty_text_are_bad_records(tmp_path: Path) -> None:
     )
     path = tmp_path / "holes.parquet"
     _write(table, path, row_group_size=2)
-    items = _read_all(_connector(str(path)))
-    assert [d.id for d in _docs(items)] == ["a", "e"]
-    bad = _bad(items)
+    items = read_all(_connector(str(path)))
+    assert [d.id for d in docs_of(items)] == ["a", "e"]
+    bad = bad_of(items)
     assert [(b.doc_id, b.location) for b in bad] == [("b", "row 1"), ("c", "row 2"), ("d", "row 3")]
     assert all(b.reason for b in bad)
-    assert [d.title for d in _docs(items)] == [None, None]  # no title column: no titles
+    assert [d.title for d in docs_of(items)] == [None, None]  # no title column: no titles
 
 
 def test_missing_id_column_gives_row_ids(tmp_path: Path) -> None:
@@ -139,7 +131,7 @@ def test_missing_id_column_gives_row_ids(tmp_path: Path) -> None:
     _write(pa.table({"text": [f"t{i}" for i in range(5)]}), path, row_group_size=2)
     connector = _connector(str(path), shard_size_mb=1 / 1024 / 1024)  # one row group per shard
     assert len(connector.list_shards()) == 3
-    assert [d.id for d in _docs(_read_all(connector))] == [f"texts.parquet@row{i}" for i in range(5)]
+    assert [d.id for d in docs_of(read_all(connector))] == [f"texts.parquet@row{i}" for i in range(5)]
 
 
 def test_missing_text_column_is_a_clear_error(tmp_path: Path) -> None:
@@ -154,9 +146,9 @@ def test_missing_text_column_is_a_clear_error(tmp_path: Path) -> None:
 def test_corrupt_file_is_one_bad_record_and_others_still_read(tmp_path: Path) -> None:
     _write(_wikipedia_table(10), tmp_path / "a.parquet")
     (tmp_path / "b.parquet").write_bytes(b"PAR1 this is not really parquet " * 50)
-    items = _read_all(_connector(str(tmp_path)))
-    assert len(_docs(items)) == 10
-    bad = _bad(items)
+    items = read_all(_connector(str(tmp_path)))
+    assert len(docs_of(items)) == 10
+    bad = bad_of(items)
     assert len(bad) == 1
     assert bad[0].shard_id == "b.parquet" and "Parquet" in bad[0].reason
 
@@ -169,10 +161,10 @@ def test_damaged_row_group_costs_only_its_rows(tmp_path: Path) -> None:
     start = text_chunk.data_page_offset
     data[start : start + 200] = b"\xff" * 200
     path.write_bytes(bytes(data))
-    items = _read_all(_connector(str(path)))  # the whole file is one shard
+    items = read_all(_connector(str(path)))  # the whole file is one shard
     ids = [str(12 + 7 * i) for i in range(200)]
-    assert [d.id for d in _docs(items)] == ids[:50] + ids[100:]
-    bad = _bad(items)
+    assert [d.id for d in docs_of(items)] == ids[:50] + ids[100:]
+    bad = bad_of(items)
     assert len(bad) == 1
     assert bad[0].location == "row group 1, rows 50-99" and "unreadable" in bad[0].reason
 
@@ -186,7 +178,7 @@ def test_s3_gives_the_same_documents_as_local(s3_bucket: str, tmp_path: Path) ->
     local = _connector(str(tmp_path / "*.parquet"), metadata_fields=["url"], shard_size_mb=0.01)
     assert len(remote.list_shards()) >= 2
     assert [s.id for s in remote.list_shards()] == [s.id for s in local.list_shards()]
-    remote_items = _read_all(remote)
-    assert _bad(remote_items) == []
-    assert _docs(remote_items) == _docs(_read_all(local))
+    remote_items = read_all(remote)
+    assert bad_of(remote_items) == []
+    assert docs_of(remote_items) == docs_of(read_all(local))
     assert len(remote_items) == 200

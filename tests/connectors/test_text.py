@@ -11,23 +11,14 @@ import pytest
 from connectors.base import Connector, ConnectorError
 from connectors.registry import CONNECTORS
 from embedder.config import SourceConfig
-from embedder.records import BadRecord, Document
+from tests.connectors.reading import bad_of, docs_of, read_all
 
 
 def _connector(uri: str, **options: object) -> Connector:
     return CONNECTORS.get("text")(SourceConfig(uri=uri, **options))
 
 
-def _read_all(connector: Connector) -> list[Document | BadRecord]:
-    return [item for shard in connector.list_shards() for item in connector.documents(shard)]
 
-
-def _docs(items: list[Document | BadRecord]) -> list[Document]:
-    return [item for item in items if isinstance(item, Document)]
-
-
-def _bad(items: list[Document | BadRecord]) -> list[BadRecord]:
-    return [item for item in items if isinstance(item, BadRecord)]
 
 
 _TREE = {
@@ -53,7 +44,7 @@ def _make_tree(root: Path, tree: dict[str, str] = _TREE) -> None:
 
 def test_nested_folder_ids_are_relative_paths(tmp_path: Path) -> None:
     _make_tree(tmp_path)
-    docs = _docs(_read_all(_connector(str(tmp_path), metadata_fields=["path"])))
+    docs = docs_of(read_all(_connector(str(tmp_path), metadata_fields=["path"])))
     assert [d.id for d in docs] == [
         "guides/deep/tuning.txt",
         "guides/install.md",
@@ -80,9 +71,9 @@ def test_grouping_gives_every_file_once(tmp_path: Path) -> None:
     assert len({s.id for s in shards}) == len(shards)
     members = [Path(p).relative_to(tmp_path).as_posix() for s in shards for p in s.get("files")]
     assert members == sorted(files)
-    grouped_docs = _docs(_read_all(grouped))
+    grouped_docs = docs_of(read_all(grouped))
     assert sorted(d.id for d in grouped_docs) == sorted(files)
-    assert grouped_docs == _docs(_read_all(one_per_file))
+    assert grouped_docs == docs_of(read_all(one_per_file))
     assert all(d.text == files[d.id] for d in grouped_docs)
 
 
@@ -115,8 +106,8 @@ def test_invalid_utf8_empty_and_missing_files_are_bad_records(tmp_path: Path) ->
     assert len(shards) == 1
     os.remove(tmp_path / "e.txt")  # deleted between listing and reading
     items = list(connector.documents(shards[0]))
-    assert [d.id for d in _docs(items)] == ["a.txt", "f.txt"]
-    bad = {b.location: b for b in _bad(items)}
+    assert [d.id for d in docs_of(items)] == ["a.txt", "f.txt"]
+    bad = {b.location: b for b in bad_of(items)}
     assert set(bad) == {"b.txt", "c.txt", "d.txt", "e.txt"}
     assert "UTF-8" in bad["b.txt"].reason and bad["b.txt"].doc_id == "b.txt"
     assert "empty" in bad["c.txt"].reason and "empty" in bad["d.txt"].reason
@@ -125,7 +116,7 @@ def test_invalid_utf8_empty_and_missing_files_are_bad_records(tmp_path: Path) ->
 
 def test_single_file_source(tmp_path: Path) -> None:
     _make_tree(tmp_path)
-    docs = _docs(_read_all(_connector(str(tmp_path / "guides" / "install.md"))))
+    docs = docs_of(read_all(_connector(str(tmp_path / "guides" / "install.md"))))
     assert [(d.id, d.title) for d in docs] == [("install.md", "install")]
 
 
@@ -145,8 +136,8 @@ def test_s3_folder(s3_bucket: str, tmp_path: Path) -> None:
     remote = _connector(f"{s3_bucket}/docs", shard_size_mb=40 / 1024 / 1024)
     local = _connector(str(tmp_path), shard_size_mb=40 / 1024 / 1024)
     assert [s.id for s in remote.list_shards()] == [s.id for s in local.list_shards()]
-    remote_items = _read_all(remote)
-    assert _bad(remote_items) == []
-    strip = [(d.id, d.text, d.title) for d in _docs(remote_items)]
-    assert strip == [(d.id, d.text, d.title) for d in _docs(_read_all(local))]
+    remote_items = read_all(remote)
+    assert bad_of(remote_items) == []
+    strip = [(d.id, d.text, d.title) for d in docs_of(remote_items)]
+    assert strip == [(d.id, d.text, d.title) for d in docs_of(read_all(local))]
     assert len(strip) == 5
