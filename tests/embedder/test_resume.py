@@ -23,6 +23,7 @@ import pytest
 from embedder import run
 from embedder.checkpoint import Checkpoint
 from embedder.config import build_job
+from tests.embedder.outputs import read_output, wait_lease_expired
 
 REPO = Path(__file__).resolve().parents[2]
 CHAIN = ["after_read@2", "mid_encode@2", "after_sink_write@1", "after_commit@2", "during_finish"]
@@ -59,30 +60,8 @@ def _run_cli(source: Path, output: str, sink: str, env_extra: dict | None = None
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
-def _read(output: str, sink: str):
-    if sink == "parquet":
-        fs, path = fsspec.core.url_to_fs(output)
-        return ds.dataset(path, format="parquet", filesystem=fs).to_table()
-    import lancedb
-
-    return lancedb.connect(output).open_table("chunks").to_arrow()
-
-
-def _wait_lease_expired(output: str) -> None:
-    from embedder.lease import Lease
-
-    lease = Lease(output)
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        record = lease.read()
-        if record is None or record.get("expires_at", 0) < time.time():
-            return
-        time.sleep(0.2)
-    raise AssertionError("the dead job's lease never expired")
-
-
 def _assert_equal_to_reference(output: str, sink: str, reference) -> None:
-    table = _read(output, sink).sort_by("id")
+    table = read_output(output, sink).sort_by("id")
     ids = table.column("id").to_pylist()
     assert len(ids) == len(set(ids)), "duplicate ids after resume"
     assert ids == reference["ids"], "missing or extra chunks after resume"
@@ -109,7 +88,7 @@ def references(corpus, tmp_path_factory) -> dict:
         output = str(tmp_path_factory.mktemp("ref") / sink)
         proc = _run_cli(corpus, output, sink)
         assert proc.returncode == 0, proc.stderr
-        table = _read(output, sink).sort_by("id")
+        table = read_output(output, sink).sort_by("id")
         checkpoint = Checkpoint(output)
         out[sink] = {
             "ids": table.column("id").to_pylist(),
@@ -134,7 +113,7 @@ def test_crash_chain_then_resume(corpus, references, sink, storage, tmp_path, re
     for point in CHAIN + (["during_compaction"] if sink == "lance" else []):
         proc = _run_cli(corpus, output, sink, {"EMBEDDER_FAILPOINT": point})
         assert proc.returncode == -signal.SIGKILL, f"{point}: expected SIGKILL, got {proc.returncode}: {proc.stderr[-2000:]}"
-        _wait_lease_expired(output)
+        wait_lease_expired(output)
     proc = _run_cli(corpus, output, sink)
     assert proc.returncode == 0, proc.stderr
     _assert_equal_to_reference(output, sink, references[sink])
@@ -150,7 +129,7 @@ def test_random_kills_then_resume(corpus, references, sink, tmp_path) -> None:
         time.sleep(rng.uniform(4.0, 9.0))
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
-        _wait_lease_expired(output)
+        wait_lease_expired(output)
     proc = _run_cli(corpus, output, sink)
     assert proc.returncode == 0, proc.stderr
     _assert_equal_to_reference(output, sink, references[sink])
@@ -194,7 +173,7 @@ def test_one_writer_per_output(corpus, references, tmp_path) -> None:
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=60)
     # The dead job's lease still stands until it expires; then a new job takes over and completes.
-    _wait_lease_expired(output)
+    wait_lease_expired(output)
     third = _run_cli(corpus, output, "lance")
     assert third.returncode == 0, third.stderr
     _assert_equal_to_reference(output, "lance", references["lance"])

@@ -16,6 +16,7 @@ import pytest
 from embedder import open_index, run
 from embedder.checkpoint import Checkpoint
 from embedder.config import build_job
+from tests.embedder.outputs import read_output
 
 CHARS_PER_ARTICLE = 1500  # keeps CPU encoding of the whole sample to a few seconds
 
@@ -66,11 +67,7 @@ def _job(source: str, output: str, fmt: str, sink: str, **extra) -> dict:
 
 
 def _read(output: str, sink: str) -> pa.Table:
-    if sink == "parquet":
-        return ds.dataset(output, format="parquet").to_table()
-    import lancedb
-
-    return lancedb.connect(output).open_table("chunks").to_arrow()
+    return read_output(output, sink)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pytest
 
 from embedder import run
@@ -39,6 +38,7 @@ from embedder.runners.ray import (
     rows_to_ends,
 )
 from embedder.runners.stages import ShardEnd
+from tests.embedder.outputs import read_output, wait_lease_expired
 
 REPO = Path(__file__).resolve().parents[2]
 CHARS_PER_ARTICLE = 800  # keeps CPU encoding of the sample to seconds
@@ -96,11 +96,7 @@ def _job(source: str, output: str, fmt: str, sink: str, runner: str, **extra) ->
 
 
 def _read(output: str, sink: str) -> pa.Table:
-    if sink == "parquet":
-        return ds.dataset(output, format="parquet").to_table().sort_by("id")
-    import lancedb
-
-    return lancedb.connect(output).open_table("chunks").to_arrow().sort_by("id")
+    return read_output(output, sink).sort_by("id")
 
 
 def _assert_same_rows(table: pa.Table, reference: pa.Table) -> None:
@@ -232,19 +228,6 @@ def _run_cli(source: Path, output: str, address: str, env_extra: dict | None = N
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
-def _wait_lease_expired(output: str) -> None:
-    from embedder.lease import Lease
-
-    lease = Lease(output)
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        record = lease.read()
-        if record is None or record.get("expires_at", 0) < time.time():
-            return
-        time.sleep(0.2)
-    raise AssertionError("the dead driver's lease never expired")
-
-
 @pytest.mark.slow
 def test_sigkilled_driver_then_rerun_equals_uninterrupted(ray_cluster, corpus, local_jsonl, tmp_path) -> None:
     """``embedder run --runner ray`` killed (SIGKILL) after its second commit, then run again."""
@@ -253,7 +236,7 @@ def test_sigkilled_driver_then_rerun_equals_uninterrupted(ray_cluster, corpus, l
     assert proc.returncode == -signal.SIGKILL, f"expected SIGKILL, got {proc.returncode}: {proc.stderr[-3000:]}"
     done_before = len(Checkpoint(out).completed())
     assert 1 <= done_before < len(set(local_jsonl.column("shard_id").to_pylist()))
-    _wait_lease_expired(out)
+    wait_lease_expired(out)
     proc = _run_cli(corpus, out, ray_cluster)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_same_rows(_read(out, "lance"), local_jsonl)
@@ -273,7 +256,7 @@ def test_sigterm_drains_the_ray_driver_and_rerun_completes(ray_cluster, corpus, 
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 75, stderr[-3000:]
     assert Checkpoint(out).runs()[-1]["state"] == "interrupted"
-    _wait_lease_expired(out)
+    wait_lease_expired(out)
     proc = _run_cli(corpus, out, ray_cluster)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_same_rows(_read(out, "lance"), local_jsonl)

@@ -12,43 +12,19 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from embedder.chunking import content_hash
 from embedder.config import OutputConfig
-from embedder.records import Chunk
-from embedder.schema import chunks_to_table, output_schema, provenance_of
+from embedder.schema import output_schema, provenance_of
 from indexes.base import SinkError
 from indexes.lance import LanceSink
 from indexes.parquet import FilterError, ParquetSink, parse_filter, part_name
 from indexes.registry import SINKS
-
-DIM = 8
-PROVENANCE = {"model": "test/model-a", "weights_sha256": "0" * 64, "normalize": True, "max_seq_length": 128}
-SCHEMA = output_schema(dim=DIM, metadata_fields=["url"], provenance=PROVENANCE)
-SHARD_A = "s3://corpus/it's/a.jsonl#0@0-100"
-SHARD_B = "s3://corpus/b.jsonl@100-200"
+from tests.indexes.rows import DIM, PROVENANCE, SCHEMA, SHARD_A, SHARD_B
+from tests.indexes.rows import rows as shared_rows
 
 
-def rows(shard_id: str, n: int, seed: int, schema: pa.Schema = SCHEMA, start: int = 0) -> pa.Table:
-    """Rows ``start..start+n`` of a shard, with random unit vectors (deterministic per seed)."""
-    rng = np.random.default_rng(seed)
-    dim = schema.field("vector").type.list_size
-    vectors = rng.normal(size=(n, dim)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    texts = [f"chunk {i} of {shard_id}" for i in range(start, start + n)]
-    chunks = [
-        Chunk(
-            doc_id=f"{shard_id}/doc{i // 3}",
-            chunk_index=i % 3,
-            text=text,
-            token_ids=np.zeros(0, np.int32),
-            content_hash=content_hash(text),
-            shard_id=shard_id,
-            title=None if i % 5 == 4 else f"Title {i % 4}",
-            metadata={"url": f"https://example.org/{seed}/{i}"},
-        )
-        for i, text in enumerate(texts, start)
-    ]
-    return chunks_to_table(chunks, vectors, schema)
+def rows(*args: object, **kwargs: object) -> pa.Table:
+    """The shared rows, with some empty titles (NULL handling of the filters)."""
+    return shared_rows(*args, null_titles=True, **kwargs)
 
 
 def sink_at(uri: str, schema: pa.Schema = SCHEMA) -> ParquetSink:
