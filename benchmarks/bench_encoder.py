@@ -346,8 +346,75 @@ def _component_seconds(shape: dict[str, int], b: dict[str, Any]) -> dict[str, fl
     return out
 
 
-def profile_forward(name: str, budgets: list[int]) -> None:
-    """Times the packed forward of a random ``name``-shaped BERT on full batches (eager and compiled),
+def _fused_seconds(shape: dict[str, int], b: dict[str, Any]) -> dict[str, float]:
+    """The fused replacements of the elementwise pieces, timed alone like ``_component_seconds``."""
+    import torch
+    import torch.nn.functional as F
+
+    from embedder.models.kernels import add_layer_norm
+
+    h, i, total = shape["hidden"], shape["intermediate"], b["total"]
+    x = torch.randn(total, h, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(total, h, device="cuda", dtype=torch.bfloat16)
+    w = 0.02 * torch.randn(i, h, device="cuda", dtype=torch.bfloat16)
+    bias = torch.zeros(i, device="cuda", dtype=torch.bfloat16)
+    ones = torch.ones(h, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        plain = _cuda_seconds(lambda: F.gelu(F.linear(x, w, bias)))
+        fused = _cuda_seconds(lambda: torch._addmm_activation(bias, x, w.t(), use_gelu=True))
+        return {
+            "ffn-in + exact GELU": plain,
+            "ffn-in, tanh GELU in epilogue": fused,
+            "add+layernorm x2, triton fused": 2 * _cuda_seconds(lambda: add_layer_norm(x, y, ones, ones, 1e-12)),
+        }
+
+
+def _attention_alternatives(shape: dict[str, int], b: dict[str, Any]) -> dict[str, float]:
+    """Seconds of one layer's attention over the batch by other kernels, for comparison only:
+    SDPA (cuDNN, flash) on sequences grouped by exact length — no padding and no mask, so a lower
+    bound for any padded scheme — and SDPA on a nested (jagged) tensor."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    heads, d = shape["heads"], shape["hidden"] // shape["heads"]
+    lengths = b["lengths"]
+    groups: dict[int, int] = {}
+    for n in lengths.tolist():
+        groups[n] = groups.get(n, 0) + 1
+    tensors = {
+        n: [torch.randn(c, heads, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3)] for n, c in groups.items()
+    }
+    out: dict[str, float] = {}
+    for label, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+        def grouped(backend: Any = backend) -> None:
+            with sdpa_kernel(backend):
+                for q, k, v in tensors.values():
+                    F.scaled_dot_product_attention(q, k, v)
+
+        try:
+            out[f"sdpa {label}, equal-length groups ({len(groups)})"] = _cuda_seconds(grouped)
+        except RuntimeError as err:
+            print(f"    sdpa {label}: {str(err).splitlines()[0][:120]}", flush=True)
+    try:
+        parts = [torch.randn(n, heads, d, device="cuda", dtype=torch.bfloat16) for n in lengths.tolist()]
+        qn = torch.nested.nested_tensor(parts, layout=torch.jagged).transpose(1, 2)
+        for label, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+            def jagged(backend: Any = backend) -> None:
+                with sdpa_kernel(backend):
+                    F.scaled_dot_product_attention(qn, qn, qn)
+
+            try:
+                out[f"sdpa {label}, nested jagged"] = _cuda_seconds(jagged)
+            except RuntimeError as err:
+                print(f"    nested {label}: {str(err).splitlines()[0][:120]}", flush=True)
+    except Exception as err:  # nested tensors vary by torch version: this is exploration only
+        print(f"    nested jagged: {type(err).__name__}: {str(err)[:120]}", flush=True)
+    return out
+
+
+def profile_forward(name: str, budgets: list[int], compile_too: bool = False) -> None:
+    """Times the packed forward of a random ``name``-shaped BERT on full batches (fused or not; compiled),
     its pieces alone, and prints the top CUDA kernels of one eager forward."""
     import torch
     import transformers
@@ -363,8 +430,16 @@ def profile_forward(name: str, budgets: list[int]) -> None:
     model = transformers.BertModel(config).eval()
     rng = np.random.default_rng(0)
     batches = {budget: _profile_batch(rng, budget) for budget in budgets}
-    for label, compile in (("eager", False), ("compiled", True)):
-        packed = PackedBertEncoder.from_hf(model, torch.device("cuda"), torch.bfloat16, compile=compile)
+    variants = {
+        "default (tanh-GELU epilogue, fused add+LN)": {},
+        "exact GELU, fused add+LN": {"approximate_gelu": False},
+        "unfused (exact GELU, torch add+LN)": {"approximate_gelu": False, "fused_add_norm": False},
+        "compiled": {"compile": True, "approximate_gelu": False},
+    }
+    if not compile_too:
+        variants.pop("compiled")
+    for label, options in variants.items():
+        packed = PackedBertEncoder.from_hf(model, torch.device("cuda"), torch.bfloat16, **options)
         for b in batches.values():
             seconds = _cuda_seconds(lambda packed=packed, b=b: _packed_forward(packed, b))
             flops = flops_per_corpus(shape, b["lengths"])
@@ -378,6 +453,8 @@ def profile_forward(name: str, budgets: list[int]) -> None:
     mm_ms = sum(v for k, v in parts.items() if k.startswith("mm"))
     print(f"    matmuls alone {2 * b['total'] * (4 * h * h + 2 * h * i) * shape['layers'] / mm_ms / 1e9:.0f} TFLOP/s; "
           f"sum of pieces {sum(parts.values()):.1f} ms/batch", flush=True)
+    for k, v in {**_fused_seconds(shape, b), **_attention_alternatives(shape, b)}.items():
+        print(f"    {k:<40} {v * shape['layers'] * 1e3:7.1f} ms/batch", flush=True)
     packed = PackedBertEncoder.from_hf(model, torch.device("cuda"), torch.bfloat16)
     _packed_forward(packed, b)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -424,9 +501,9 @@ def bench_model(name: str, args: argparse.Namespace, root: Path, minilm_path: st
     ) as pool:
         list(pool.map(_chunk_task, [docs[:4]] * args.workers))  # start the workers
         variants = [("eager", encoder)]
-        if device == "cuda" and name in args.approximate_gelu_models.split(","):
-            fused = Encoder.load(ModelConfig(name=path, device=device, dtype=dtype), approximate_gelu=True)
-            variants.append(("eager tanh-GELU fused", fused))
+        if device == "cuda" and name in args.exact_gelu_models.split(","):
+            exact = Encoder.load(ModelConfig(name=path, device=device, dtype=dtype), approximate_gelu=False)
+            variants.append(("eager exact-GELU", exact))
         if args.compile and (not args.compile_models or name in args.compile_models.split(",")):
             compiled = Encoder.load(ModelConfig(name=path, device=device, dtype=dtype, compile=True))
             variants.append(("compiled", compiled))
@@ -510,7 +587,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also run the torch.compile variant")
     parser.add_argument("--compile-models", default="", help="only these models get the compile variant (default: all)")
     parser.add_argument(
-        "--approximate-gelu-models", default="", help="these models also run with the fused tanh-GELU (opt-in) variant"
+        "--exact-gelu-models", default="", help="these models also run with exact erf GELU (approximate_gelu: false)"
     )
     parser.add_argument("--token-budget", type=int, default=0, help="0: the encoder's auto budget")
     parser.add_argument("--budget-sweep", default="", help="GPU-only token budgets to try, e.g. 32768,65536,131072")
@@ -535,7 +612,7 @@ def main() -> None:
     device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
     print(f"device {device_name}, torch {torch.__version__}, peak {peak:.0f} TFLOP/s, workers {args.workers}", flush=True)
     if args.profile:
-        profile_forward(args.models.split(",")[0], args.budget_sweep or [65536, 131072])
+        profile_forward(args.models.split(",")[0], args.budget_sweep or [65536, 131072], compile_too=args.compile)
         return
     rows: list[dict[str, Any]] = []
     root = Path(tempfile.mkdtemp(prefix="bench-encoder-"))

