@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--minilm", default="", help="bundled MiniLM directory (default: the installed package)")
     parser.add_argument("--workers", default="auto")
-    parser.add_argument("--shard-mb", type=float, default=8.0)
+    parser.add_argument("--shard-mb", default="8", help="target shard size in MB; a comma list runs each")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
 
@@ -44,6 +44,9 @@ def main() -> None:
     from benchmarks.bench_encoder import MAX_SEQ_LENGTH, build_model, synthetic_corpus
     from embedder import run
     from embedder.config import build_job
+    from embedder.runners.local import TimelineSampler
+
+    TimelineSampler.PERIOD_S = 0.25  # a finer timeline than the run record's default, for the steady rate
 
     minilm = args.minilm
     if not minilm:
@@ -62,11 +65,12 @@ def main() -> None:
             for d in docs:
                 f.write(json.dumps({"id": d.id, "text": d.text}) + "\n")
         print(f"corpus: {len(docs):,} documents, {corpus.stat().st_size / 1e6:.1f} MB", flush=True)
-        for name in args.models.split(","):
+        runs = [(name, float(mb)) for name in args.models.split(",") for mb in args.shard_mb.split(",")]
+        for name, shard_mb in runs:
             path = build_model(name, root / "models", minilm)
             job = build_job({
-                "source": {"uri": str(corpus), "format": "jsonl", "shard_size_mb": args.shard_mb},
-                "output": {"uri": str(root / f"out-{name}"), "sink": "parquet"},
+                "source": {"uri": str(corpus), "format": "jsonl", "shard_size_mb": shard_mb},
+                "output": {"uri": str(root / f"out-{name}-{shard_mb:g}"), "sink": "parquet"},
                 "model": {"name": path, "device": args.device, "dtype": args.dtype},
                 "runner": {"workers": args.workers, "show_progress": False},
             })
@@ -74,20 +78,36 @@ def main() -> None:
             result = run(job)
             wall = time.perf_counter() - t0
             rows.append({
-                "model": name, "documents": result.documents, "chunks": result.chunks, "tokens": result.tokens,
+                "model": name, "shards": result.shards_total, "documents": result.documents, "chunks": result.chunks, "tokens": result.tokens,
                 "load_s": round(result.load_seconds, 1), "embed_s": round(result.pipeline_seconds, 2),
                 "wall_s": round(wall, 1), "tokens_per_s": round(result.tokens_per_second),
                 "canary_min_cos": (result.canary or {}).get("min_cosine"),
                 "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
+                "gpu_wait_s": round(result.gpu_seconds, 2), "gpu_util": result.gpu_utilization,
+                **_timeline_figures(result.timeline, result.tokens),
             })
             print(json.dumps(rows[-1]), flush=True)
     print()
-    print(f"{'model':<10} {'tokens':>11} {'embed s':>8} {'tokens/s':>11} {'canary min cos':>15} {'peak RSS GB':>12}")
+    print(f"{'model':<10} {'shards':>6} {'tokens':>11} {'embed s':>8} {'tokens/s':>11} {'first s':>7} "
+          f"{'steady tok/s':>12} {'canary min cos':>15} {'peak RSS GB':>12}")
     for r in rows:
         cos = f"{r['canary_min_cos']:.5f}" if r["canary_min_cos"] is not None else "-"
-        print(f"{r['model']:<10} {r['tokens']:>11,} {r['embed_s']:>8} {r['tokens_per_s']:>11,} {cos:>15} {r['peak_rss_gb']:>12}")
+        print(f"{r['model']:<10} {r['shards']:>6} {r['tokens']:>11,} {r['embed_s']:>8} {r['tokens_per_s']:>11,} "
+              f"{r['first_tokens_s']:>7} {r['steady_tokens_per_s']:>12,} {cos:>15} {r['peak_rss_gb']:>12}")
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
+
+
+def _timeline_figures(timeline: list[list[float]], tokens: int) -> dict[str, float]:
+    """When the first vectors came back, and the rate between 10% and 90% of the tokens (the steady
+    state, without start-up and the last shard's tail)."""
+    points = [(t, n) for t, n in timeline if n > 0]
+    if len(points) < 3 or not tokens:
+        return {"first_tokens_s": float("nan"), "steady_tokens_per_s": 0}
+    lo = next(p for p in points if p[1] >= 0.1 * tokens)
+    hi = next((p for p in points if p[1] >= 0.9 * tokens), points[-1])
+    rate = (hi[1] - lo[1]) / (hi[0] - lo[0]) if hi[0] > lo[0] else 0.0
+    return {"first_tokens_s": round(points[0][0], 2), "steady_tokens_per_s": round(rate)}
 
 
 if __name__ == "__main__":
