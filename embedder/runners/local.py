@@ -188,7 +188,7 @@ class LocalRunner:
         self._drain = threading.Event()  # stop taking shards, finish in-flight ones
         self._drain_deadline = float("inf")
         self._lease_lost = False
-        self._known_versions: dict[str, str] | None = None
+        self._known_versions: Any = None  # embedder.incremental.KnownVersions, for the connector
         from embedder.validate import CanarySampler
 
         self.canaries = CanarySampler(self.job.validation.canary_samples)
@@ -356,9 +356,9 @@ class LocalRunner:
         if version_field and version_field in sink.schema.names:
             columns.append(version_field)
         existing = ExistingChunks.from_table(sink.read(columns=columns), version_field)
-        if version_field and not existing.versions:
+        self._known_versions = existing.known_versions()
+        if version_field and self._known_versions is None:
             log.info("incremental: the output has no %r column; every document is parsed again", version_field)
-        self._known_versions = existing.versions or None
         return ChangeFilter(existing)
 
     def _prune(self, sink: Any, checkpoint: Any, current_shards: set[str], result: RunResult) -> None:

@@ -27,6 +27,10 @@ Memory. Shards enter one per block; a read task yields blocks of at most a few t
 executor launches no new task while an operator's output queue fills its object-store budget. A
 90 GB dump streams through a bounded window, the way the local runner's bounded queues do.
 
+Incremental passes. The driver puts what the output holds (``ExistingChunks``, compact hash arrays)
+in the object store once; each read task filters its shards' chunks with its own ``ChangeFilter``
+and ends each shard with its change record, so unchanged chunks never reach an encoder actor.
+
 The model is not loaded on the driver: a one-off task placed like an encoder actor reports what the
 driver needs (tokenizer, limits, dimension, provenance with the actors' device and dtype).
 """
@@ -67,6 +71,7 @@ if TYPE_CHECKING:
     import tokenizers
 
     from embedder.chunking import Chunker
+    from embedder.incremental import ExistingChunks
     from embedder.packing import SequenceLayout
 
 log = logging.getLogger("embedder")
@@ -301,19 +306,52 @@ def rows_to_ends(end_rows: pa.Table) -> list[ShardEnd]:
 
 
 def read_shard_rows(
-    shards: pa.Table, job_json: str, tokenizer_json: str, max_seq_length: int, overhead: int
+    shards: pa.Table,
+    job_json: str,
+    tokenizer_json: str,
+    max_seq_length: int,
+    overhead: int,
+    existing: tuple[Any, ...] = (),
 ) -> Iterator[pa.Table]:
     """Ray Data CPU stage: ``read_and_chunk`` for each shard of the block, yielding chunk rows as
-    they are made and the shard's end row last."""
+    they are made and the shard's end row last.
+
+    Incremental passes: ``existing`` holds the object ref of the output's ``ExistingChunks``
+    (wrapped in a tuple, so Ray hands the ref over unresolved). The call's own ``ChangeFilter``
+    drops unchanged chunks before they become rows and sets each ``ShardEnd``'s ``chunks`` and
+    ``changes`` as the local runner's feeder does: a call reads whole shards, so its filter sees
+    every chunk of them. The connector skips documents by version (``known_versions``) as locally.
+    """
+    from embedder.incremental import ChangeFilter
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # a task has one CPU
     job = Job.model_validate_json(job_json)
     chunker = _chunker(tokenizer_json, max_seq_length, overhead, job.chunking.model_dump_json())
     connector = make_connector(job)
+    change_filter = None
+    if existing:
+        import ray
+
+        # Zero-copy: the arrays are read-only views of the node's object store, one copy per node.
+        held: ExistingChunks = ray.get(existing[0])
+        change_filter = ChangeFilter(held)
+        connector.known_versions = held.known_versions()
     fields = job.source.metadata_fields
     for raw in shards.column("shard").to_pylist():
         shard: Shard = pickle.loads(raw)
         for item in read_and_chunk(connector, chunker, shard):
-            yield end_to_rows(item) if isinstance(item, ShardEnd) else chunks_to_rows(item, fields)
+            if isinstance(item, ShardEnd):
+                if change_filter is not None:
+                    item.chunks, item.changes = change_filter.finish_shard(
+                        item.shard_id, item.chunks, item.unchanged_doc_ids
+                    )
+                yield end_to_rows(item)
+                continue
+            if change_filter is not None:
+                item = change_filter.filter(item)
+                if not item:
+                    continue
+            yield chunks_to_rows(item, fields)
 
 
 # --- the device stage: the encoder actor ----------------------------------------------------
@@ -424,11 +462,6 @@ class RayRunner(LocalRunner):
         force_unlock: bool = False,
     ) -> None:
         super().__init__(job, on_progress=on_progress, force_unlock=force_unlock)
-        if self.job.output.mode == "incremental":
-            raise ConfigError(
-                "output.mode 'incremental' runs on the local runner only for now (its change filter "
-                "sits between chunking and encoding, which Ray runs remotely); use runner.kind: local for it"
-            )
         self._connected_here = False
         self.pool: EncoderPool | None = None
         self.encoders_seen: dict[str, float] = {}  # encoder actor id → its encode seconds
@@ -475,8 +508,11 @@ class RayRunner(LocalRunner):
         )
         return facts
 
-    def _dataset(self, ray: Any, pending: Sequence[Shard], encoder: EncoderFacts) -> Any:
-        """The Ray Data pipeline: pending shards → chunk rows (CPU tasks) → encoded rows (actors)."""
+    def _dataset(self, ray: Any, pending: Sequence[Shard], encoder: EncoderFacts, existing: Any = None) -> Any:
+        """The Ray Data pipeline: pending shards → chunk rows (CPU tasks) → encoded rows (actors).
+
+        ``existing``: incremental passes, the object ref of the output's ``ExistingChunks``.
+        """
         from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
         job, pool = self.job, self.pool
@@ -499,6 +535,7 @@ class RayRunner(LocalRunner):
                 "tokenizer_json": encoder.tokenizer_json,
                 "max_seq_length": encoder.max_seq_length,
                 "overhead": encoder.layout.overhead,
+                "existing": () if existing is None else (existing,),
             },
             num_cpus=1,
             compute=None if workers == "auto" else TaskPoolStrategy(size=max(1, int(workers))),
@@ -535,7 +572,13 @@ class RayRunner(LocalRunner):
     ) -> None:
         import ray
 
-        dataset = self._dataset(ray, pending, encoder)
+        # Incremental: what the output holds goes to the object store once; read tasks filter with it.
+        existing = None
+        if change_filter is not None:
+            existing = ray.put(change_filter.existing)
+            change_filter.existing = ray.get(existing)  # the driver too keeps only the store's copy
+            self._known_versions = None  # the read tasks derive theirs from the stored copy
+        dataset = self._dataset(ray, pending, encoder, existing)
         blocks: queue.Queue = queue.Queue(maxsize=2)
         failure: list[BaseException] = []
         pulled_all = threading.Event()

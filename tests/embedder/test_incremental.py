@@ -17,7 +17,7 @@ import tokenizers
 from embedder import run
 from embedder.chunking import Chunker
 from embedder.config import ChunkingConfig, build_job
-from embedder.records import Document
+from embedder.records import Chunk, Document
 from embedder.schema import provenance_of
 
 REPO = Path(__file__).resolve().parents[2]
@@ -203,3 +203,106 @@ def test_wikipedia_unchanged_revisions_are_not_parsed(wiki_sample, tmp_path) -> 
     assert 0 < second.tokens < first.tokens / 4
     assert second.deleted == 0 and second.updated + second.added >= 2
     assert len(set(table.column("doc_id").to_pylist())) == 10
+
+
+# --- the compact form of what the output holds --------------------------------------------------
+
+
+def _output_rows(rng: random.Random, docs: int) -> tuple[dict, dict, dict]:
+    """Rows as an output holds them: ids → content hash, doc → chunk count, doc → revision ids of its rows."""
+    from embedder.chunking import content_hash
+
+    hashes, counts, revisions = {}, {}, {}
+    for d in range(docs):
+        doc_id = f"Page {d} é"  # non-ASCII ids hash by their utf-8 bytes
+        counts[doc_id] = rng.randint(1, 6)
+        revision = rng.randint(1, 10**9)
+        revisions[doc_id] = []
+        for i in range(counts[doc_id]):
+            hashes[f"{doc_id}#{i}"] = content_hash(f"{doc_id} {i} {rng.random()}")
+            # some documents were partly re-embedded by a later pass: their rows carry two revisions
+            revisions[doc_id].append(revision + (1 if d % 7 == 0 and i == 0 else 0))
+    return hashes, counts, revisions
+
+
+def test_compact_lookup_answers_as_the_rows_it_was_built_from() -> None:
+    import pyarrow as pa
+
+    from embedder.chunking import content_hash
+    from embedder.incremental import ABSENT, CHANGED, SAME, ExistingChunks
+
+    rng = random.Random(11)
+    hashes, counts, revisions = _output_rows(rng, 1500)
+    ids = list(hashes)
+    rng.shuffle(ids)  # outputs are not sorted
+    table = pa.table({
+        "id": ids,
+        "doc_id": [i.rsplit("#", 1)[0] for i in ids],
+        "chunk_index": pa.array([int(i.rsplit("#", 1)[1]) for i in ids], pa.int32()),
+        "content_hash": [hashes[i] for i in ids],
+        "revision_id": pa.array([revisions[i.rsplit("#", 1)[0]][int(i.rsplit("#", 1)[1])] for i in ids], pa.int64()),
+    })
+    existing = ExistingChunks.from_table(table, "revision_id")
+    assert len(existing) == len(ids)
+    assert existing.nbytes == 16 * len(ids) + 28 * len(counts)  # 16 bytes per chunk id, 28 per document
+
+    queries = ids[:500] + ids[500:1000] + [f"Page {d} é#9" for d in range(300)] + ["other#0"]
+    query_hashes = [hashes[i] for i in ids[:500]] + [content_hash(i + " edited") for i in ids[500:1000]] + ["0" * 32] * 301
+    status = existing.match(queries, query_hashes)
+    assert (status[:500] == SAME).all() and (status[500:1000] == CHANGED).all() and (status[1000:] == ABSENT).all()
+
+    docs = list(counts) + ["never seen"]
+    assert existing.chunk_counts(docs).tolist() == [*counts.values(), 0]
+    known = existing.known_versions()
+    assert len(known) == len(counts)
+    # a document's version is the newest its rows carry (revision ids only grow)
+    assert all(known.get(d) == str(max(revisions[d])) for d in counts)
+    assert known.get("never seen") is None and "never seen" not in known
+
+
+def test_compact_lookup_keeps_non_integer_versions_exactly() -> None:
+    import pyarrow as pa
+
+    from embedder.incremental import ExistingChunks
+
+    rows = [("a", 0, "v1"), ("a", 1, "v1"), ("b", 0, "007"), ("c", 0, "123"), ("d", 0, "x"), ("d", 1, "y"), ("e", 0, None)]
+    table = pa.table({"id": [f"{d}#{i}" for d, i, _ in rows], "doc_id": [d for d, _, _ in rows],
+                      "chunk_index": pa.array([i for _, i, _ in rows], pa.int32()), "content_hash": ["ab" * 16] * len(rows),
+                      "etag": [v for _, _, v in rows]})
+    known = ExistingChunks.from_table(table, "etag").known_versions()
+    assert {d: known.get(d) for d in "abcde"} == {"a": "v1", "b": "007", "c": "123", "d": None, "e": None}
+    assert ExistingChunks.from_table(table.drop_columns(["etag"]), "etag").known_versions() is None
+
+
+def test_colliding_chunk_ids_are_reembedded_never_skipped() -> None:
+    """Two ids whose 64-bit keys collide: the stored row of one never passes the other as
+    unchanged, even with the same content; rows sharing a key each still match their own id."""
+    from embedder.chunking import content_hash
+    from embedder.incremental import CHANGED, SAME, ChangeFilter, ExistingChunks, content_keys, id_digests
+
+    same_text = content_hash("References")
+    (x_key, x_check), (_, y_check) = id_digests(["Page X#3", "Page Y#3"])
+    content = content_keys([same_text])[0]
+    # The output holds Page Y#3 with that text, and Y's key happens to equal X's.
+    existing = ExistingChunks(chunk_keys=np.array([x_key], np.uint64), chunk_values=np.array([y_check ^ content], np.uint64))
+    assert existing.match(["Page X#3"], [same_text]).tolist() == [CHANGED]
+    chunk_filter = ChangeFilter(existing)
+    chunk = Chunk("Page X", 3, "References", np.zeros(3, np.int32), same_text, "s1", None, {})
+    assert chunk_filter.filter([chunk]) == [chunk], "a colliding id is embedded, not skipped"
+    _, record = chunk_filter.finish_shard("s1", 1, [])
+    assert (record["updated"], record["unchanged"], record["replaced"]) == (1, 0, ["Page X#3"])
+
+    # Both rows in the output under one key (Y's row sorted first): X still finds its own row.
+    both = ExistingChunks(chunk_keys=np.array([x_key, x_key], np.uint64),
+                          chunk_values=np.array([y_check ^ content, x_check ^ content], np.uint64))
+    assert both.match(["Page X#3", "Page X#3"], [same_text, content_hash("edited")]).tolist() == [SAME, CHANGED]
+
+
+def test_colliding_document_ids_keep_their_own_counts() -> None:
+    from embedder.incremental import ExistingChunks, id_digests
+
+    (a_key, a_check), (_, b_check) = id_digests(["Doc A", "Doc B"])
+    # Doc A's key is shared with a row of Doc B (7 chunks) sorted before it.
+    existing = ExistingChunks(doc_keys=np.array([a_key, a_key], np.uint64), doc_checks=np.array([b_check, a_check], np.uint64),
+                              doc_chunks=np.array([7, 2], np.uint32))
+    assert existing.chunk_counts(["Doc A", "Doc B"]).tolist() == [2, 0]

@@ -12,6 +12,7 @@ import bz2
 import datetime
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -88,6 +89,7 @@ def _job(source: str, output: str, fmt: str, sink: str, runner: str, **extra) ->
         "model": {"name": "all-MiniLM-L6-v2", "device": "cpu", "token_budget": 1024},
         "chunking": {"max_tokens": 128},
         "runner": {"kind": runner, "workers": 2, "show_progress": False, "lease_ttl_s": 2},
+        "validation": {},
     }
     for key, value in extra.items():
         section, name = key.split("__")
@@ -112,12 +114,18 @@ def _assert_same_rows(table: pa.Table, reference: pa.Table) -> None:
 
 
 @pytest.fixture(scope="module")
-def local_jsonl(tmp_path_factory, corpus) -> pa.Table:
-    """The JSONL corpus through the local runner: the reference every Ray run must equal."""
+def local_jsonl_output(tmp_path_factory, corpus) -> str:
+    """The JSONL corpus through the local runner (the output's path; tests copy it, never write it)."""
     out = str(tmp_path_factory.mktemp("local") / "db")
     result = run(build_job(_job(str(corpus), out, "jsonl", "lance", "local")))
     assert result.state == "done" and result.shards_total >= 8
-    return _read(out, "lance")
+    return out
+
+
+@pytest.fixture(scope="module")
+def local_jsonl(local_jsonl_output) -> pa.Table:
+    """The reference every Ray run of the JSONL corpus must equal."""
+    return _read(local_jsonl_output, "lance")
 
 
 # --- no cluster needed --------------------------------------------------------------------------
@@ -135,9 +143,6 @@ def test_encoder_pool_follows_the_cluster() -> None:
     cuda_job = build_job(_job("in.jsonl", "out", "jsonl", "lance", "ray", model__device="cuda"))
     with pytest.raises(ConfigError, match="ray start --num-gpus"):
         plan_encoder_pool(cuda_job, {"CPU": 64.0})
-    incremental = build_job(_job("in.jsonl", "out", "jsonl", "lance", "ray", output__mode="incremental"))
-    with pytest.raises(ConfigError, match="runner.kind: local"):
-        RayRunner(incremental)
 
 
 def test_rows_between_stages_carry_chunks_exactly() -> None:
@@ -211,6 +216,160 @@ def test_killed_encoder_actor_loses_and_duplicates_nothing(ray_cluster, corpus, 
     assert len(runner.encoders_seen) >= 3
     _assert_same_rows(_read(out, "lance"), local_jsonl)
     assert result.rows_written == local_jsonl.num_rows
+
+
+# --- incremental passes ---------------------------------------------------------------------------
+
+
+def _edited(articles: list[dict], reference: pa.Table) -> list[dict]:
+    """The corpus after an edit: 4 articles changed mid-text, one shrunk to one chunk, 2 deleted, 2 added."""
+    counts: dict[str, int] = {}
+    for doc_id in reference.column("doc_id").to_pylist():
+        counts[doc_id] = counts.get(doc_id, 0) + 1
+    multi = [a for a in articles if counts.get(a["id"], 0) >= 2]
+    assert len(multi) >= 6, "the corpus needs articles of several chunks"
+    changed, shrunk, deleted = {a["id"] for a in multi[:4]}, multi[4]["id"], {a["id"] for a in multi[5:7]}
+    out = []
+    for article in articles:
+        article = dict(article)
+        if article["id"] in deleted:
+            continue
+        if article["id"] in changed:
+            words = article["text"].split()
+            article["text"] = " ".join(words[: len(words) // 2] + ["A", "sentence", "edited", "in."] + words[len(words) // 2 :])
+        if article["id"] == shrunk:
+            article["text"] = " ".join(article["text"].split()[:20])
+        out.append(article)
+    for i in range(2):
+        out.append({"id": f"new-{i}", "title": f"New {i}", "text": f"A new article number {i} about rivers. " * 12,
+                    "url": f"https://example.org/new-{i}"})
+    return out
+
+
+def test_ray_incremental_equals_local_incremental(ray_cluster, corpus, local_jsonl_output, local_jsonl, tmp_path) -> None:
+    """The same edits over copies of one full output: ``runner: ray`` writes what the local runner
+    writes, counts the same changes, and encodes only the added and changed chunks."""
+    edited = tmp_path / "edited.jsonl"
+    articles = [json.loads(line) for line in corpus.read_text(encoding="utf-8").splitlines()]
+    edited.write_text("".join(json.dumps(a) + "\n" for a in _edited(articles, local_jsonl)), encoding="utf-8")
+    results, tables = {}, {}
+    for kind in ("local", "ray"):
+        out = str(tmp_path / kind)
+        shutil.copytree(local_jsonl_output, out)
+        results[kind] = run(build_job(_job(str(edited), out, "jsonl", "lance", kind, output__mode="incremental")))
+        assert results[kind].state == "done" and results[kind].mode == "incremental" and results[kind].runner == kind
+        tables[kind] = _read(out, "lance")
+    local, remote = results["local"], results["ray"]
+    counts = ("added", "updated", "unchanged", "deleted", "chunks", "tokens", "rows_written")
+    assert {k: getattr(remote, k) for k in counts} == {k: getattr(local, k) for k in counts}
+    assert remote.added >= 2 and remote.updated >= 4 and remote.deleted >= 3 and remote.unchanged > 0
+    # Unchanged chunks never reached an encoder: what was encoded is exactly the added + updated chunks.
+    assert remote.chunks == remote.added + remote.updated < local_jsonl.num_rows
+    table, reference = tables["ray"], tables["local"]
+    assert table.column("id").to_pylist() == reference.column("id").to_pylist()
+    assert table.column("content_hash").to_pylist() == reference.column("content_hash").to_pylist()
+    assert table.column("text").to_pylist() == reference.column("text").to_pylist()
+    untagged = [[s.split("@")[0] for s in t.column("shard_id").to_pylist()] for t in (table, reference)]
+    assert untagged[0] == untagged[1]  # rows of this pass carry their pass's tag (run ids differ)
+    a = np.asarray(table.column("vector").to_pylist(), dtype=np.float32)
+    b = np.asarray(reference.column("vector").to_pylist(), dtype=np.float32)
+    assert np.sum(a * b, axis=1).min() >= 0.9999
+    assert "new-0#0" in set(table.column("id").to_pylist())
+
+
+def _small_dump(wiki_sample: Path, path: Path, pages: int = 40, new_revisions: int = 0) -> list[str]:
+    """A dump of the sample's ``pages`` smallest articles (real markup, fast to embed on CPU); the
+    first ``new_revisions`` of them get a new revision with one more paragraph. Returns their ids."""
+    import re
+
+    raw = bz2.open(wiki_sample, "rt", encoding="utf-8").read()
+    articles = sorted((p for p in re.findall(r"<page>.*?</page>", raw, flags=re.S)
+                       if "<redirect" not in p and "<ns>0</ns>" in p), key=len)[:pages]
+    changed = []
+    for i in range(new_revisions):
+        revision = re.search(r"<revision>\s*<id>(\d+)</id>", articles[i]).group(1)
+        page = articles[i].replace(f"<id>{revision}</id>", f"<id>{int(revision) + 10**6}</id>", 1)
+        articles[i] = page.replace("</text>", "\n\nA closing paragraph added in a new revision.</text>", 1)
+        changed.append(re.search(r"<id>(\d+)</id>", page).group(1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with bz2.open(path, "wt", encoding="utf-8") as f:
+        f.write(raw[: raw.index("<page>")] + "".join(articles) + "</mediawiki>\n")
+    return changed
+
+
+def _wiki_job(dump: Path, out: str, runner: str) -> dict:
+    return _job(str(dump), out, "wikipedia", "parquet", runner, source__metadata_fields=["url", "revision_id"],
+                validation__canary_samples=0)
+
+
+@pytest.fixture(scope="module")
+def wiki_full_output(tmp_path_factory, wiki_sample) -> tuple[Path, str, int]:
+    """A full pass over 40 articles of the sample (the dump, the output the tests copy, its rows).
+    The full pass's runner does not matter: both write the same rows."""
+    root = tmp_path_factory.mktemp("wiki-full")
+    dump = root / "v1" / "enwiki-pages-articles.xml.bz2"
+    _small_dump(wiki_sample, dump)
+    result = run(build_job(_wiki_job(dump, str(root / "out"), "local")))
+    assert result.state == "done" and result.documents == 40 and result.rows_written >= 40
+    return dump, str(root / "out"), result.rows_written
+
+
+def test_ray_incremental_over_an_unchanged_dump_embeds_nothing(ray_cluster, wiki_full_output, tmp_path) -> None:
+    """Every page is skipped by its revision id: nothing parsed, embedded or written."""
+    dump, full, rows_before = wiki_full_output
+    out = str(tmp_path / "out")
+    shutil.copytree(full, out)
+    job = _wiki_job(dump, out, "ray")
+    job["output"]["mode"] = "incremental"
+    result = run(build_job(job))
+    assert result.state == "done" and result.runner == "ray" and result.mode == "incremental"
+    assert result.documents == 0, "pages with a known revision are skipped before parsing"
+    assert result.chunks == result.tokens == result.rows_written == 0
+    assert result.added == result.updated == result.deleted == 0
+    assert result.unchanged == rows_before
+    before, after = _read(full, "parquet"), _read(out, "parquet")
+    assert after.column("id").to_pylist() == before.column("id").to_pylist()
+    assert after.column("shard_id").to_pylist() == before.column("shard_id").to_pylist()
+
+
+def test_ray_incremental_embeds_only_pages_with_a_new_revision(ray_cluster, wiki_sample, wiki_full_output, tmp_path) -> None:
+    _, full, rows_before = wiki_full_output
+    dump = tmp_path / "v2" / "enwiki-pages-articles.xml.bz2"
+    changed = _small_dump(wiki_sample, dump, new_revisions=2)
+    out = str(tmp_path / "out")
+    shutil.copytree(full, out)
+    job = _wiki_job(dump, out, "ray")
+    job["output"]["mode"] = "incremental"
+    result = run(build_job(job))
+    assert result.state == "done" and result.documents == 2, "the 38 other pages were skipped by revision"
+    assert result.added + result.updated >= 2 and result.chunks == result.added + result.updated
+    rows = _read(out, "parquet")
+    written = {d for d, s in zip(rows.column("doc_id").to_pylist(), rows.column("shard_id").to_pylist())
+               if s.endswith("@" + result.run_id)}
+    assert written == set(changed), "only the pages with a new revision were embedded"
+    assert len(set(rows.column("id").to_pylist())) == rows.num_rows
+    assert rows.num_rows == rows_before + result.added - result.deleted
+
+
+def test_existing_chunks_reach_ray_workers_without_a_copy(ray_cluster) -> None:
+    """Put once, the lookup arrays arrive in a task as read-only views of the object store (one copy
+    per node, however many workers read it) and answer as on the driver."""
+    import ray
+
+    from embedder.incremental import SAME, ExistingChunks
+
+    table = pa.table({"id": [f"d{i}#0" for i in range(1000)], "doc_id": [f"d{i}" for i in range(1000)],
+                      "chunk_index": pa.array([0] * 1000, pa.int32()), "content_hash": [f"{i:032x}" for i in range(1000)]})
+    ref = ray.put(ExistingChunks.from_table(table))
+
+    @ray.remote(num_cpus=0)
+    def probe(wrapped: tuple) -> tuple[bool, bool, list[int]]:
+        held = ray.get(wrapped[0])
+        return held.chunk_keys.flags.owndata, held.chunk_keys.flags.writeable, held.match(["d7#0", "d8#0"], [f"{7:032x}", "x"]).tolist()
+
+    owns, writeable, status = ray.get(probe.remote((ref,)))
+    assert not owns and not writeable
+    assert status[0] == SAME and status[1] != SAME
 
 
 def _run_cli(source: Path, output: str, address: str, env_extra: dict | None = None, wait: bool = True):
