@@ -84,16 +84,17 @@ def main() -> None:
                 "canary_min_cos": (result.canary or {}).get("min_cosine"),
                 "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
                 "gpu_wait_s": round(result.gpu_seconds, 2), "gpu_util": result.gpu_utilization,
+                "write_s": round(result.write_seconds, 2), "commit_s": round(result.commit_seconds, 2),
                 **_timeline_figures(result.timeline, result.tokens),
             })
             print(json.dumps(rows[-1]), flush=True)
     print()
     print(f"{'model':<10} {'shards':>6} {'tokens':>11} {'embed s':>8} {'tokens/s':>11} {'first s':>7} "
-          f"{'steady tok/s':>12} {'canary min cos':>15} {'peak RSS GB':>12}")
+          f"{'steady tok/s':>12} {'commit s':>8} {'canary min cos':>15} {'peak RSS GB':>12}")
     for r in rows:
         cos = f"{r['canary_min_cos']:.5f}" if r["canary_min_cos"] is not None else "-"
         print(f"{r['model']:<10} {r['shards']:>6} {r['tokens']:>11,} {r['embed_s']:>8} {r['tokens_per_s']:>11,} "
-              f"{r['first_tokens_s']:>7} {r['steady_tokens_per_s']:>12,} {cos:>15} {r['peak_rss_gb']:>12}")
+              f"{r['first_tokens_s']:>7} {r['steady_tokens_per_s']:>12,} {r['commit_s']:>8} {cos:>15} {r['peak_rss_gb']:>12}")
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
 

@@ -46,6 +46,7 @@ def child(args: argparse.Namespace) -> None:
         "state": result.state, "tokens": result.tokens, "chunks": result.chunks,
         "embed_s": result.pipeline_seconds, "wall_s": wall, "tokens_per_s": result.tokens_per_second,
         "encode_s": result.encode_seconds, "canary_min_cos": (result.canary or {}).get("min_cosine"),
+        "commit_s": result.commit_seconds, "shards": result.shards_total,
     }), flush=True)
 
 

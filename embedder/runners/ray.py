@@ -156,11 +156,24 @@ def plan_encoder_pool(job: Job, cluster: dict[str, float]) -> EncoderPool:
                 f"runner.encoders {size} needs {size * gpus_per_encoder:g} GPUs, the cluster has {gpus:g}; "
                 f"use at most {fit} or 'auto'"
             )
-        return EncoderPool(size=size, num_gpus=gpus_per_encoder, num_cpus=1.0)
+        # A GPU actor mostly waits on its device: it reserves at most one CPU, and less on a
+        # cluster with few CPUs, so that at least one CPU is always left to read and tokenize
+        # (actors holding every CPU would leave the read tasks unscheduled: a silent hang).
+        num_cpus = min(1.0, max(0.0, (cpus - 1.0) / size))
+        return EncoderPool(size=size, num_gpus=gpus_per_encoder, num_cpus=num_cpus)
     readers = max(1.0, cpus // 4)
     per_actor = float(min(8, max(1, int(cpus // 8))))
     fit = max(1, int((cpus - readers) // per_actor))
     size = fit if configured == "auto" else max(1, int(configured))
+    if size * per_actor > cpus - 1:
+        most = max(0, int((cpus - 1) // per_actor))
+        raise ConfigError(
+            f"runner.encoders {size} CPU actors of {per_actor:g} CPUs take all {cpus:g} CPUs of the Ray cluster "
+            f"and leave none to read and tokenize; use at most {most}, or add CPUs to the cluster"
+            if most
+            else f"the Ray cluster has {cpus:g} CPU(s): CPU encoding there needs at least 2 (one to read, one to "
+            "encode); add CPUs or use runner.kind: local"
+        )
     return EncoderPool(size=size, num_gpus=0.0, num_cpus=per_actor)
 
 

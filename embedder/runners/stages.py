@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("embedder")
 ROWS_PER_WRITE = 4096
 LENGTH_BIN = 16
-COMMIT_QUEUE = 16  # complete shards waiting for the committer thread before the main thread waits
+COMMIT_QUEUE = 16  # complete shards waiting for the committer threads before the main thread waits
+COMMIT_THREADS = 4  # committer threads for sinks whose shards commit independently (Sink.concurrent_commits)
 
 
 @dataclass(slots=True)
@@ -82,6 +83,8 @@ class RunResult:
     tokens_computed: int | None = None  # tokens the forward computed (specials, prompts, padding included)
     padding_waste: float | None = None  # share of computed tokens that were padding
     gpu_seconds: float = 0.0  # time the encoder thread waited on the device
+    write_seconds: float = 0.0  # staging rows in the sink (all threads together)
+    commit_seconds: float = 0.0  # committing shards: sink commit, quarantine, change and completion records
     gpu_utilization: float | None = None  # mean of nvidia-smi-style samples, when measurable
     gpu_hourly_usd: float | None = None
     usd: float | None = None
@@ -248,9 +251,12 @@ class ShardAssembler:
         abort: When set, nothing more is committed (an error elsewhere, a lost lease).
         on_commit: Called after each committed shard.
         canaries: Optional sampler offered every written chunk (for the end-of-run canary check).
-        background: Commit complete shards on a committer thread, so the thread that drains the
-            encoder never waits on storage (fsyncs, renames, object-store PUTs). Call ``wait()``
-            at the end of the stream and ``close()`` when stopping.
+        background: Commit complete shards on committer threads, so the thread that drains the
+            encoder never waits on storage (fsyncs, renames, object-store PUTs): one thread, or
+            ``COMMIT_THREADS`` when the sink's shards commit independently
+            (``sink.concurrent_commits``, e.g. Parquet: one file per shard), since a commit is
+            mostly waiting on storage and many small shards otherwise queue behind each other's
+            fsyncs. Call ``wait()`` at the end of the stream and ``close()`` when stopping.
 
     Vectors with NaN/Inf values or zero norm are never written: they go to the shard's quarantine.
     """
@@ -272,11 +278,16 @@ class ShardAssembler:
         self._committing: dict[str, _ShardState] = {}
         self._error: BaseException | None = None
         self._queue: queue.Queue | None = None
-        self._committer: threading.Thread | None = None
+        self._committers: list[threading.Thread] = []
         if background:
             self._queue = queue.Queue(maxsize=COMMIT_QUEUE)
-            self._committer = threading.Thread(target=self._commit_loop, name="embedder-commit", daemon=True)
-            self._committer.start()
+            threads = COMMIT_THREADS if getattr(sink, "concurrent_commits", False) else 1
+            self._committers = [
+                threading.Thread(target=self._commit_loop, name=f"embedder-commit-{i}", daemon=True)
+                for i in range(threads)
+            ]
+            for thread in self._committers:
+                thread.start()
         self.checkpoint = checkpoint
         self.result = result
         self.abort = abort
@@ -297,16 +308,21 @@ class ShardAssembler:
             raise self._error
 
     def wait(self) -> None:
-        """Commits every complete shard handed to the committer, then stops it (end of stream)."""
-        if self._committer is not None and self._committer.is_alive():
+        """Commits every complete shard handed to the committers, then stops them (end of stream)."""
+        alive = [t for t in self._committers if t.is_alive()]
+        for _ in alive:
             self._queue.put(None)
-            self._committer.join()
+        for thread in alive:
+            thread.join()
         self.check()
 
     def close(self) -> None:
-        """Stops the committer without committing what is still queued (the run is stopping)."""
-        if self._committer is not None and self._committer.is_alive():
-            self.abort.set()
+        """Stops the committers without committing what is still queued (the run is stopping)."""
+        alive = [t for t in self._committers if t.is_alive()]
+        if not alive:
+            return
+        self.abort.set()
+        for _ in alive:
             while True:
                 try:
                     self._queue.put(None, timeout=0.2)
@@ -316,7 +332,8 @@ class ShardAssembler:
                         self._queue.get_nowait()
                     except queue.Empty:
                         pass
-            self._committer.join(timeout=60)
+        for thread in alive:
+            thread.join(timeout=60)
 
     def _commit_loop(self) -> None:
         while True:
@@ -388,12 +405,15 @@ class ShardAssembler:
 
         if not state.pending_chunks:
             return
+        started = time.perf_counter()
         if state.writer is None:
             state.writer = self.sink.begin(state.shard_id)
         table = chunks_to_table(state.pending_chunks, np.concatenate(state.pending_vectors), self.sink.schema)
         state.writer.write(table)
         state.rows += table.num_rows
         state.pending_chunks, state.pending_vectors = [], []
+        with self._lock:
+            self.result.write_seconds += time.perf_counter() - started
 
     def _maybe_commit(self, state: _ShardState) -> None:
         end = state.end
@@ -412,6 +432,7 @@ class ShardAssembler:
         end = state.end
         assert end is not None
         self._flush(state)
+        started = time.perf_counter()
         failpoint("after_sink_write")
         if self.abort.is_set():
             raise RunFailed("stopped before committing shard " + state.shard_id)
@@ -436,19 +457,20 @@ class ShardAssembler:
             },
         )
         result = self.result
-        result.shards_done += 1
-        result.rows_written += state.rows
-        result.bad_records += quarantined
-        result.bad_vectors += len(state.bad_vectors)
-        if end.changes is not None:
-            result.added += end.changes["added"]
-            result.updated += end.changes["updated"]
-            result.unchanged += end.changes["unchanged"]
-        else:
-            result.added += state.rows
-        result.documents += end.documents
-        result.trimmed_documents += end.trimmed_documents
-        with self._lock:
+        with self._lock:  # committer threads update the result one at a time
+            result.commit_seconds += time.perf_counter() - started
+            result.shards_done += 1
+            result.rows_written += state.rows
+            result.bad_records += quarantined
+            result.bad_vectors += len(state.bad_vectors)
+            if end.changes is not None:
+                result.added += end.changes["added"]
+                result.updated += end.changes["updated"]
+                result.unchanged += end.changes["unchanged"]
+            else:
+                result.added += state.rows
+            result.documents += end.documents
+            result.trimmed_documents += end.trimmed_documents
             del self._committing[state.shard_id]
         if self.on_commit:
             self.on_commit(result)

@@ -143,6 +143,12 @@ def test_encoder_pool_follows_the_cluster() -> None:
     cuda_job = build_job(_job("in.jsonl", "out", "jsonl", "lance", "ray", model__device="cuda"))
     with pytest.raises(ConfigError, match="ray start --num-gpus"):
         plan_encoder_pool(cuda_job, {"CPU": 64.0})
+    # Encoder actors never take the last CPU: read tasks must still be schedulable (else a hang).
+    few_cpus = plan_encoder_pool(gpu_job, {"CPU": 2.0, "GPU": 2.0})
+    assert few_cpus.size == 2 and few_cpus.size * few_cpus.num_cpus <= 1.0
+    two_actors = build_job(_job("in.jsonl", "out", "jsonl", "lance", "ray", runner__encoders=2))
+    with pytest.raises(ConfigError, match="leave none to read"):
+        plan_encoder_pool(two_actors, {"CPU": 2.0})
 
 
 def test_rows_between_stages_carry_chunks_exactly() -> None:
