@@ -64,6 +64,30 @@ def _die_with_parent() -> None:
         pass
 
 
+def _reader_context() -> Any:
+    """The multiprocessing context reader processes start from.
+
+    ``forkserver`` where the platform has it: each reader is forked from a small server process
+    started before the model is loaded. Starting them from the runner itself (``spawn``) forks the
+    runner first, and once it holds the model and a CUDA context that fork took ~0.5 s per reader on
+    the H200 machine — 15 readers cost 15 s of a 25 s run. ``spawn`` elsewhere (Windows).
+    """
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["embedder.runners.local"])  # readers start with their imports done
+    return ctx
+
+
+def _start_reader_server() -> None:
+    """Starts the fork server now (cheap: the runner is still small), if readers use one."""
+    if "forkserver" in mp.get_all_start_methods():
+        from multiprocessing import forkserver
+
+        _reader_context()
+        forkserver.ensure_running()
+
+
 def _reader_main(
     job_json: str,
     tokenizer_json: str,
@@ -74,8 +98,16 @@ def _reader_main(
     results: Any,
     stop: Any,
     known_versions_path: str | None = None,
+    environ: dict[str, str] | None = None,
 ) -> None:
-    """Reads shards from ``tasks`` and streams their chunks to ``results`` (runs in a child process)."""
+    """Reads shards from ``tasks`` and streams their chunks to ``results`` (runs in a child process).
+
+    ``environ``: the runner's environment when it started the readers (a fork server's children
+    would otherwise see the server's, from when it started: credentials set since would be missing).
+    """
+    if environ is not None:
+        os.environ.clear()
+        os.environ.update(environ)
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides how to stop
     os.environ["RAYON_NUM_THREADS"] = str(tokenizer_threads)
@@ -210,7 +242,10 @@ class LocalRunner:
     """Stored in run records."""
 
     def _setup(self) -> None:
-        """Called under the lease before anything is listed or loaded (Ray: connect, plan the pool)."""
+        """Called under the lease before anything is listed or loaded (Ray: connect, plan the pool).
+
+        Here: starts the reader processes' fork server while this process is still small."""
+        _start_reader_server()
 
     def _teardown(self) -> None:
         """Called last, whatever happened (Ray: disconnect from a cluster started for the run)."""
@@ -432,7 +467,7 @@ class LocalRunner:
             versions_file = tempfile.NamedTemporaryFile(prefix="embedder-versions-", suffix=".pkl", delete=False)
             pickle.dump(self._known_versions, versions_file)
             versions_file.close()
-        ctx = mp.get_context("spawn")
+        ctx = _reader_context()
         tasks = ctx.Queue()
         results = ctx.Queue(maxsize=max(8, 4 * workers))
         reader_stop = ctx.Event()
@@ -454,6 +489,7 @@ class LocalRunner:
                     results,
                     reader_stop,
                     versions_file.name if versions_file else None,
+                    dict(os.environ),
                 ),
                 daemon=True,
                 name=f"embedder-reader-{i}",
