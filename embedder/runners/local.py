@@ -64,6 +64,26 @@ def _die_with_parent() -> None:
         pass
 
 
+def _exit_when_runner_dies(runner_alive: Any) -> None:
+    """Ends this reader as soon as the runner is gone, whatever killed it.
+
+    ``runner_alive`` is the read end of a pipe whose only write end the runner holds: the kernel
+    closes it when the runner dies (even a SIGKILL, even while it is an unreaped zombie), and the
+    read end then reports end-of-file. Readers forked from the fork server cannot rely on
+    ``PR_SET_PDEATHSIG`` (their parent is the server, which by design outlives its clients), and an
+    orphaned reader would keep the runner's stdout/stderr open: a caller waiting for them would hang.
+    """
+
+    def watch() -> None:
+        try:
+            runner_alive.recv()  # nothing is ever sent: returns only by EOFError
+        except (EOFError, OSError):
+            pass
+        os._exit(1)
+
+    threading.Thread(target=watch, name="embedder-runner-watch", daemon=True).start()
+
+
 def _reader_context() -> Any:
     """The multiprocessing context reader processes start from.
 
@@ -99,6 +119,7 @@ def _reader_main(
     stop: Any,
     known_versions_path: str | None = None,
     environ: dict[str, str] | None = None,
+    runner_alive: Any = None,
 ) -> None:
     """Reads shards from ``tasks`` and streams their chunks to ``results`` (runs in a child process).
 
@@ -109,6 +130,8 @@ def _reader_main(
         os.environ.clear()
         os.environ.update(environ)
     _die_with_parent()
+    if runner_alive is not None:
+        _exit_when_runner_dies(runner_alive)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides how to stop
     os.environ["RAYON_NUM_THREADS"] = str(tokenizer_threads)
     os.environ["RAYON_RS_NUM_CPUS"] = str(tokenizer_threads)
@@ -468,6 +491,7 @@ class LocalRunner:
             pickle.dump(self._known_versions, versions_file)
             versions_file.close()
         ctx = _reader_context()
+        alive_r, alive_w = ctx.Pipe(duplex=False)  # readers see EOF on alive_r once this process is gone
         tasks = ctx.Queue()
         results = ctx.Queue(maxsize=max(8, 4 * workers))
         reader_stop = ctx.Event()
@@ -490,6 +514,7 @@ class LocalRunner:
                     reader_stop,
                     versions_file.name if versions_file else None,
                     dict(os.environ),
+                    alive_r,
                 ),
                 daemon=True,
                 name=f"embedder-reader-{i}",
@@ -498,6 +523,7 @@ class LocalRunner:
         ]
         for p in procs:
             p.start()
+        alive_r.close()  # the readers hold their copies; this process keeps only the write end
 
         batches: queue.Queue = queue.Queue(maxsize=4)
         encoded: queue.Queue = queue.Queue(maxsize=4)
@@ -667,6 +693,7 @@ class LocalRunner:
                     p.terminate()
             results.cancel_join_thread()
             tasks.cancel_join_thread()
+            alive_w.close()
             if versions_file is not None:
                 os.unlink(versions_file.name)
 

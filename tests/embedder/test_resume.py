@@ -144,6 +144,17 @@ def _wait_for(predicate, timeout: float = 120) -> None:
     raise AssertionError("condition not reached")
 
 
+def test_a_killed_runner_leaves_no_reader_process_behind(corpus, tmp_path) -> None:
+    """Readers fork from a fork server, not from the runner; when the runner is SIGKILLed they must
+    still end at once. They share its stdout/stderr, so ``communicate`` returning proves it: an
+    orphaned reader would hold the pipes open and the caller would wait forever."""
+    output = str(tmp_path / "out")
+    proc = _run_cli(corpus, output, "parquet", {"EMBEDDER_FAILPOINT": "mid_encode@2"},
+                    extra=["--set", "runner.workers=2"], wait=False)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, stderr
+
+
 def test_sigterm_drains_exits_75_and_resumes(corpus, references, tmp_path) -> None:
     output = str(tmp_path / "out")
     proc = _run_cli(corpus, output, "parquet", {"EMBEDDER_FAILPOINT_DELAY": "mid_encode:0.3"},
