@@ -37,12 +37,17 @@ def child(args: argparse.Namespace) -> None:
     """One run, in this process: prints the run record's figures as one JSON line."""
     from embedder import run
     from embedder.config import build_job
+    from embedder.runners.local import TimelineSampler
 
+    TimelineSampler.PERIOD_S = 0.25  # a finer timeline than the run record's default, for the steady rate
     job = build_job(json.loads(args.job))
     t0 = time.perf_counter()
     result = run(job)
     wall = time.perf_counter() - t0
+    from benchmarks.bench_pipeline import _timeline_figures
+
     print("RESULT " + json.dumps({
+        **_timeline_figures(result.timeline, result.tokens),
         "state": result.state, "tokens": result.tokens, "chunks": result.chunks,
         "embed_s": result.pipeline_seconds, "wall_s": wall, "tokens_per_s": result.tokens_per_second,
         "encode_s": result.encode_seconds, "canary_min_cos": (result.canary or {}).get("min_cosine"),
@@ -135,6 +140,8 @@ def main() -> None:
                 "ray_tok_s": ray["tokens_per_s"], "ray_gpus": gpus, "ray_per_gpu": ray["tokens_per_s"] / gpus,
                 "efficiency": ray["tokens_per_s"] / gpus / local["tokens_per_s"], "rows": len(ids_l),
                 "min_cos": float(cos.min()), "local_embed_s": local["embed_s"], "ray_embed_s": ray["embed_s"],
+                "local_steady": local["steady_tokens_per_s"], "ray_steady": ray["steady_tokens_per_s"],
+                "local_first_s": local["first_tokens_s"], "ray_first_s": ray["first_tokens_s"],
             })
     print()
     print(f"| {'model':<10} | {'tokens':>11} | {'local 1 GPU tok/s':>17} | {'ray tok/s':>11} | {'GPUs':>4} | "
@@ -144,6 +151,12 @@ def main() -> None:
         print(f"| {r['model']:<10} | {r['tokens']:>11,} | {r['local_tok_s']:>17,.0f} | {r['ray_tok_s']:>11,.0f} | "
               f"{r['ray_gpus']:>4} | {r['ray_per_gpu']:>11,.0f} | {r['efficiency']:>15.0%} | {r['rows']:>8,} | "
               f"{r['min_cos']:>8.5f} |")
+    print()
+    print("steady state (10% to 90% of the tokens, from the run timelines) and time to the first vectors:")
+    for r in rows:
+        print(f"  {r['model']}: local {r['local_steady']:,.0f} tok/s (first after {r['local_first_s']} s); "
+              f"ray {r['ray_steady']:,.0f} tok/s = {r['ray_steady'] / r['ray_gpus']:,.0f} per GPU "
+              f"({r['ray_steady'] / r['ray_gpus'] / max(1, r['local_steady']):.0%} of local; first after {r['ray_first_s']} s)")
 
 
 if __name__ == "__main__":
