@@ -72,9 +72,15 @@ def main() -> None:
                 "gpu_wait_s": round(result.gpu_seconds, 2), "gpu_util": result.gpu_utilization,
                 "write_s": round(result.write_seconds, 2), "commit_s": round(result.commit_seconds, 2),
                 **_timeline_figures(result.timeline, result.tokens),
+                "memory_mb": _memory_figures(result.memory_timeline),
             })
             print(json.dumps(rows[-1]), flush=True)
     print()
+    for r in rows:
+        memory = r["memory_mb"]
+        if memory:
+            print(f"{r['model']} ({r['shards']} shards) host RSS MB at {memory['at_s']} s: runner {memory['runner']}, "
+                  f"readers {memory['readers']}")
     print(f"{'model':<10} {'shards':>6} {'tokens':>11} {'embed s':>8} {'tokens/s':>11} {'first s':>7} "
           f"{'steady tok/s':>12} {'commit s':>8} {'canary min cos':>15} {'peak RSS GB':>12}")
     for r in rows:
@@ -109,6 +115,14 @@ def write_jsonl_corpus(path: Path, tokens: int, minilm: str) -> Path:
             f.write(json.dumps({"id": d.id, "text": d.text}) + "\n")
     print(f"corpus: {len(docs):,} documents, {path.stat().st_size / 1e6:.1f} MB", flush=True)
     return path
+
+
+def _memory_figures(memory: list[list[float]]) -> dict[str, list[float]]:
+    """Runner and reader RSS (MB) at 10%, 25%, 50%, 75% and 100% of the run: flat means bounded."""
+    if not memory:
+        return {}
+    picks = [memory[min(len(memory) - 1, int(f * (len(memory) - 1)))] for f in (0.1, 0.25, 0.5, 0.75, 1.0)]
+    return {"at_s": [p[0] for p in picks], "runner": [p[1] for p in picks], "readers": [p[2] for p in picks]}
 
 
 def _timeline_figures(timeline: list[list[float]], tokens: int) -> dict[str, float]:

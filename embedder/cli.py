@@ -142,6 +142,11 @@ def _print_summary(result: Any) -> None:
         ("time", f"{result.seconds:.1f} s, of which {result.load_seconds:.1f} s loading the model"),
         ("throughput", f"{result.tokens_per_second:,.0f} tokens/s"),
     ]
+    if result.memory_timeline:
+        runner = [m[1] for m in result.memory_timeline]
+        readers = max(m[2] for m in result.memory_timeline)
+        rows.append(("host memory", f"runner {runner[-1] / 1e3:.1f} GB at the end (peak {max(runner) / 1e3:.1f})"
+                     + (f", readers {readers / 1e3:.1f} GB at most" if readers else "")))
     if result.padding_waste is not None:
         rows.append(("padding waste", f"{result.padding_waste:.1%} of computed tokens"))
     if result.gpu_utilization is not None:

@@ -174,14 +174,31 @@ class PipelineStopped(Exception):
     """Raised inside pipeline threads when the run stops; ends them quietly."""
 
 
+def rss_mb(pid: int | None = None) -> float | None:
+    """Resident memory of a process in MB, from ``/proc`` (None where there is no ``/proc``, or the
+    process is gone)."""
+    try:
+        with open(f"/proc/{pid or 'self'}/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class TimelineSampler:
-    """Samples tokens/s (and GPU utilization where NVML answers) every few seconds for the run record."""
+    """Samples tokens/s, host memory (the runner's and its readers' RSS) and GPU utilization (where
+    NVML answers) every few seconds for the run record: a run whose memory grows shows it there.
+
+    Args:
+        encoder: The run's encoder (its device and computed-token counter).
+        reader_pids: Returns the pids of the reader processes alive now (local runner).
+    """
 
     PERIOD_S = 2.0
     MAX_POINTS = 2000
 
-    def __init__(self, encoder: Any) -> None:
+    def __init__(self, encoder: Any, reader_pids: Callable[[], list[int]] | None = None) -> None:
         self.encoder = encoder
+        self.reader_pids = reader_pids
         self.t0 = time.perf_counter()
         self.next_at = self.t0
         self.utilization: list[float] = []
@@ -195,6 +212,12 @@ class TimelineSampler:
         result.timeline.append([round(now - self.t0, 3), result.tokens])
         if len(result.timeline) > self.MAX_POINTS:
             result.timeline[:] = result.timeline[::2]
+        runner = rss_mb()
+        if runner is not None:
+            readers = sum(rss_mb(pid) or 0.0 for pid in self.reader_pids()) if self.reader_pids else 0.0
+            result.memory_timeline.append([round(now - self.t0, 3), round(runner, 1), round(readers, 1)])
+            if len(result.memory_timeline) > self.MAX_POINTS:
+                result.memory_timeline[:] = result.memory_timeline[::2]
         if getattr(self.encoder, "device", None) is not None and self.encoder.device.type == "cuda":
             try:
                 import torch
@@ -635,7 +658,7 @@ class LocalRunner:
             pending, sink, checkpoint, result, self._abort, on_commit=on_commit, canaries=self.canaries, background=True
         )
         assembler.generation = generation
-        sampler = TimelineSampler(encoder)
+        sampler = TimelineSampler(encoder, reader_pids=lambda: [p.pid for p in procs if p.pid and p.is_alive()])
 
         threads = [
             threading.Thread(target=feeder, name="embedder-pack", daemon=True),

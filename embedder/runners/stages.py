@@ -80,6 +80,8 @@ class RunResult:
     indexes: dict[str, Any] | None = None  # what the sink's finish built (vector / full-text index)
     length_histogram: list[int] = field(default_factory=list)  # chunks per 16-token bin of their length
     timeline: list[list[float]] = field(default_factory=list)  # [seconds since start, tokens so far]
+    # [seconds since start, runner RSS MB, reader processes' RSS MB] (Linux; the readers' is 0 on Ray)
+    memory_timeline: list[list[float]] = field(default_factory=list)
     tokens_computed: int | None = None  # tokens the forward computed (specials, prompts, padding included)
     padding_waste: float | None = None  # share of computed tokens that were padding
     gpu_seconds: float = 0.0  # time the encoder thread waited on the device

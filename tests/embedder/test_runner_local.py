@@ -88,6 +88,8 @@ def test_every_document_embedded_and_faithful(jsonl_lance, articles, minilm) -> 
     result, out = jsonl_lance
     table = _read(out, "lance")
     assert result.state == "done" and result.shards_total >= 3  # the file was split into byte-range shards
+    # host memory is sampled for the run record: the runner's RSS, and its readers' while they run
+    assert result.memory_timeline and all(m[1] > 100 for m in result.memory_timeline)
     expected = {a["id"] for a in articles if a["text"].strip()}
     assert set(table.column("doc_id").to_pylist()) == expected
     ids = table.column("id").to_pylist()
@@ -246,3 +248,31 @@ def test_wikipedia_dump_end_to_end_via_cli(wiki_sample, tmp_path, minilm) -> Non
     vectors = np.asarray(table.column("vector").to_pylist(), dtype=np.float32)
     reference = minilm.encode(texts, batch_size=64, normalize_embeddings=True)
     assert np.sum(vectors * reference, axis=1).min() >= 0.9999
+
+
+def test_memory_timeline_counts_the_runner_and_its_readers() -> None:
+    """The sampler records the runner's RSS and the sum over the reader pids it is given."""
+    import subprocess
+    import sys
+    import time
+
+    from embedder.runners.local import TimelineSampler, rss_mb
+    from embedder.runners.stages import RunResult
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; b = bytearray(80_000_000); time.sleep(30)"])
+    try:
+        for _ in range(100):  # until the child has touched its 80 MB
+            if (rss_mb(child.pid) or 0) > 80:
+                break
+            time.sleep(0.05)
+        result = RunResult(run_id="r", output="o")
+        sampler = TimelineSampler(encoder=None, reader_pids=lambda: [child.pid])
+        sampler.sample(result)
+        (_, runner, readers), = result.memory_timeline
+        assert runner == pytest.approx(rss_mb(), rel=0.2) and runner > 50
+        assert readers > 80
+    finally:
+        child.kill()
+        child.wait()
+    assert rss_mb(child.pid) is None  # a process that is gone counts nothing
+
