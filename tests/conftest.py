@@ -15,15 +15,34 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-WIKI_SAMPLE = REPO.parent / "shared" / "data" / "enwiki-sample-206pages.xml.bz2"
+SAMPLE_NAME = "enwiki-sample-206pages.xml.bz2"
+
+
+def _shared_data_dirs() -> list[Path]:
+    """Where ``shared/data`` may be: beside this checkout, or — for a clone of a local checkout
+    (``git clone . /tmp/x``) — beside the checkout it was cloned from (its ``origin``)."""
+    dirs = [REPO.parent / "shared" / "data"]
+    try:
+        import subprocess
+
+        origin = subprocess.run(
+            ["git", "-C", str(REPO), "config", "--get", "remote.origin.url"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        origin = ""
+    if origin and "://" not in origin and Path(origin).is_dir():
+        dirs.append(Path(origin).resolve().parent / "shared" / "data")
+    return dirs
 
 
 @pytest.fixture(scope="session")
 def wiki_sample() -> Path:
     """The real Wikipedia dump sample in ../shared/data (never copied into the repo)."""
-    if not WIKI_SAMPLE.exists():
-        pytest.fail(f"the Wikipedia sample is missing: {WIKI_SAMPLE}")
-    return WIKI_SAMPLE
+    candidates = [d / SAMPLE_NAME for d in _shared_data_dirs()]
+    found = next((c for c in candidates if c.exists()), None)
+    if found is None:
+        pytest.fail("the Wikipedia sample is missing; looked in: " + ", ".join(map(str, candidates)))
+    return found
 
 
 @pytest.fixture(scope="session")
