@@ -66,9 +66,6 @@ class Sink(ABC):
     """
 
     name: ClassVar[str] = ""
-    concurrent_commits: ClassVar[bool] = False
-    """Whether shards may commit at the same time from several threads (each commit independent of
-    the others, as Parquet's one file per shard); False serializes them (Lance: one table version)."""
 
     def __init__(self, config: OutputConfig, schema: pa.Schema) -> None:
         self.config = config

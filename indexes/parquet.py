@@ -99,8 +99,6 @@ class ParquetSink(Sink):
         >>> writer.commit()
     """
 
-    concurrent_commits = True  # one file per shard: commits never touch each other
-
     def __init__(self, config: OutputConfig, schema: pa.Schema) -> None:
         super().__init__(config, schema)
         self.fs, self.root = filesystem(config.uri, config.storage_options)

@@ -32,8 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("embedder")
 ROWS_PER_WRITE = 4096
 LENGTH_BIN = 16
-COMMIT_QUEUE = 16  # complete shards waiting for the committer threads before the main thread waits
-COMMIT_THREADS = 4  # committer threads for sinks whose shards commit independently (Sink.concurrent_commits)
+COMMIT_QUEUE = 16  # complete shards waiting for the committer thread before the main thread waits
 
 
 @dataclass(slots=True)
@@ -253,12 +252,9 @@ class ShardAssembler:
         abort: When set, nothing more is committed (an error elsewhere, a lost lease).
         on_commit: Called after each committed shard.
         canaries: Optional sampler offered every written chunk (for the end-of-run canary check).
-        background: Commit complete shards on committer threads, so the thread that drains the
-            encoder never waits on storage (fsyncs, renames, object-store PUTs): one thread, or
-            ``COMMIT_THREADS`` when the sink's shards commit independently
-            (``sink.concurrent_commits``, e.g. Parquet: one file per shard), since a commit is
-            mostly waiting on storage and many small shards otherwise queue behind each other's
-            fsyncs. Call ``wait()`` at the end of the stream and ``close()`` when stopping.
+        background: Commit complete shards on a committer thread, so the thread that drains the
+            encoder never waits on storage (fsyncs, renames, object-store PUTs). Call ``wait()``
+            at the end of the stream and ``close()`` when stopping.
 
     Vectors with NaN/Inf values or zero norm are never written: they go to the shard's quarantine.
     """
@@ -280,16 +276,11 @@ class ShardAssembler:
         self._committing: dict[str, _ShardState] = {}
         self._error: BaseException | None = None
         self._queue: queue.Queue | None = None
-        self._committers: list[threading.Thread] = []
+        self._committer: threading.Thread | None = None
         if background:
             self._queue = queue.Queue(maxsize=COMMIT_QUEUE)
-            threads = COMMIT_THREADS if getattr(sink, "concurrent_commits", False) else 1
-            self._committers = [
-                threading.Thread(target=self._commit_loop, name=f"embedder-commit-{i}", daemon=True)
-                for i in range(threads)
-            ]
-            for thread in self._committers:
-                thread.start()
+            self._committer = threading.Thread(target=self._commit_loop, name="embedder-commit", daemon=True)
+            self._committer.start()
         self.checkpoint = checkpoint
         self.result = result
         self.abort = abort
@@ -310,21 +301,16 @@ class ShardAssembler:
             raise self._error
 
     def wait(self) -> None:
-        """Commits every complete shard handed to the committers, then stops them (end of stream)."""
-        alive = [t for t in self._committers if t.is_alive()]
-        for _ in alive:
+        """Commits every complete shard handed to the committer, then stops it (end of stream)."""
+        if self._committer is not None and self._committer.is_alive():
             self._queue.put(None)
-        for thread in alive:
-            thread.join()
+            self._committer.join()
         self.check()
 
     def close(self) -> None:
-        """Stops the committers without committing what is still queued (the run is stopping)."""
-        alive = [t for t in self._committers if t.is_alive()]
-        if not alive:
-            return
-        self.abort.set()
-        for _ in alive:
+        """Stops the committer without committing what is still queued (the run is stopping)."""
+        if self._committer is not None and self._committer.is_alive():
+            self.abort.set()
             while True:
                 try:
                     self._queue.put(None, timeout=0.2)
@@ -334,8 +320,7 @@ class ShardAssembler:
                         self._queue.get_nowait()
                     except queue.Empty:
                         pass
-        for thread in alive:
-            thread.join(timeout=60)
+            self._committer.join(timeout=60)
 
     def _commit_loop(self) -> None:
         while True:
@@ -459,7 +444,7 @@ class ShardAssembler:
             },
         )
         result = self.result
-        with self._lock:  # committer threads update the result one at a time
+        with self._lock:  # the main thread reads these for progress while the committer writes them
             result.commit_seconds += time.perf_counter() - started
             result.shards_done += 1
             result.rows_written += state.rows

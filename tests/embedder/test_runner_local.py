@@ -118,7 +118,7 @@ def test_lance_and_parquet_outputs_agree(jsonl_lance, parquet_parquet) -> None:
     # the Parquet output is one dataset of part files; provenance travels in the schema
     files = ds.dataset(parquet_parquet[1], format="parquet").files
     assert len(files) >= 2 and all(f.rsplit("/", 1)[-1].startswith("part-") for f in files)
-    # Parquet shards commit on parallel committer threads: each shard once, its time in the record.
+    # each shard committed once, by the committer thread; staging and commit time in the record
     result = parquet_parquet[0]
     assert result.shards_done == result.shards_total == len(files)
     assert result.rows_written == parquet_table.num_rows
