@@ -195,8 +195,21 @@ def _rows(chunk_ids: list[str]) -> np.ndarray:
     return np.fromiter((int(c[1 : c.index("#")]) for c in chunk_ids), dtype=np.int64, count=len(chunk_ids))
 
 
+def task_slices(n_docs: int, workers: int) -> list[tuple[int, int]]:
+    """Document ranges for the chunking pool: the first rounds small (16, 32, 64, 128 documents per
+    task, one round of ``workers`` tasks each) so the first batch is tokenized in parallel within
+    tens of milliseconds, then ``DOCS_PER_TASK`` (fewer, larger messages)."""
+    sizes = [size for size in (16, 32, 64, 128) for _ in range(workers)]
+    slices, start = [], 0
+    while start < n_docs:
+        size = sizes[len(slices)] if len(slices) < len(sizes) else DOCS_PER_TASK
+        slices.append((start, min(start + size, n_docs)))
+        start += size
+    return slices
+
+
 def run_end_to_end(
-    encoder: Any, docs: list[Any], pool: ProcessPoolExecutor, window_batches: int, encode: bool = True
+    encoder: Any, docs: list[Any], pool: ProcessPoolExecutor, window_batches: int, encode: bool = True, workers: int = 1
 ) -> dict[str, Any]:
     """Texts → chunks (process pool) → packed batches → vectors on the host; timed as a whole.
 
@@ -209,8 +222,11 @@ def run_end_to_end(
     first_batch_at: list[float] = []
     in_flight: deque = deque()
     t0 = time.perf_counter()
-    futures = [pool.submit(_chunk_task, docs[i : i + DOCS_PER_TASK]) for i in range(0, len(docs), DOCS_PER_TASK)]
+    futures = [pool.submit(_chunk_task, docs[a:b]) for a, b in task_slices(len(docs), workers)]
     packer = TokenBudgetPacker(encoder.layout, encoder.token_budget, window_batches=window_batches)
+    # Start with a one-budget window so the GPU gets its first batch as soon as one batch of chunks
+    # is tokenized; then the full window (better length sorting) for the rest.
+    packer.window_tokens = encoder.token_budget
 
     def submit(batches: Any) -> None:
         nonlocal tokens
@@ -218,6 +234,7 @@ def run_end_to_end(
             tokens += batch.num_tokens
             if not first_batch_at:
                 first_batch_at.append(time.perf_counter() - t0)
+                packer.window_tokens = encoder.token_budget * window_batches
             if not encode:
                 continue
             in_flight.append((_rows(batch.chunk_ids), encoder.encode_async(batch)))
@@ -326,7 +343,7 @@ def _component_seconds(shape: dict[str, int], b: dict[str, Any]) -> dict[str, fl
     import torch
     import torch.nn.functional as F
 
-    from embedder.models.packed_bert import _attend_varlen, build_attention
+    from embedder.models.packed_bert import _attend_flash4, _attend_varlen, attention_problem, build_attention
 
     h, i, total = shape["hidden"], shape["intermediate"], b["total"]
     x = torch.randn(total, h, device="cuda", dtype=torch.bfloat16)
@@ -343,6 +360,10 @@ def _component_seconds(shape: dict[str, int], b: dict[str, Any]) -> dict[str, fl
         qkv = F.linear(x, weights["qkv"]).view(total, 3, shape["heads"], h // shape["heads"])
         meta = build_attention(b["cu"], b["seg"], b["max_len"], total, True)
         out["attention"] = _cuda_seconds(lambda: _attend_varlen(qkv, meta))
+        if attention_problem("flash4", torch.device("cuda"), torch.bfloat16, h // shape["heads"]) is None:
+            out["attention flash4"] = _cuda_seconds(lambda: _attend_flash4(qkv, meta))
+            diff = (_attend_flash4(qkv, meta).float() - _attend_varlen(qkv, meta).float()).abs().max().item()
+            print(f"    flash4 vs varlen attention: max abs difference {diff:.2e}", flush=True)
         out["gelu"] = _cuda_seconds(lambda: F.gelu(xi))
         out["add+layernorm x2"] = 2 * _cuda_seconds(lambda: F.layer_norm(x + x, (h,), ones, ones))
     return out
@@ -433,7 +454,8 @@ def profile_forward(name: str, budgets: list[int], compile_too: bool = False) ->
     rng = np.random.default_rng(0)
     batches = {budget: _profile_batch(rng, budget) for budget in budgets}
     variants = {
-        "default (tanh-GELU epilogue, fused add+LN)": {},
+        "default (tanh-GELU epilogue, fused add+LN, auto attention)": {},
+        "varlen FlashAttention-2 attention": {"attention": "varlen"},
         "exact GELU, fused add+LN": {"approximate_gelu": False},
         "unfused (exact GELU, torch add+LN)": {"approximate_gelu": False, "fused_add_norm": False},
         "compiled": {"compile": True, "approximate_gelu": False},
@@ -442,6 +464,7 @@ def profile_forward(name: str, budgets: list[int], compile_too: bool = False) ->
         variants.pop("compiled")
     for label, options in variants.items():
         packed = PackedBertEncoder.from_hf(model, torch.device("cuda"), torch.bfloat16, **options)
+        label = f"{label} [{packed.attention_backend}]"
         for b in batches.values():
             seconds = _cuda_seconds(lambda packed=packed, b=b: _packed_forward(packed, b))
             flops = flops_per_corpus(shape, b["lengths"])
@@ -449,12 +472,16 @@ def profile_forward(name: str, budgets: list[int], compile_too: bool = False) ->
                   f"{b['total'] / seconds / 1e3:.0f}k tok/s, {flops / seconds / 1e12:.0f} TFLOP/s", flush=True)
     b = batches[budgets[-1]]
     parts = {k: v * shape["layers"] * 1e3 for k, v in _component_seconds(shape, b).items()}
+    flash4_ms = parts.pop("attention flash4", None)
     for k, ms in parts.items():
         print(f"    {k:<18} {ms:7.1f} ms/batch ({100 * ms / sum(parts.values()):4.1f}%)", flush=True)
     h, i = shape["hidden"], shape["intermediate"]
     mm_ms = sum(v for k, v in parts.items() if k.startswith("mm"))
     print(f"    matmuls alone {2 * b['total'] * (4 * h * h + 2 * h * i) * shape['layers'] / mm_ms / 1e9:.0f} TFLOP/s; "
           f"sum of pieces {sum(parts.values()):.1f} ms/batch", flush=True)
+    if flash4_ms is not None:
+        print(f"    attention with flash4 (FlashAttention-4) {flash4_ms:7.1f} ms/batch "
+              f"(varlen FlashAttention-2: {parts['attention']:.1f})", flush=True)
     for k, v in {**_fused_seconds(shape, b), **_attention_alternatives(shape, b)}.items():
         print(f"    {k:<40} {v * shape['layers'] * 1e3:7.1f} ms/batch", flush=True)
     packed = PackedBertEncoder.from_hf(model, torch.device("cuda"), torch.bfloat16)
@@ -502,7 +529,10 @@ def bench_model(name: str, args: argparse.Namespace, root: Path, minilm_path: st
         initargs=(encoder.tokenizer_json, encoder.max_seq_length - encoder.layout.overhead),
     ) as pool:
         list(pool.map(_chunk_task, [docs[:4]] * args.workers))  # start the workers
-        variants = [("eager", encoder)]
+        variants = [(f"eager {encoder._packed_model.attention_backend}", encoder)]
+        if device == "cuda" and name in args.varlen_models.split(",") and encoder._packed_model.attention_backend != "varlen":
+            varlen = Encoder.load(ModelConfig(name=path, device=device, dtype=dtype, attention="varlen"))
+            variants.append(("eager varlen", varlen))
         if device == "cuda" and name in args.exact_gelu_models.split(","):
             exact = Encoder.load(ModelConfig(name=path, device=device, dtype=dtype), approximate_gelu=False)
             variants.append(("eager exact-GELU", exact))
@@ -516,10 +546,10 @@ def bench_model(name: str, args: argparse.Namespace, root: Path, minilm_path: st
             # Compile, cuBLAS heuristics and the allocator warm on 1/8 of the corpus. The first full pass
             # of a fresh process was still ~2 s slower to start on the H200 VM (host memory touched for
             # the first time), hence --e2e-repeats: run 1 is a cold start, later runs the steady state.
-            run_end_to_end(enc, docs[: max(64, len(docs) // 8)], pool, args.window_batches)
+            run_end_to_end(enc, docs[: max(64, len(docs) // 8)], pool, args.window_batches, workers=args.workers)
             print(f"    {label}: warm-up {time.perf_counter() - t_warm:.1f}s, token budget {enc.token_budget}", flush=True)
             for run in range(1, args.e2e_repeats + 1):
-                e2e = run_end_to_end(enc, docs, pool, args.window_batches)
+                e2e = run_end_to_end(enc, docs, pool, args.window_batches, workers=args.workers)
                 assert e2e["tokens"] == total_tokens, (e2e["tokens"], total_tokens)
                 min_cos = float(cosines(e2e["vectors"][sample], reference).min())
                 rate = total_tokens / e2e["seconds"]
@@ -542,7 +572,7 @@ def bench_model(name: str, args: argparse.Namespace, root: Path, minilm_path: st
                 )
                 print(f"    {label} {where} budget {budget}: {gpu['seconds']:.2f}s ({rate / 1e3:.0f}k tok/s)", flush=True)
         if args.pipeline_only:
-            cpu = run_end_to_end(encoder, docs, pool, args.window_batches, encode=False)
+            cpu = run_end_to_end(encoder, docs, pool, args.window_batches, encode=False, workers=args.workers)
             rate = total_tokens / cpu["seconds"]
             rows.append(_row(name, "chunk+pack only (process pool, no encode)", rate, 0.0, peak, rate / st_rate, None))
             print(f"    chunk+pack only: {cpu['seconds']:.2f}s ({rate / 1e3:.0f}k tok/s)", flush=True)
@@ -590,6 +620,9 @@ def main() -> None:
     parser.add_argument("--compile-models", default="", help="only these models get the compile variant (default: all)")
     parser.add_argument(
         "--exact-gelu-models", default="", help="these models also run with exact erf GELU (approximate_gelu: false)"
+    )
+    parser.add_argument(
+        "--varlen-models", default="", help="these models also run with torch's varlen FlashAttention-2 (attention: varlen)"
     )
     parser.add_argument("--token-budget", type=int, default=0, help="0: the encoder's auto budget")
     parser.add_argument("--budget-sweep", default="", help="GPU-only token budgets to try, e.g. 32768,65536,131072")

@@ -72,6 +72,12 @@ class ModelConfig(_Section):
         description="CUDA fp16/bf16: GELU in tanh form fused into the FFN matmul (~10% faster; differs from "
         "erf by <= 4.7e-4, under bf16/fp16 rounding). auto: on there; false: exact erf GELU.",
     )
+    attention: Literal["auto", "flash4", "varlen", "padded"] = Field(
+        "auto",
+        description="Attention kernel of the packed forward. flash4: FlashAttention-4 (Hopper/Blackwell, "
+        "pip install 'embedder[flash4]'); varlen: torch's varlen FlashAttention-2 (CUDA fp16/bf16); "
+        "padded: SDPA over a padded grid (any device). auto: the first of these that runs here.",
+    )
 
 
 class ChunkingConfig(_Section):

@@ -321,9 +321,17 @@ class Encoder:
         for module in spec.post_modules:
             self._post_modules.append(module.to(device=device, dtype=torch.float32).eval())
         if reason is None:
-            self._packed_model = PackedBertEncoder.from_hf(
-                auto_model, device, dtype, compile=config.compile, approximate_gelu=approximate_gelu
-            )
+            try:
+                self._packed_model = PackedBertEncoder.from_hf(
+                    auto_model,
+                    device,
+                    dtype,
+                    compile=config.compile,
+                    approximate_gelu=approximate_gelu,
+                    attention=getattr(config, "attention", "auto"),
+                )
+            except ValueError as err:  # an explicit model.attention that cannot run here
+                raise ConfigError(str(err)) from None
             self.packed = True
             hidden, layers = self._packed_model.hidden_size, self._packed_model.num_layers
             intermediate = self._packed_model.intermediate_size

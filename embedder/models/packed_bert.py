@@ -7,12 +7,17 @@ token-type row folded into a single vector, everything cast to the run's dtype. 
 ``QKV → attention → out proj + residual + LayerNorm → FFN (the config's activation) + residual +
 LayerNorm``, exactly the Hugging Face math.
 
-Attention is exact per sequence on every device:
+Attention is exact per sequence on every device (``attention=``, the job's ``model.attention``):
 
-* CUDA, fp16/bf16: ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention on the packed tokens).
-* elsewhere (CPU, fp32, older torch): the packed q/k/v are scattered into a ``[n, L]`` grid, run
-  through ``scaled_dot_product_attention`` with a key mask and gathered back — the same packed
-  code path around it, so CPU tests exercise packing, positions and pooling.
+* ``flash4`` — CUDA fp16/bf16 on Hopper or Blackwell, when the optional ``flash-attn-4`` package
+  (FlashAttention-4, CuTe DSL kernels compiled on first use) is installed: its varlen forward.
+* ``varlen`` — CUDA fp16/bf16: ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention-2 inside
+  PyTorch) on the packed tokens.
+* ``padded`` — anywhere (CPU, fp32, older torch): the packed q/k/v are scattered into a ``[n, L]``
+  grid, run through ``scaled_dot_product_attention`` with a key mask and gathered back — the same
+  packed code path around it, so CPU tests exercise packing, positions and pooling.
+
+``auto`` takes the first of these that can run here.
 
 On CUDA in fp16/bf16 the elementwise passes around the matmuls are fused:
 
@@ -84,12 +89,58 @@ def position_offset(auto_model: Any) -> int:
     return int(padding_idx) + 1 if padding_idx is not None else 0
 
 
+ATTENTION_BACKENDS = ("flash4", "varlen", "padded")
+FLASH4_INSTALL = "pip install 'embedder[flash4]' (the flash-attn-4 package)"
+
+
 def varlen_attention_available() -> bool:
     try:
         from torch.nn.attention.varlen import varlen_attn  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+def attention_problem(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """Why attention ``backend`` cannot run for this device, dtype and head size; None when it can."""
+    if backend == "padded":
+        return None
+    if backend not in ATTENTION_BACKENDS:
+        return f"unknown attention {backend!r}; use one of auto, {', '.join(ATTENTION_BACKENDS)}"
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return f"{backend} attention needs CUDA in float16/bfloat16 (here: {device.type}, {str(dtype).removeprefix('torch.')})"
+    if backend == "varlen":
+        return None if varlen_attention_available() else "torch.nn.attention.varlen needs torch >= 2.10"
+    major = torch.cuda.get_device_capability(device)[0]
+    if major not in (9, 10, 11):
+        return f"flash4 attention runs on Hopper (9.x) and Blackwell (10.x/11.x) GPUs; this one is {major}.x"
+    if head_dim % 8 or not 8 <= head_dim <= 256:
+        return f"flash4 attention needs a head size in 8..256 divisible by 8, not {head_dim}"
+    try:
+        import flash_attn.cute.interface  # noqa: F401
+    except Exception as err:  # ImportError, or the CuTe DSL failing to find its CUDA libraries
+        return f"flash-attn-4 is not usable ({type(err).__name__}: {str(err)[:200]}); {FLASH4_INSTALL}"
+    return None
+
+
+def choose_attention(requested: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """The attention backend to run: ``requested``, or for ``auto`` the first in ``ATTENTION_BACKENDS``
+    that can run here.
+
+    Raises:
+        ValueError: an explicitly requested backend cannot run here (the message says why).
+    """
+    if requested != "auto":
+        problem = attention_problem(requested, device, dtype, head_dim)
+        if problem:
+            raise ValueError(f"model.attention={requested}: {problem}")
+        return requested
+    for backend in ATTENTION_BACKENDS:
+        problem = attention_problem(backend, device, dtype, head_dim)
+        if problem is None:
+            return backend
+        log.debug("attention: %s", problem)
+    return "padded"
 
 
 @dataclass(slots=True)
@@ -133,6 +184,17 @@ def _attend_varlen(qkv: torch.Tensor, meta: PackedAttention) -> torch.Tensor:
     q, k, v = qkv.unbind(1)  # each [T, heads, head_dim], last dim contiguous
     cu = meta.cu_seqlens
     return varlen_attn(q, k, v, cu, cu, meta.max_seqlen, meta.max_seqlen)
+
+
+def _attend_flash4(qkv: torch.Tensor, meta: PackedAttention) -> torch.Tensor:
+    from flash_attn.cute.interface import flash_attn_varlen_func
+
+    q, k, v = qkv.unbind(1)  # strided views of the fused projection: no copies
+    cu = meta.cu_seqlens
+    out, _ = flash_attn_varlen_func(
+        q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=meta.max_seqlen, max_seqlen_k=meta.max_seqlen
+    )
+    return out
 
 
 def _attend_padded(qkv: torch.Tensor, meta: PackedAttention) -> torch.Tensor:
@@ -221,16 +283,19 @@ class PackedBertEncoder:
         num_heads: int,
         eps: float,
         ffn_in: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-        varlen: bool,
+        attention: str,
         compile: bool = False,
         fused_add_norm: bool = False,
     ) -> None:
+        if attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, not {attention!r}")
         self.embeddings = embeddings
         self.layers = layers
         self.num_heads = num_heads
         self.eps = eps
         self.ffn_in = ffn_in
-        self.varlen = varlen
+        self.attention = attention
+        self._attend = {"flash4": _attend_flash4, "varlen": _attend_varlen, "padded": _attend_padded}[attention]
         self.add_norm: Callable[..., torch.Tensor] = _add_layer_norm_torch
         if fused_add_norm and not compile:  # compiled graphs fuse the add themselves
             from embedder.models.kernels import add_layer_norm
@@ -251,6 +316,7 @@ class PackedBertEncoder:
         compile: bool = False,
         approximate_gelu: bool | None = None,
         fused_add_norm: bool | None = None,
+        attention: str = "auto",
     ) -> PackedBertEncoder:
         """Takes the weights of a loaded BERT-layout model (see ``packed_support``).
 
@@ -259,7 +325,11 @@ class PackedBertEncoder:
         erf-GELU models (``gelu``) it is the default too (``approximate_gelu=None``), since the two
         differ by at most 4.7e-4, below the dtype's rounding; ``approximate_gelu=False`` keeps erf
         exact (a separate pass). ``fused_add_norm`` (None: on where the Triton kernel can run on
-        ``device``) fuses each residual add with its LayerNorm.
+        ``device``) fuses each residual add with its LayerNorm. ``attention``: ``auto`` or one of
+        ``ATTENTION_BACKENDS`` (see the module docstring).
+
+        Raises:
+            ValueError: an explicitly requested attention backend cannot run here.
         """
         from transformers.activations import ACT2FN
 
@@ -309,14 +379,21 @@ class PackedBertEncoder:
             num_heads=int(config.num_attention_heads),
             eps=float(config.layer_norm_eps),
             ffn_in=ffn_in,
-            varlen=half_on_cuda and varlen_attention_available(),
+            attention=choose_attention(
+                attention, device, dtype, int(config.hidden_size) // int(config.num_attention_heads)
+            ),
             compile=compile,
             fused_add_norm=fused_add_layer_norm_available(device) if fused_add_norm is None else fused_add_norm,
         )
 
     @property
     def attention_backend(self) -> str:
-        return "varlen" if self.varlen else "padded-sdpa"
+        return self.attention
+
+    @property
+    def varlen(self) -> bool:
+        """Whether attention runs on the packed tokens directly (no padded grid metadata needed)."""
+        return self.attention != "padded"
 
     @property
     def gelu_fused(self) -> bool:
@@ -343,7 +420,7 @@ class PackedBertEncoder:
         x = self._embed(input_ids, position_ids, *self.embeddings, self.eps)
         num_tokens, hidden = x.shape
         head_dim = hidden // self.num_heads
-        attend = _attend_varlen if self.varlen else _attend_padded
+        attend = self._attend
         for qkv_w, qkv_b, *rest in self.layers:
             qkv = F.linear(x, qkv_w, qkv_b).view(num_tokens, 3, self.num_heads, head_dim)
             attn = attend(qkv, meta).reshape(num_tokens, hidden)

@@ -260,6 +260,13 @@ def test_half_precision_on_cpu_is_a_config_error() -> None:
         Encoder.load(ModelConfig(device="cpu", dtype="float16"))
 
 
+def test_attention_auto_on_cpu_is_padded_and_gpu_kernels_asked_for_on_cpu_are_config_errors() -> None:
+    assert Encoder.load(ModelConfig(device="cpu"))._packed_model.attention_backend == "padded"
+    for kernel in ("varlen", "flash4"):
+        with pytest.raises(ConfigError, match=f"model.attention={kernel}: .*needs CUDA in float16/bfloat16"):
+            Encoder.load(ModelConfig(device="cpu", attention=kernel))
+
+
 def test_missing_directory_is_a_model_error(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="does not exist"):
         Encoder.load(ModelConfig(name=str(tmp_path / "no-such-model")))

@@ -1,6 +1,7 @@
 """GPU fidelity of the packed forward (varlen attention, fp16/bf16) against sentence-transformers
 fp32, the asynchronous pipeline, and the out-of-memory back-off. Run on a CUDA machine with
-``python -m pytest -m gpu tests/embedder/test_encoder_gpu.py``."""
+``python -m pytest -m gpu tests/embedder/test_encoder_gpu.py``. The FlashAttention-4 tests run
+where the optional ``flash-attn-4`` package is installed on a Hopper/Blackwell GPU."""
 
 from __future__ import annotations
 
@@ -63,13 +64,50 @@ def _lengths(encoder: Encoder) -> list[int]:
     return sorted({1, 2, room - 1, room, *rng.integers(1, room, size=60).tolist()})
 
 
+def _flash4_problem() -> str | None:
+    from embedder.models.packed_bert import attention_problem
+
+    return attention_problem("flash4", torch.device("cuda"), torch.bfloat16, 64)
+
+
+needs_flash4 = pytest.mark.skipif(
+    not torch.cuda.is_available() or _flash4_problem() is not None,
+    reason="flash-attn-4 not usable here (optional extra, Hopper/Blackwell)",
+)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_minilm_half_precision_varlen_matches_fp32(minilm_path: str, dtype: str) -> None:
-    encoder = Encoder.load(ModelConfig(name=minilm_path, device="cuda", dtype=dtype))
+    encoder = Encoder.load(ModelConfig(name=minilm_path, device="cuda", dtype=dtype, attention="varlen"))
     assert encoder.packed and encoder._packed_model.attention_backend == "varlen"
     texts = texts_of_lengths(encoder.tokenizer, _lengths(encoder), seed=1)
     ours = encoder.encode_texts(texts, "")
     assert cosines(ours, _fp32_reference(minilm_path, texts, "")).min() >= HALF_MIN_COS
+
+
+@needs_flash4
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_flash4_attention_matches_fp32_and_the_varlen_kernel(minilm_path: str, dtype: str) -> None:
+    """FlashAttention-4 on packed batches mixing lengths 1..limit: the fidelity bar against
+    sentence-transformers fp32, and the same vectors as torch's varlen FlashAttention-2."""
+    flash4 = Encoder.load(ModelConfig(name=minilm_path, device="cuda", dtype=dtype, attention="flash4"))
+    assert flash4._packed_model.attention_backend == "flash4"
+    assert Encoder.load(ModelConfig(name=minilm_path, device="cuda"))._packed_model.attention_backend == "flash4"
+    varlen = Encoder.load(ModelConfig(name=minilm_path, device="cuda", dtype=dtype, attention="varlen"))
+    texts = texts_of_lengths(flash4.tokenizer, _lengths(flash4) * 3, seed=7)
+    ours = flash4.encode_texts(texts, "")
+    assert cosines(ours, _fp32_reference(minilm_path, texts, "")).min() >= HALF_MIN_COS
+    assert cosines(ours, varlen.encode_texts(texts, "")).min() >= 0.9999
+
+
+@needs_flash4
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_flash4_tiny_families_match_fp32(gpu_tiny_dirs: dict[str, str], name: str) -> None:
+    path = gpu_tiny_dirs[name]
+    encoder = Encoder.load(ModelConfig(name=path, device="cuda", attention="flash4"))
+    texts = texts_of_lengths(encoder.tokenizer, _lengths(encoder), seed=8)
+    ours = encoder.encode_texts(texts, encoder.document_prompt)
+    assert cosines(ours, _fp32_reference(path, texts, encoder.document_prompt)).min() >= HALF_MIN_COS
 
 
 def test_minilm_defaults_fuse_gelu_and_add_norm_and_exact_gelu_stays_available(minilm_path: str) -> None:
@@ -112,7 +150,7 @@ def test_token_granule_tops_batches_up_on_cuda(minilm_path: str) -> None:
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_tiny_families_half_precision_match_fp32(gpu_tiny_dirs: dict[str, str], name: str, dtype: str) -> None:
     path = gpu_tiny_dirs[name]
-    encoder = Encoder.load(ModelConfig(name=path, device="cuda", dtype=dtype))
+    encoder = Encoder.load(ModelConfig(name=path, device="cuda", dtype=dtype, attention="varlen"))
     assert encoder._packed_model.attention_backend == "varlen"
     texts = texts_of_lengths(encoder.tokenizer, _lengths(encoder), seed=2)
     ours = encoder.encode_texts(texts, encoder.document_prompt)
