@@ -74,9 +74,9 @@ class ModelConfig(_Section):
     )
     attention: Literal["auto", "flash4", "varlen", "padded"] = Field(
         "auto",
-        description="Attention kernel of the packed forward. flash4: FlashAttention-4 (Hopper/Blackwell, "
-        "pip install 'embedder[flash4]'); varlen: torch's varlen FlashAttention-2 (CUDA fp16/bf16); "
-        "padded: SDPA over a padded grid (any device). auto: the first of these that runs here.",
+        description="Attention kernel of the packed forward. varlen: torch's varlen FlashAttention-2 (CUDA "
+        "fp16/bf16); padded: SDPA over a padded grid (any device); flash4: FlashAttention-4 (Hopper/Blackwell, "
+        "pip install 'embedder[flash4]'; slower than varlen on an H200 for BERT shapes). auto: varlen, else padded.",
     )
 
 

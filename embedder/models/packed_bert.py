@@ -9,15 +9,17 @@ LayerNorm``, exactly the Hugging Face math.
 
 Attention is exact per sequence on every device (``attention=``, the job's ``model.attention``):
 
-* ``flash4`` — CUDA fp16/bf16 on Hopper or Blackwell, when the optional ``flash-attn-4`` package
-  (FlashAttention-4, CuTe DSL kernels compiled on first use) is installed: its varlen forward.
 * ``varlen`` — CUDA fp16/bf16: ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention-2 inside
   PyTorch) on the packed tokens.
 * ``padded`` — anywhere (CPU, fp32, older torch): the packed q/k/v are scattered into a ``[n, L]``
   grid, run through ``scaled_dot_product_attention`` with a key mask and gathered back — the same
   packed code path around it, so CPU tests exercise packing, positions and pooling.
+* ``flash4`` — opt-in, CUDA fp16/bf16 on Hopper or Blackwell with the optional ``flash-attn-4``
+  package (FlashAttention-4, CuTe DSL kernels compiled on first use): its varlen forward. On an H200
+  with BERT-size heads (64) and sequences of at most 512 tokens it measured ~20% *slower* than
+  ``varlen`` (benchmarks/RESULTS.md), so ``auto`` does not pick it.
 
-``auto`` takes the first of these that can run here.
+``auto`` takes ``varlen`` where it can run, else ``padded``.
 
 On CUDA in fp16/bf16 the elementwise passes around the matmuls are fused:
 
@@ -89,7 +91,8 @@ def position_offset(auto_model: Any) -> int:
     return int(padding_idx) + 1 if padding_idx is not None else 0
 
 
-ATTENTION_BACKENDS = ("flash4", "varlen", "padded")
+ATTENTION_BACKENDS = ("varlen", "padded", "flash4")
+AUTO_ATTENTION = ("varlen", "padded")  # flash4 is opt-in: slower than varlen where measured (H200)
 FLASH4_INSTALL = "pip install 'embedder[flash4]' (the flash-attn-4 package)"
 
 
@@ -124,7 +127,7 @@ def attention_problem(backend: str, device: torch.device, dtype: torch.dtype, he
 
 
 def choose_attention(requested: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
-    """The attention backend to run: ``requested``, or for ``auto`` the first in ``ATTENTION_BACKENDS``
+    """The attention backend to run: ``requested``, or for ``auto`` the first in ``AUTO_ATTENTION``
     that can run here.
 
     Raises:
@@ -135,7 +138,7 @@ def choose_attention(requested: str, device: torch.device, dtype: torch.dtype, h
         if problem:
             raise ValueError(f"model.attention={requested}: {problem}")
         return requested
-    for backend in ATTENTION_BACKENDS:
+    for backend in AUTO_ATTENTION:
         problem = attention_problem(backend, device, dtype, head_dim)
         if problem is None:
             return backend
