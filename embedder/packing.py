@@ -3,8 +3,9 @@
 Chunks arrive in document order with all lengths mixed. The packer keeps a window of them (a few
 token budgets' worth), sorts the window by length and cuts it into batches of at most
 ``token_budget`` tokens. Sorting keeps sequences of a batch of similar length (cheaper attention,
-better kernel shapes); the window bound keeps memory flat and guarantees every chunk leaves within
-one window, so shards complete in bounded time.
+better kernel shapes); the window bound keeps memory flat, and a chunk is held back for a later
+batch at most ``MAX_HOLDS`` times, so every chunk leaves within a few windows and shards complete
+(and their staged rows leave memory) in bounded time, however long the stream.
 """
 
 from __future__ import annotations
@@ -86,6 +87,11 @@ def plan_batches(lengths: np.ndarray, token_budget: int, max_sequences: int | No
     return groups
 
 
+MAX_HOLDS = 4
+"""Windows a chunk may be held back for to fill a later batch: every chunk leaves within
+``MAX_HOLDS + 1`` windows. Each forced release can emit one part-full batch; 4 keeps those rare."""
+
+
 class TokenBudgetPacker:
     """Buffers chunks in a window, emits length-sorted batches of at most ``token_budget`` tokens.
 
@@ -116,6 +122,8 @@ class TokenBudgetPacker:
         self.max_sequences = max_sequences
         self._buffer: list[Chunk] = []
         self._buffered_tokens = 0
+        # How many windows each of the first ``len(_held_for)`` chunks of the buffer was held back for.
+        self._held_for = np.zeros(0, dtype=np.int64)
 
     @property
     def buffered_chunks(self) -> int:
@@ -140,11 +148,18 @@ class TokenBudgetPacker:
         buffer = self._buffer
         lengths = np.fromiter((len(c.token_ids) for c in buffer), dtype=np.int64, count=len(buffer)) + self.layout.overhead
         groups = plan_batches(lengths, self.token_budget, self.max_sequences)
+        held_for = np.zeros(len(buffer), dtype=np.int64)
+        held_for[: len(self._held_for)] = self._held_for
         keep: list[Chunk] = []
-        if not final and len(groups) > 1:
-            # The last (shortest) group is usually not full: keep it to fill with later chunks.
+        self._held_for = held_for[:0]
+        if not final and len(groups) > 1 and int(held_for[groups[-1]].max()) < MAX_HOLDS:
+            # The last (shortest) group is usually not full: keep it to fill with later chunks, but
+            # only MAX_HOLDS times: the shortest chunks sort last in every window, and held back
+            # each time they would stay until the end of the stream and keep their shards (and
+            # every row staged for them) from committing.
             last = groups.pop()
             keep = [buffer[i] for i in last]
+            self._held_for = held_for[last] + 1
         self._buffer = keep
         self._buffered_tokens = int(sum(len(c.token_ids) for c in keep)) + self.layout.overhead * len(keep)
         for group in groups:
