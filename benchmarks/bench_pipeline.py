@@ -71,6 +71,7 @@ def main() -> None:
                 "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
                 "gpu_wait_s": round(result.gpu_seconds, 2), "gpu_util": result.gpu_utilization,
                 "write_s": round(result.write_seconds, 2), "commit_s": round(result.commit_seconds, 2),
+                "heap_trim_s": round(result.heap_trim_seconds, 3),
                 **_timeline_figures(result.timeline, result.tokens),
                 "memory_mb": _memory_figures(result.memory_timeline),
             })

@@ -8,7 +8,9 @@
                                                                                   completion record
 
 Every queue is bounded, so memory does not grow with the corpus; rows are handed to the sink in
-blocks as they are encoded, and a shard is committed once all its chunks are written.
+blocks as they are encoded, and a shard is committed once all its chunks are written. After
+commits the freed heap goes back to the OS (``embedder.memory``): glibc would otherwise keep it in
+fragmented arenas and the runner's RSS would creep up over a long run.
 
 Stopping: SIGTERM/SIGINT (or a spot notice) starts a drain — readers take no new shard, in-flight
 shards finish and commit within ``runner.grace_period_s``, the rest is abandoned (a rerun redoes
@@ -502,6 +504,7 @@ class LocalRunner:
         generation: str | None = None,
         change_filter: Any = None,
     ) -> None:
+        from embedder.memory import HeapTrimmer
         from embedder.packing import TokenBudgetPacker
 
         workers = self._workers(pending)
@@ -650,7 +653,13 @@ class LocalRunner:
                 failure.append(err)
                 self._abort.set()
 
+        trimmer = HeapTrimmer()
+
         def on_commit(_result: RunResult) -> None:
+            # On the committer thread, once a shard's staged rows and chunks are freed: glibc keeps
+            # freed memory in fragmented arenas, and without this the runner's RSS creeps up.
+            trimmer.maybe_trim()
+            result.heap_trim_seconds = trimmer.seconds
             if self.on_progress:
                 self.on_progress(result, 0)
 

@@ -86,6 +86,7 @@ class RunResult:
     gpu_seconds: float = 0.0  # time the encoder thread waited on the device
     write_seconds: float = 0.0  # staging rows in the sink (all threads together)
     commit_seconds: float = 0.0  # committing shards: sink commit, quarantine, change and completion records
+    heap_trim_seconds: float = 0.0  # returning freed heap to the OS after commits (embedder.memory)
     gpu_utilization: float | None = None  # mean of nvidia-smi-style samples, when measurable
     gpu_hourly_usd: float | None = None
     usd: float | None = None

@@ -70,3 +70,18 @@ def test_packer_still_fills_batches() -> None:
     assert sum(b.num_sequences for b in batches) == len(chunks)
     assert all(b.num_tokens <= budget for b in batches)
     assert len(batches) <= total / budget * 1.03 + 2
+
+
+def test_heap_trimmer_trims_at_most_once_per_interval() -> None:
+    """Shards that commit many times a second must not each pay a whole-heap trim (10-20 ms)."""
+    import platform
+    import sys
+
+    from embedder.memory import HeapTrimmer, trim_heap
+
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert trim_heap() is glibc  # a no-op (False) on macOS, Windows, musl
+    trimmer = HeapTrimmer(min_interval_s=3600.0)
+    for _ in range(100):
+        trimmer.maybe_trim()
+    assert trimmer.calls == (1 if trimmer.available else 0)
