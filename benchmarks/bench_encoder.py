@@ -223,10 +223,8 @@ def run_end_to_end(
     in_flight: deque = deque()
     t0 = time.perf_counter()
     futures = [pool.submit(_chunk_task, docs[a:b]) for a, b in task_slices(len(docs), workers)]
+    # The packer emits its first batch from a one-budget window, then waits for the full window.
     packer = TokenBudgetPacker(encoder.layout, encoder.token_budget, window_batches=window_batches)
-    # Start with a one-budget window so the GPU gets its first batch as soon as one batch of chunks
-    # is tokenized; then the full window (better length sorting) for the rest.
-    packer.window_tokens = encoder.token_budget
 
     def submit(batches: Any) -> None:
         nonlocal tokens
@@ -234,7 +232,6 @@ def run_end_to_end(
             tokens += batch.num_tokens
             if not first_batch_at:
                 first_batch_at.append(time.perf_counter() - t0)
-                packer.window_tokens = encoder.token_budget * window_batches
             if not encode:
                 continue
             in_flight.append((_rows(batch.chunk_ids), encoder.encode_async(batch)))

@@ -39,3 +39,18 @@ def test_packer_budget_and_exactly_once() -> None:
     # Length bucketing: batches are nearly full, so few batches beyond the minimum.
     total = sum(lengths) + 2 * len(lengths)
     assert len(batches) <= total / 2048 * 1.15 + 2
+
+
+def test_first_batch_leaves_after_one_budget_then_the_window_sorts() -> None:
+    """The GPU gets its first batch once one budget of chunks is buffered (not a whole window);
+    after that batches wait for the full window, which sorts lengths better."""
+    layout = SequenceLayout(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
+    packer = TokenBudgetPacker(layout, token_budget=1000, window_batches=4)
+    first = list(packer.add(_chunks([100] * 9)))  # 900 tokens: under one budget
+    assert first == []
+    first = list(packer.add(_chunks([100] * 2)))  # 1,100 tokens: one full batch can leave
+    assert [b.num_tokens for b in first] == [1000]
+    later = list(packer.add(_chunks([100] * 20)))  # 2,100 buffered: under the 4,000-token window
+    assert later == []
+    later = list(packer.add(_chunks([100] * 20)))  # 4,100: the window is full
+    assert [b.num_tokens for b in later] == [1000] * 4
