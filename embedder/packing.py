@@ -98,9 +98,11 @@ class TokenBudgetPacker:
     Args:
         layout: The encoder's sequence layout (adds specials and prompt to each chunk).
         token_budget: Max tokens per batch (specials and prompt included).
-        window_batches: Window size in budgets: more sorts better, holds more chunks. Until the
-            first batch leaves, the window is one budget, so the GPU starts as soon as one batch of
-            chunks is tokenized rather than after a whole window.
+        window_batches: Window size in budgets: more sorts better, holds more chunks. The window
+            ramps up to it: the first batch leaves once a quarter budget is buffered (the GPU starts
+            as soon as a few documents are tokenized, not after a whole window), then the window
+            is one budget and doubles with each emission — each fill overlaps the GPU's work on
+            the batches before it.
         max_sequences: Optional cap on sequences per batch.
 
     Example:
@@ -122,7 +124,7 @@ class TokenBudgetPacker:
         self.token_budget = token_budget
         self.window_tokens = token_budget * window_batches
         self.max_sequences = max_sequences
-        self._started = False  # has a batch left yet (before that, the window is one budget)
+        self._ramp_tokens = max(1, token_budget // 4)  # the window while it ramps up (see window_batches)
         self._buffer: list[Chunk] = []
         self._buffered_tokens = 0
         # How many windows each of the first ``len(_held_for)`` chunks of the buffer was held back for.
@@ -138,9 +140,8 @@ class TokenBudgetPacker:
         for chunk in chunks:
             self._buffer.append(chunk)
             self._buffered_tokens += len(chunk.token_ids) + overhead
-        window = self.window_tokens if self._started else min(self.window_tokens, self.token_budget)
-        if self._buffered_tokens >= window:
-            self._started = True
+        if self._buffered_tokens >= min(self.window_tokens, self._ramp_tokens):
+            self._ramp_tokens = max(2 * self._ramp_tokens, self.token_budget)
             yield from self._emit(final=False)
 
     def flush(self) -> Iterator[PackedBatch]:

@@ -41,16 +41,17 @@ def test_packer_budget_and_exactly_once() -> None:
     assert len(batches) <= total / 2048 * 1.15 + 2
 
 
-def test_first_batch_leaves_after_one_budget_then_the_window_sorts() -> None:
-    """The GPU gets its first batch once one budget of chunks is buffered (not a whole window);
-    after that batches wait for the full window, which sorts lengths better."""
+def test_window_ramps_up_so_the_first_batch_leaves_early() -> None:
+    """The GPU gets a first batch once a quarter budget is buffered; then the window is one budget
+    and doubles with each emission up to the configured window (which sorts lengths best)."""
     layout = SequenceLayout(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
     packer = TokenBudgetPacker(layout, token_budget=1000, window_batches=4)
-    first = list(packer.add(_chunks([100] * 9)))  # 900 tokens: under one budget
-    assert first == []
-    first = list(packer.add(_chunks([100] * 2)))  # 1,100 tokens: one full batch can leave
-    assert [b.num_tokens for b in first] == [1000]
-    later = list(packer.add(_chunks([100] * 20)))  # 2,100 buffered: under the 4,000-token window
-    assert later == []
-    later = list(packer.add(_chunks([100] * 20)))  # 4,100: the window is full
-    assert [b.num_tokens for b in later] == [1000] * 4
+    assert list(packer.add(_chunks([100] * 2))) == []  # 200 < 250
+    assert [b.num_tokens for b in packer.add(_chunks([100]))] == [300]  # a quarter budget: out at once
+    assert list(packer.add(_chunks([100] * 9))) == []  # 900 < 1,000
+    assert [b.num_tokens for b in packer.add(_chunks([100] * 2))] == [1000]  # one budget; 100 kept
+    assert list(packer.add(_chunks([100] * 18))) == []  # 1,900 < 2,000
+    assert [b.num_tokens for b in packer.add(_chunks([100] * 2))] == [1000, 1000]  # two budgets
+    assert list(packer.add(_chunks([100] * 38))) == []  # 3,900 < 4,000: the full window from now on
+    assert [b.num_tokens for b in packer.add(_chunks([100] * 2))] == [1000] * 4
+    assert list(packer.add(_chunks([100] * 38))) == []  # stays at the window (4,000)
