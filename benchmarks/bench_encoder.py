@@ -223,7 +223,7 @@ def run_end_to_end(
     in_flight: deque = deque()
     t0 = time.perf_counter()
     futures = [pool.submit(_chunk_task, docs[a:b]) for a, b in task_slices(len(docs), workers)]
-    # The packer emits its first batch from a one-budget window, then waits for the full window.
+    # The packer ramps its window up from a quarter budget, so the first batch leaves within milliseconds.
     packer = TokenBudgetPacker(encoder.layout, encoder.token_budget, window_batches=window_batches)
 
     def submit(batches: Any) -> None:
