@@ -46,7 +46,13 @@ from embedder.models.loader import (
     transformer_module,
     weights_sha256,
 )
-from embedder.models.packed_bert import PackedBertEncoder, build_attention, packed_support, position_offset
+from embedder.models.packed_bert import (
+    PackedBertEncoder,
+    build_attention,
+    choose_attention,
+    packed_support,
+    position_offset,
+)
 from embedder.models.pooling import normalize, pool, token_segments
 from embedder.packing import SequenceLayout, build_batch, plan_batches
 from embedder.records import Chunk, PackedBatch
@@ -321,17 +327,14 @@ class Encoder:
         for module in spec.post_modules:
             self._post_modules.append(module.to(device=device, dtype=torch.float32).eval())
         if reason is None:
+            head_dim = int(model_config.hidden_size) // int(model_config.num_attention_heads)
             try:
-                self._packed_model = PackedBertEncoder.from_hf(
-                    auto_model,
-                    device,
-                    dtype,
-                    compile=config.compile,
-                    approximate_gelu=approximate_gelu,
-                    attention=getattr(config, "attention", "auto"),
-                )
+                attention = choose_attention(config.attention, device, dtype, head_dim)
             except ValueError as err:  # an explicit model.attention that cannot run here
                 raise ConfigError(str(err)) from None
+            self._packed_model = PackedBertEncoder.from_hf(
+                auto_model, device, dtype, compile=config.compile, approximate_gelu=approximate_gelu, attention=attention
+            )
             self.packed = True
             hidden, layers = self._packed_model.hidden_size, self._packed_model.num_layers
             intermediate = self._packed_model.intermediate_size

@@ -91,8 +91,7 @@ def position_offset(auto_model: Any) -> int:
     return int(padding_idx) + 1 if padding_idx is not None else 0
 
 
-ATTENTION_BACKENDS = ("varlen", "padded", "flash4")
-AUTO_ATTENTION = ("varlen", "padded")  # flash4 is opt-in: slower than varlen where measured (H200)
+ATTENTION_BACKENDS = ("varlen", "padded", "flash4")  # auto: varlen, else padded (flash4 is opt-in)
 FLASH4_INSTALL = "pip install 'embedder[flash4]' (the flash-attn-4 package)"
 
 
@@ -127,8 +126,8 @@ def attention_problem(backend: str, device: torch.device, dtype: torch.dtype, he
 
 
 def choose_attention(requested: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
-    """The attention backend to run: ``requested``, or for ``auto`` the first in ``AUTO_ATTENTION``
-    that can run here.
+    """The attention backend to run: ``requested``, or for ``auto`` ``varlen`` where it can run, else
+    ``padded`` (``flash4`` measured slower than ``varlen`` on an H200, so only on request).
 
     Raises:
         ValueError: an explicitly requested backend cannot run here (the message says why).
@@ -138,12 +137,7 @@ def choose_attention(requested: str, device: torch.device, dtype: torch.dtype, h
         if problem:
             raise ValueError(f"model.attention={requested}: {problem}")
         return requested
-    for backend in AUTO_ATTENTION:
-        problem = attention_problem(backend, device, dtype, head_dim)
-        if problem is None:
-            return backend
-        log.debug("attention: %s", problem)
-    return "padded"
+    return "varlen" if attention_problem("varlen", device, dtype, head_dim) is None else "padded"
 
 
 @dataclass(slots=True)
@@ -297,7 +291,7 @@ class PackedBertEncoder:
         self.num_heads = num_heads
         self.eps = eps
         self.ffn_in = ffn_in
-        self.attention = attention
+        self.attention_backend = attention
         self._attend = {"flash4": _attend_flash4, "varlen": _attend_varlen, "padded": _attend_padded}[attention]
         self.add_norm: Callable[..., torch.Tensor] = _add_layer_norm_torch
         if fused_add_norm and not compile:  # compiled graphs fuse the add themselves
@@ -390,13 +384,9 @@ class PackedBertEncoder:
         )
 
     @property
-    def attention_backend(self) -> str:
-        return self.attention
-
-    @property
     def varlen(self) -> bool:
         """Whether attention runs on the packed tokens directly (no padded grid metadata needed)."""
-        return self.attention != "padded"
+        return self.attention_backend != "padded"
 
     @property
     def gelu_fused(self) -> bool:
