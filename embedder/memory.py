@@ -15,31 +15,23 @@ False. Needs no environment variable set by the user.
 from __future__ import annotations
 
 import ctypes
-import logging
+import functools
 import sys
-import threading
 import time
 from collections.abc import Callable
 
-log = logging.getLogger("embedder")
 
-_UNSET = object()
-_malloc_trim: object = _UNSET
-
-
+@functools.cache
 def _load_malloc_trim() -> Callable[[int], int] | None:
-    global _malloc_trim
-    if _malloc_trim is _UNSET:
-        fn = None
-        if sys.platform.startswith("linux"):
-            try:
-                fn = ctypes.CDLL("libc.so.6").malloc_trim  # glibc only: musl has no libc.so.6 / malloc_trim
-                fn.argtypes = [ctypes.c_size_t]
-                fn.restype = ctypes.c_int
-            except (OSError, AttributeError):
-                fn = None
-        _malloc_trim = fn
-    return _malloc_trim  # type: ignore[return-value]
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL("libc.so.6").malloc_trim  # glibc only: musl has no libc.so.6 / malloc_trim
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_size_t]
+    fn.restype = ctypes.c_int
+    return fn
 
 
 def trim_heap() -> bool:
@@ -59,7 +51,8 @@ class HeapTrimmer:
     """Calls ``trim_heap`` at most once per ``min_interval_s`` (the runner calls it after each shard
     commit: small shards committing many times a second should not pay 10–20 ms each time).
 
-    Thread-safe; ``seconds`` and ``calls`` say what trimming cost over the run.
+    Called from one thread (the runner's committer); ``seconds`` and ``calls`` say what trimming
+    cost over the run.
 
     Args:
         min_interval_s: Least time between two trims.
@@ -74,21 +67,14 @@ class HeapTrimmer:
         self.seconds = 0.0
         self.calls = 0
         self._last = float("-inf")
-        self._lock = threading.Lock()
         self.available = _load_malloc_trim() is not None
 
     def maybe_trim(self) -> None:
         """Trims unless the last trim was less than ``min_interval_s`` ago (or trimming is unavailable)."""
-        if not self.available:
-            return
         now = time.monotonic()
-        if now - self._last < self.min_interval_s or not self._lock.acquire(blocking=False):
+        if not self.available or now - self._last < self.min_interval_s:
             return
-        try:
-            self._last = now
-            started = time.perf_counter()
-            trim_heap()
-            self.seconds += time.perf_counter() - started
-            self.calls += 1
-        finally:
-            self._lock.release()
+        self._last = now
+        trim_heap()
+        self.seconds += time.monotonic() - now
+        self.calls += 1

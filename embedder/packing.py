@@ -157,6 +157,7 @@ class TokenBudgetPacker:
         held_for = np.zeros(len(buffer), dtype=np.int64)
         held_for[: len(self._held_for)] = self._held_for
         keep: list[Chunk] = []
+        keep_tokens = 0
         self._held_for = held_for[:0]
         if not final and len(groups) > 1 and int(held_for[groups[-1]].max()) < MAX_HOLDS:
             # The last (shortest) group is usually not full: keep it to fill with later chunks, but
@@ -165,8 +166,9 @@ class TokenBudgetPacker:
             # every row staged for them) from committing.
             last = groups.pop()
             keep = [buffer[i] for i in last]
+            keep_tokens = int(lengths[last].sum())  # overhead included, as in _buffered_tokens
             self._held_for = held_for[last] + 1
         self._buffer = keep
-        self._buffered_tokens = int(sum(len(c.token_ids) for c in keep)) + self.layout.overhead * len(keep)
+        self._buffered_tokens = keep_tokens
         for group in groups:
             yield build_batch([buffer[i] for i in group], self.layout)
