@@ -440,7 +440,7 @@ def profile_forward(name: str, budgets: list[int], compile_too: bool = False) ->
     import transformers
     from torch.profiler import ProfilerActivity, profile
 
-    from embedder.models.packed_bert import PackedBertEncoder
+    from embedder.models.packed_bert import PackedBertEncoder, attention_problem
 
     shape = SHAPES[name]
     config = transformers.BertConfig(
@@ -452,13 +452,15 @@ def profile_forward(name: str, budgets: list[int], compile_too: bool = False) ->
     batches = {budget: _profile_batch(rng, budget) for budget in budgets}
     variants = {
         "default (tanh-GELU epilogue, fused add+LN, auto attention)": {},
-        "varlen FlashAttention-2 attention": {"attention": "varlen"},
+        "FlashAttention-4 attention": {"attention": "flash4"},
         "exact GELU, fused add+LN": {"approximate_gelu": False},
         "unfused (exact GELU, torch add+LN)": {"approximate_gelu": False, "fused_add_norm": False},
         "compiled": {"compile": True, "approximate_gelu": False},
     }
     if not compile_too:
         variants.pop("compiled")
+    if attention_problem("flash4", torch.device("cuda"), torch.bfloat16, shape["hidden"] // shape["heads"]):
+        variants.pop("FlashAttention-4 attention")
     for label, options in variants.items():
         packed = PackedBertEncoder.from_hf(model, torch.device("cuda"), torch.bfloat16, **options)
         label = f"{label} [{packed.attention_backend}]"
@@ -527,9 +529,9 @@ def bench_model(name: str, args: argparse.Namespace, root: Path, minilm_path: st
     ) as pool:
         list(pool.map(_chunk_task, [docs[:4]] * args.workers))  # start the workers
         variants = [(f"eager {encoder._packed_model.attention_backend}", encoder)]
-        if device == "cuda" and name in args.varlen_models.split(",") and encoder._packed_model.attention_backend != "varlen":
-            varlen = Encoder.load(ModelConfig(name=path, device=device, dtype=dtype, attention="varlen"))
-            variants.append(("eager varlen", varlen))
+        if device == "cuda" and name in args.flash4_models.split(","):  # needs flash-attn-4 (ConfigError otherwise)
+            flash4 = Encoder.load(ModelConfig(name=path, device=device, dtype=dtype, attention="flash4"))
+            variants.append(("eager flash4", flash4))
         if device == "cuda" and name in args.exact_gelu_models.split(","):
             exact = Encoder.load(ModelConfig(name=path, device=device, dtype=dtype), approximate_gelu=False)
             variants.append(("eager exact-GELU", exact))
@@ -619,7 +621,7 @@ def main() -> None:
         "--exact-gelu-models", default="", help="these models also run with exact erf GELU (approximate_gelu: false)"
     )
     parser.add_argument(
-        "--varlen-models", default="", help="these models also run with torch's varlen FlashAttention-2 (attention: varlen)"
+        "--flash4-models", default="", help="these models also run with FlashAttention-4 (attention: flash4; needs flash-attn-4)"
     )
     parser.add_argument("--token-budget", type=int, default=0, help="0: the encoder's auto budget")
     parser.add_argument("--budget-sweep", default="", help="GPU-only token budgets to try, e.g. 32768,65536,131072")
