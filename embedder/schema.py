@@ -48,6 +48,64 @@ def provenance_of(schema: pa.Schema) -> dict[str, Any]:
     return json.loads(raw) if raw else {}
 
 
+FINGERPRINT_KEYS = (
+    "model",
+    "weights_sha256",
+    "pooling",
+    "normalize",
+    "document_prompt",
+    "query_prompt",
+    "max_seq_length",
+    "dim",
+    "truncate_dim",
+    "vector_dtype",
+    "chunking.max_tokens",
+    "chunking.overlap_tokens",
+    "chunking.context",
+    "chunking.max_document_chars",
+)
+"""Provenance that decides a stored vector (or how the index is queried): rows of two jobs that differ
+in any of these must never share an output. ``truncate_dim`` and ``vector_dtype`` (absent: the
+model's full width in float32) are the output options.
+
+The compute ``dtype`` is deliberately not here: fp32, fp16 and bf16 vectors of one model are all
+within the fidelity bound of each other (cos >= 0.999 to fp32, ARCHITECTURE.md invariant 3), so a
+job resumed on a GPU after a CPU start adds rows of the same index, like another kernel would. The
+schema keeps the first pass's dtype and every run record its own."""
+
+FINGERPRINT_DEFAULTS: dict[str, Any] = {"truncate_dim": None, "vector_dtype": "float32"}
+
+
+def vector_fingerprint(provenance: dict[str, Any]) -> dict[str, Any]:
+    """The fingerprint keys of a provenance dict, flattened (``chunking.max_tokens``...)."""
+    chunking = provenance.get("chunking") or {}
+    out: dict[str, Any] = {}
+    for key in FINGERPRINT_KEYS:
+        if key.startswith("chunking."):
+            value = chunking.get(key.removeprefix("chunking."))
+        else:
+            value = provenance.get(key, FINGERPRINT_DEFAULTS.get(key))
+        out[key] = FINGERPRINT_DEFAULTS.get(key) if value is None and key in FINGERPRINT_DEFAULTS else value
+    return out
+
+
+def fingerprint_differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(key, stored value, wanted value)`` for each fingerprint key two provenance dicts disagree on.
+
+    A key the stored provenance lacks (an output written before the key existed) is not a difference
+    unless this job sets it to something other than its default."""
+    old, new = vector_fingerprint(stored), vector_fingerprint(wanted)
+    chunking = stored.get("chunking") or {}
+    differences = []
+    for key in FINGERPRINT_KEYS:
+        present = key.removeprefix("chunking.") in chunking if key.startswith("chunking.") else key in stored
+        if not present and key not in FINGERPRINT_DEFAULTS:
+            continue
+        if old[key] != new[key]:
+            differences.append((key, old[key], new[key]))
+    return differences
+
+
 def _metadata_value(value: Any) -> str | None:
     if value is None or isinstance(value, str):
         return value

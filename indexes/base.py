@@ -25,17 +25,12 @@ import pyarrow.compute as pc
 
 from embedder.checkpoint import shard_key
 from embedder.config import OutputConfig
-from embedder.schema import provenance_of
+from embedder.schema import fingerprint_differences, provenance_of
 
 __all__ = ["STAGING_DIR", "ShardWriter", "Sink", "SinkError", "check_compatible", "check_shard_rows", "shard_key"]
 
 STAGING_DIR = "_embedder/staging"
 """Where sinks keep their per-attempt staging state, under the output URI (dataset readers skip it)."""
-
-PROVENANCE_KEYS = ("model", "weights_sha256")
-"""Provenance that must match for a job to add rows to an existing output."""
-
-
 
 class SinkError(RuntimeError):
     """The output cannot be written (incompatible existing table, unreachable store...)."""
@@ -74,6 +69,11 @@ class Sink(ABC):
     @abstractmethod
     def open(self) -> None:
         """Creates the output if absent; checks an existing one has a compatible schema."""
+
+    def existing_schema(self) -> pa.Schema | None:
+        """The schema of the rows the output already holds (None when it holds none), read without
+        writing anything (``embedder run --dry-run`` checks the fingerprint with it)."""
+        return None
 
     @abstractmethod
     def begin(self, shard_id: str) -> ShardWriter:
@@ -116,27 +116,34 @@ class Sink(ABC):
 
 
 def check_compatible(existing: pa.Schema, wanted: pa.Schema, location: str) -> None:
-    """Refuses to add rows to an output written by another model, vector size or column set.
+    """Refuses to add rows to an output whose stored vectors another setting made.
+
+    Every key of the vector fingerprint (``embedder.schema.FINGERPRINT_KEYS``: model, weights,
+    pooling, normalization, prompts, sequence limit, chunking, output options), the vector size and
+    the column set must match: rows of two settings in one index would silently rank against each
+    other.
 
     Raises:
-        SinkError: naming each difference and the two ways out (a new output URI, or
-            ``output.mode=reembed``).
+        SinkError: naming each differing key with both values, and the two ways out (``--mode
+            reembed``, or a new output).
     """
     differences = []
     old_dim = _vector_dim(existing)
     new_dim = _vector_dim(wanted)
     if old_dim != new_dim:
-        differences.append(f"vector dim {old_dim} there, {new_dim} in this job")
-    old_prov, new_prov = provenance_of(existing), provenance_of(wanted)
-    for key in PROVENANCE_KEYS:
-        if old_prov.get(key) != new_prov.get(key):
-            differences.append(f"provenance {key} {old_prov.get(key)!r} there, {new_prov.get(key)!r} in this job")
+        differences.append(f"vector dim: {old_dim} stored, {new_dim} in this job")
+    for key, old, new in fingerprint_differences(provenance_of(existing), provenance_of(wanted)):
+        if key == "dim" and old_dim != new_dim:
+            continue
+        differences.append(f"{key}: {old!r} stored, {new!r} in this job")
     if existing.names != wanted.names:
-        differences.append(f"columns {existing.names} there, {wanted.names} in this job")
+        differences.append(f"columns: {existing.names} stored, {wanted.names} in this job")
     if differences:
         raise SinkError(
-            f"the output {location} holds vectors of another job ({'; '.join(differences)}). "
-            "Write to a new output URI, or set output.mode=reembed to embed the corpus again with this job's model."
+            f"the output {location} holds vectors made with other settings ({'; '.join(differences)}); "
+            "adding rows would mix two kinds of vectors in one index. Either embed everything again with "
+            "this job's settings (--mode reembed, or output.mode: reembed: the old rows are replaced), "
+            "or write to a new output (--output NEW_URI)."
         )
 
 

@@ -194,11 +194,11 @@ def test_reopening_with_another_dim_or_model_is_refused_with_the_fix(tmp_path) -
     writer.commit()
     sink_at(uri)
 
-    with pytest.raises(SinkError, match="vector dim 8 there, 16") as err:
+    with pytest.raises(SinkError, match="vector dim: 8 stored, 16") as err:
         sink_at(uri, output_schema(dim=16, metadata_fields=["url"], provenance=PROVENANCE))
-    assert "new output URI" in str(err.value) and "output.mode=reembed" in str(err.value)
+    assert "new output" in str(err.value) and "--mode reembed" in str(err.value)
     other_model = output_schema(dim=DIM, metadata_fields=["url"], provenance={**PROVENANCE, "model": "test/model-b"})
-    with pytest.raises(SinkError, match="model 'test/model-a' there, 'test/model-b'"):
+    with pytest.raises(SinkError, match="model: 'test/model-a' stored, 'test/model-b'"):
         sink_at(uri, other_model)
 
 
