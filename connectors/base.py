@@ -41,6 +41,7 @@ class Connector(ABC):
     def __init__(self, config: SourceConfig) -> None:
         self.config = config
         self.known_versions: Mapping[str, str] | None = None
+        self.shard_bytes_override: int | None = None  # the runner's shard plan (embedder.runners.stages)
         self.fs, self.root = filesystem(config.uri, config.storage_options)
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         self._prefix = "" if protocol in ("file", "local") else f"{protocol}://"
@@ -59,6 +60,10 @@ class Connector(ABC):
 
     @property
     def shard_bytes(self) -> int:
+        """Target input bytes per shard: ``source.shard_size_mb``, or the runner's finer plan for a
+        source too small to give every reader a shard."""
+        if self.shard_bytes_override:
+            return max(1, int(self.shard_bytes_override))
         return max(1, int(self.config.shard_size_mb * 1024 * 1024))
 
     def url(self, path: str) -> str:
@@ -135,16 +140,26 @@ class Connector(ABC):
                 f"shard unreadable from here on: {type(err).__name__}: {err}",
             )
 
-    def make_document(self, record: Mapping[str, Any], shard: Shard, location: str) -> Document | BadRecord:
-        """Maps one record to a Document with the configured id/text/title/metadata fields."""
+    def make_document(
+        self, record: Mapping[str, Any], shard: Shard, location: str, default_id: str | None = None
+    ) -> Document | BadRecord:
+        """Maps one record to a Document with the configured id/text/title/metadata fields
+        (``default_id``: the id of a record without an id field, e.g. its position in the file)."""
         cfg = self.config
         text = record.get(cfg.text_field)
         raw_id = record.get(cfg.id_field)
+        if raw_id is None:
+            raw_id = default_id
         doc_id = None if raw_id is None else str(raw_id)
         if doc_id is None or doc_id == "":
-            return BadRecord(shard.id, location, f"no id field {cfg.id_field!r}", snippet=_snippet(record))
+            return BadRecord(
+                shard.id, location, f"no id field {cfg.id_field!r}", snippet=_snippet(record), fields=_fields(record)
+            )
         if text is None:
-            return BadRecord(shard.id, location, f"no text field {cfg.text_field!r}", doc_id=doc_id, snippet=_snippet(record))
+            return BadRecord(
+                shard.id, location, f"no text field {cfg.text_field!r}", doc_id=doc_id, snippet=_snippet(record),
+                fields=_fields(record),
+            )
         if not isinstance(text, str):
             return BadRecord(shard.id, location, f"text field {cfg.text_field!r} is {type(text).__name__}, not a string", doc_id=doc_id)
         if not text.strip():
@@ -152,6 +167,11 @@ class Connector(ABC):
         title = record.get(cfg.title_field) if cfg.title_field else None
         metadata = {name: record.get(name) for name in cfg.metadata_fields}
         return Document(id=doc_id, text=text, title=None if title is None else str(title), metadata=metadata)
+
+
+def _fields(record: Mapping[str, Any], limit: int = 20) -> list[str]:
+    names = [str(k) for k in record.keys()]
+    return names[:limit] + (["…"] if len(names) > limit else [])
 
 
 def _snippet(record: Any, limit: int = 200) -> str:

@@ -108,7 +108,6 @@ class JsonlConnector(Connector):
         self, lines: Iterable[tuple[int, bytes]], shard: Shard, rel: str
     ) -> Iterator[Document | BadRecord]:
         """Parses lines into documents; each bad line becomes a BadRecord."""
-        id_field = self.config.id_field
         for offset, raw in lines:
             if offset == 0 and raw.startswith(_BOM):
                 raw = raw[len(_BOM) :]
@@ -143,9 +142,7 @@ class JsonlConnector(Connector):
                     snippet=_snippet(raw),
                 )
                 continue
-            if record.get(id_field) is None:
-                record[id_field] = f"{rel}@{offset}"
-            yield self.make_document(record, shard, location)
+            yield self.make_document(record, shard, location, default_id=f"{rel}@{offset}")
 
 
 def _compression(path: str) -> str | None:

@@ -119,9 +119,7 @@ class ParquetConnector(Connector):
                         values = {name: batch.column(name).to_pylist() for name in wanted}
                         for i in range(batch.num_rows):
                             record = {name: column[i] for name, column in values.items()}
-                            if not has_id or record[cfg.id_field] is None:
-                                record[cfg.id_field] = f"{rel}@row{row}"
-                            yield self.make_document(record, shard, f"row {row}")
+                            yield self.make_document(record, shard, f"row {row}", default_id=f"{rel}@row{row}")
                             row += 1
                 except (pa.ArrowException, OSError) as err:
                     yield BadRecord(

@@ -50,6 +50,17 @@ def run(
     return run_local(job, on_progress=on_progress, force_unlock=force_unlock)
 
 
+def plan(job: Job | dict[str, Any]) -> dict[str, Any]:
+    """What ``run(job)`` would do, writing nothing: shards (done, to embed), the shard size, and
+    whether the job's vector fingerprint matches the rows the output holds (``refused`` holds the
+    error the run would stop with). See ``LocalRunner.plan``."""
+    if isinstance(job, dict):
+        job = build_job(job)
+    from embedder.runners.local import LocalRunner
+
+    return LocalRunner(job).plan()
+
+
 def open_index(uri: str, storage_options: dict[str, Any] | None = None, table: str = "chunks", **kwargs: Any):  # noqa: ANN201
     """Opens an output (LanceDB or Parquet) for search; see ``indexes.search.open_index``."""
     from indexes.search import open_index as _open_index

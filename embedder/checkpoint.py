@@ -107,6 +107,14 @@ class Checkpoint:
         record = {"shard_id": shard_id, "completed_at": time.time(), **info}
         self._write_json(self._path("shards", f"{shard_key(shard_id)}.json"), record)
 
+    def forget_completions(self, generation: str | None) -> None:
+        """Removes the completion records of one generation, so the next run redoes its shards (their
+        quarantine files stay until then: a run that embedded nothing points its user at them)."""
+        for shard_id in self.completed(generation):
+            path = self._path("shards", f"{shard_key(shard_id)}.json")
+            if self.fs.exists(path):
+                self.fs.rm(path)
+
     def forget_shards_except(self, shard_ids: set[str]) -> None:
         """Removes completion records and quarantine files of shards not in ``shard_ids`` (shards
         an earlier generation had that this one does not)."""

@@ -23,6 +23,23 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from embedder import __version__
+
+        typer.echo(f"embedder {__version__}")
+        raise typer.Exit(EXIT_OK)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Embed whole corpora (Wikipedia dumps, Parquet, JSONL, text) into LanceDB or Parquet."""
+
+
 def _usage_error_types() -> tuple[type[BaseException], ...]:
     from connectors.base import ConnectorError
     from embedder.config import ConfigError
@@ -61,6 +78,8 @@ def _handle(err: BaseException) -> NoReturn:
         _fail(str(err), EXIT_INTERRUPTED)  # EX_TEMPFAIL: another run is on it; try again later
     if isinstance(err, _usage_error_types()):
         _fail(str(err), EXIT_USAGE)
+    if type(err).__name__ in ("RunFailed", "CanaryFailed"):
+        _fail(str(err), EXIT_FAILED)  # their messages say what happened and what to do
     _fail(f"{type(err).__name__}: {err} (set EMBEDDER_DEBUG=1 for the traceback)", EXIT_FAILED)
 
 
@@ -93,6 +112,9 @@ def run(
     force_unlock: bool = typer.Option(
         False, "--force-unlock", help="Take the output's lease from a job that died without releasing it."
     ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the plan (shards, what is done, the fingerprint check); write nothing."
+    ),
 ) -> None:
     """Embed a corpus. Rerunning the same command resumes where a stopped run left off."""
     try:
@@ -104,6 +126,9 @@ def run(
         if no_progress:
             flags["runner.show_progress"] = False
         job = _build_job(config, set_, flags)
+        if dry_run:
+            _print_plan(job)
+            return
         from embedder.api import run as run_job
         from embedder.progress import RunProgress
 
@@ -114,6 +139,35 @@ def run(
             _fail("interrupted; run the same command again to resume", EXIT_INTERRUPTED)
     except BaseException as err:  # noqa: BLE001 - mapped to exit codes
         _handle(err)
+
+
+def _print_plan(job: Any) -> None:
+    """``run --dry-run``: the plan as a table; exit 2 when the run would be refused."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from embedder.api import plan
+
+    info = plan(job)
+    table = Table(title=f"embedder run --dry-run: {info['output']} ({info['sink']})", show_header=False)
+    rows = [
+        ("source", f"{info['source']} ({info['format']})"),
+        ("model", info["model"]),
+        ("mode", f"{info['mode']}: {info['pass']}"),
+        ("shards", f"{info['shards_total']:,} of about {info['shard_bytes'] / 2**20:.2f} MB: "
+                   f"{info['shards_done']:,} done, {info['shards_to_embed']:,} to embed "
+                   f"({info['bytes_to_read'] / 2**20:,.1f} MB to read, {info['readers']} reader(s))"),
+        ("next shards", ", ".join(info["first_shards"]) or "none"),
+        ("fingerprint", info["fingerprint"]),
+    ]
+    if info["incremental"]:
+        rows.append(("incremental", info["incremental"]))
+    for key, value in rows:
+        table.add_row(key, value)
+    Console().print(table)
+    typer.echo("nothing was written (dry run)")
+    if info["refused"]:
+        _fail(info["refused"], EXIT_USAGE)
 
 
 def _quiet_libraries() -> None:

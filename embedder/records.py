@@ -80,6 +80,8 @@ class BadRecord:
         reason: Why it was rejected, in words a user can act on.
         doc_id: The document id, where one was known.
         snippet: A short excerpt of the bad input (at most a few hundred characters).
+        fields: The record's field names, where a missing field was the reason (the run's hint
+            names them: "records have fields doc_id, heading, body").
     """
 
     shard_id: str
@@ -87,6 +89,7 @@ class BadRecord:
     reason: str
     doc_id: str | None = None
     snippet: str | None = None
+    fields: list[str] | None = None
 
 
 @dataclass(slots=True)

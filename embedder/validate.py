@@ -1,14 +1,21 @@
 """Vector validation: canaries re-embedded with the reference path, and sanity checks on vectors.
 
 Every run keeps a small uniform sample of the chunks it wrote (``validation.canary_samples``) and,
-at the end, re-embeds their text with ``SentenceTransformer.encode`` in fp32 on the CPU — the
-reference implementation, independent of our padding-free forward — and compares. A canary below
+at the end, re-embeds their text with ``SentenceTransformer.encode`` in fp32 — the reference
+implementation, independent of our padding-free forward — and compares. A canary below
 ``validation.min_cosine`` fails the run loudly, naming the chunks.
+
+The check must cost little next to the run: the reference runs on the job's GPU when it has one
+(fp32 there is still the reference: no TF32, no packing, no fused kernels), and the sample is
+bounded in tokens (``validation.canary_max_tokens``), so 32 canaries of a long-context model no longer
+take minutes of CPU after a run of seconds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,10 +36,11 @@ class CanaryReport:
     min_cosine: float | None = None
     mean_cosine: float | None = None
     worst: list[tuple[str, float]] = field(default_factory=list)
+    tokens: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"count": self.count, "min_cosine": self.min_cosine, "mean_cosine": self.mean_cosine,
-                "worst": [list(w) for w in self.worst]}
+                "worst": [list(w) for w in self.worst], "tokens": self.tokens}
 
 
 class CanarySampler:
@@ -46,36 +54,68 @@ class CanarySampler:
     def __init__(self, size: int, seed: int = 0) -> None:
         self.size = size
         self.seen = 0
-        self.samples: list[tuple[str, str, np.ndarray]] = []
+        self.samples: list[tuple[str, str, np.ndarray, int]] = []  # id, text, vector, tokens
         self._rng = random.Random(seed)
 
-    def offer(self, chunk_id: str, text: str, vector: np.ndarray) -> None:
+    def offer(self, chunk_id: str, text: str, vector: np.ndarray, tokens: int = 0) -> None:
         if self.size <= 0:
             return
         self.seen += 1
         if len(self.samples) < self.size:
-            self.samples.append((chunk_id, text, np.array(vector, dtype=np.float32)))
+            self.samples.append((chunk_id, text, np.array(vector, dtype=np.float32), tokens))
             return
         j = self._rng.randrange(self.seen)
         if j < self.size:
-            self.samples[j] = (chunk_id, text, np.array(vector, dtype=np.float32))
+            self.samples[j] = (chunk_id, text, np.array(vector, dtype=np.float32), tokens)
+
+    def bounded(self, max_tokens: int) -> list[tuple[str, str, np.ndarray, int]]:
+        """The samples whose tokens add up to at most ``max_tokens`` (taken in the reservoir's random
+        order, skipping any that would overflow; at least the shortest one)."""
+        chosen, total = [], 0
+        for sample in self.samples:
+            if total + sample[3] <= max_tokens:
+                chosen.append(sample)
+                total += sample[3]
+        if not chosen and self.samples:
+            chosen = [min(self.samples, key=lambda s: s[3])]
+        return chosen
 
 
-def reference_model(source: str, trust_remote_code: bool = False) -> Any:
-    """The model as plain sentence-transformers loads it, fp32 on CPU (cached per process)."""
-    key = (source, trust_remote_code)
+def reference_model(source: str, trust_remote_code: bool = False, device: str = "cpu") -> Any:
+    """The model as plain sentence-transformers loads it, fp32 on ``device`` (cached per process)."""
+    key = (source, trust_remote_code, device)
     if key not in _REFERENCE_MODELS:
         from sentence_transformers import SentenceTransformer
 
-        _REFERENCE_MODELS[key] = SentenceTransformer(source, device="cpu", trust_remote_code=trust_remote_code)
+        _REFERENCE_MODELS[key] = SentenceTransformer(source, device=device, trust_remote_code=trust_remote_code)
     return _REFERENCE_MODELS[key]
 
 
-def reference_vectors(source: str, texts: list[str], prompt: str, trust_remote_code: bool = False) -> np.ndarray:
-    """``SentenceTransformer.encode(texts, prompt=prompt)`` in fp32 on CPU, L2-normalized."""
-    model = reference_model(source, trust_remote_code)
-    vectors = model.encode(texts, prompt=prompt or None, batch_size=16, convert_to_numpy=True)
+def reference_vectors(
+    source: str, texts: list[str], prompt: str, trust_remote_code: bool = False, device: str = "cpu"
+) -> np.ndarray:
+    """``SentenceTransformer.encode(texts, prompt=prompt)`` in fp32 on ``device``, L2-normalized.
+
+    On CUDA, TF32 matmuls are switched off for the call: the reference stays true fp32."""
+    model = reference_model(source, trust_remote_code, device)
+    with _strict_fp32(device):
+        vectors = model.encode(texts, prompt=prompt or None, batch_size=16, convert_to_numpy=True)
     return _unit(np.asarray(vectors, dtype=np.float32))
+
+
+@contextlib.contextmanager
+def _strict_fp32(device: str) -> Iterator[None]:
+    if not device.startswith("cuda"):
+        yield
+        return
+    import torch
+
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 def _unit(vectors: np.ndarray) -> np.ndarray:
@@ -98,18 +138,30 @@ def compare(ids: list[str], vectors: np.ndarray, reference: np.ndarray) -> Canar
 
 
 def check_canaries(
-    sampler: CanarySampler, source: str, prompt: str, min_cosine: float, trust_remote_code: bool = False
+    sampler: CanarySampler,
+    source: str,
+    prompt: str,
+    min_cosine: float,
+    trust_remote_code: bool = False,
+    device: str = "cpu",
+    max_tokens: int | None = None,
 ) -> CanaryReport:
     """Re-embeds the sampled chunks with the reference path and compares.
+
+    Args:
+        device: Where the reference runs (the job's GPU when it has one).
+        max_tokens: Bound on the canaries' tokens (None: every sample).
 
     Raises:
         CanaryFailed: when a canary's cosine is below ``min_cosine``, naming the worst chunks.
     """
-    if not sampler.samples:
+    samples = sampler.samples if max_tokens is None else sampler.bounded(max_tokens)
+    if not samples:
         return CanaryReport()
-    ids = [s[0] for s in sampler.samples]
-    reference = reference_vectors(source, [s[1] for s in sampler.samples], prompt, trust_remote_code)
-    report = compare(ids, np.stack([s[2] for s in sampler.samples]), reference)
+    ids = [s[0] for s in samples]
+    reference = reference_vectors(source, [s[1] for s in samples], prompt, trust_remote_code, device)
+    report = compare(ids, np.stack([s[2] for s in samples]), reference)
+    report.tokens = sum(s[3] for s in samples)
     if report.min_cosine is not None and report.min_cosine < min_cosine:
         worst = ", ".join(f"{cid} (cos {c:.4f})" for cid, c in report.worst if c < min_cosine)
         raise CanaryFailed(

@@ -338,6 +338,12 @@ class LanceSink(Sink):
 
     # -- lifecycle -------------------------------------------------------------------------------
 
+    def existing_schema(self) -> pa.Schema | None:
+        if not self._fs.exists(self.dataset_uri):
+            return None
+        db = connect_database(self.config.uri, self.config.storage_options)
+        return db.open_table(self.config.table).schema if table_exists(db, self.config.table) else None
+
     def open(self) -> None:
         """Creates the table (empty, with the schema) or checks that the existing one is compatible."""
         db = connect_database(self.config.uri, self.config.storage_options)

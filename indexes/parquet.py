@@ -105,6 +105,17 @@ class ParquetSink(Sink):
         self.local = is_local(self.fs)
         self.staging_dir = join(self.root, STAGING_DIR)
 
+    def existing_schema(self) -> pa.Schema | None:
+        if not self.fs.exists(self.root):
+            return None
+        if not self.local:
+            self.fs.invalidate_cache(self.root)
+        existing = sorted(self.fs.glob(join(self.root, PART_GLOB)))
+        if not existing:
+            return None
+        with self.fs.open(existing[0], "rb") as f:
+            return pq.read_schema(f)
+
     def open(self) -> None:
         """Creates the folder (local disk) or checks that the part files there are compatible."""
         if self.local:

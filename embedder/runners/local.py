@@ -20,28 +20,34 @@ it) and the run ends ``interrupted`` (CLI exit 75).
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import multiprocessing as mp
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 import traceback
+import types
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from embedder.config import Job
 from embedder.failpoints import corrupt, failpoint
 from embedder.records import PackedBatch, Shard
 from embedder.runners.stages import (
+    ReadProgress,
     RunFailed,
     RunResult,
     ShardAssembler,
     ShardEnd,
+    empty_output_error,
     make_connector,
+    plan_shards,
     read_and_chunk,
     resolve_job,
     sink_registry,
@@ -101,13 +107,40 @@ def _reader_context() -> Any:
     return ctx
 
 
+_MAIN_SWAP = threading.Lock()
+
+
+@contextlib.contextmanager
+def _without_main_module() -> Iterator[None]:
+    """Starts processes as if the user's ``__main__`` had no file to re-import.
+
+    ``spawn`` and ``forkserver`` children import the parent's main module before they run their
+    target (``multiprocessing``'s "safe importing of the main module"). A user's script that calls
+    ``embedder.run(...)`` at top level, without an ``if __name__ == "__main__":`` guard, would then
+    run again in every reader: each would start its own job on the same output (``LeaseHeld``) and
+    die, and the runner would see ``BrokenPipeError``. Readers need nothing of ``__main__`` (their
+    target and arguments live in ``embedder``), so while they start, ``__main__`` is an empty module
+    and the children skip that import. Works the same for ``python file.py``, ``python - < file``,
+    Jupyter (no main file at all) and a run started from a thread.
+    """
+    with _MAIN_SWAP:
+        main = sys.modules.get("__main__")
+        sys.modules["__main__"] = types.ModuleType("__main__")
+        try:
+            yield
+        finally:
+            if main is not None:
+                sys.modules["__main__"] = main
+
+
 def _start_reader_server() -> None:
     """Starts the fork server now (cheap: the runner is still small), if readers use one."""
     if "forkserver" in mp.get_all_start_methods():
         from multiprocessing import forkserver
 
         _reader_context()
-        forkserver.ensure_running()
+        with _without_main_module():
+            forkserver.ensure_running()
 
 
 def _reader_main(
@@ -336,21 +369,25 @@ class LocalRunner:
                 ).start()
             self._setup()
             restore = self._install_signal_handlers()  # after _setup: ray.init installs its own
+            generation = self._resolve_generation(checkpoint, result)
+            is_new = generation.pop("new", False)
             connector = make_connector(job)
-            shards = connector.list_shards()
+            shards, generation["shard_bytes"] = plan_shards(
+                connector, self._read_parallelism(), generation.get("shard_bytes", "config")
+            )
+            result.shard_bytes = generation["shard_bytes"]
             encoder = self._load_encoder()
+            result.dtype = str(encoder.provenance().get("dtype"))
             chunker = Chunker.for_encoder(encoder, job.chunking)
             provenance = {**encoder.provenance(), "chunking": chunker.settings()}
             schema = output_schema(encoder.dim, job.source.metadata_fields, provenance)
             sink = sink_registry().SINKS.get(job.output.sink)(job.output, schema)
-            generation = self._resolve_generation(checkpoint, result)
-            is_new = generation.pop("new", False)
             if generation["mode"] == "reembed" and not generation.get("reset_done"):
                 checkpoint.write_generation(generation)
                 sink.reset()  # the old vectors go: this pass embeds everything with the new model
                 generation["reset_done"] = True
                 checkpoint.write_generation(generation)
-            sink.open()
+            sink.open()  # refuses an output whose rows other settings made (vector fingerprint)
             if is_new:
                 checkpoint.write_generation(generation)
             result.load_seconds = time.perf_counter() - started
@@ -362,6 +399,8 @@ class LocalRunner:
             pending = [s for s in shards if s.id not in done]
             result.shards_total = len(shards)
             result.shards_skipped = len(shards) - len(pending)
+            result.bytes_total = sum(s.size_bytes for s in pending)
+            result.quarantine_uri = f"{job.output.uri.rstrip('/')}/_embedder/quarantine/"
             checkpoint.write_run(result.to_dict())
             if pending and not self._drain.is_set():
                 sink.abort_many([s.id for s in pending])
@@ -377,6 +416,11 @@ class LocalRunner:
                 self._check_canaries(encoder, result)
                 if incremental:
                     self._prune(sink, checkpoint, {s.id for s in shards}, result)
+                result.output_rows = sink.count_rows()
+                if not result.output_rows:  # "done" with nothing embedded would tell the user nothing
+                    message = empty_output_error(result, checkpoint, job.source.uri)
+                    checkpoint.forget_completions(generation["id"])  # a rerun with a fixed job redoes them
+                    raise RunFailed(message)
                 checkpoint.forget_shards_except({s.id for s in shards})
                 failpoint("during_finish")
                 sink.finish()
@@ -410,6 +454,73 @@ class LocalRunner:
                     _remove_if_empty(job.output.uri)  # a refused job leaves no empty output behind
         return result
 
+    def plan(self) -> dict[str, Any]:
+        """What ``run`` would do, without doing it: no lease, no file written (``--dry-run``).
+
+        Lists the shards as the run would (the output's stored shard size included), says which are
+        done and which would be embedded, and checks the job's vector fingerprint against the rows the
+        output holds. The model is loaded (on this machine, whatever the runner) to know its
+        fingerprint.
+        """
+        from embedder.checkpoint import Checkpoint
+        from embedder.chunking import Chunker
+        from embedder.models.encoder import Encoder
+        from embedder.schema import output_schema
+        from indexes.base import SinkError, check_compatible
+
+        job = self.job
+        checkpoint = Checkpoint(job.output.uri, job.output.storage_options)
+        probe = RunResult(run_id="dry-run", output=job.output.uri)
+        current = checkpoint.generation()
+        generation = self._resolve_generation(checkpoint, probe)
+        stored = generation.get("shard_bytes", "config")
+        readers = LocalRunner._read_parallelism(self)
+        shards, shard_bytes = plan_shards(make_connector(job), readers, stored)
+        encoder = Encoder.load(job.model)
+        chunker = Chunker.for_encoder(encoder, job.chunking)
+        schema = output_schema(
+            encoder.dim, job.source.metadata_fields, {**encoder.provenance(), "chunking": chunker.settings()}
+        )
+        sink = sink_registry().SINKS.get(job.output.sink)(job.output, schema)
+        mode = generation["mode"]
+        existing = None if mode == "reembed" and not generation.get("reset_done") else sink.existing_schema()
+        fingerprint = "new output: nothing stored yet" if existing is None else "matches the stored rows"
+        refused = None
+        if mode == "reembed" and not generation.get("reset_done") and current is not None:
+            fingerprint = "reembed: every stored row is replaced"
+        elif existing is not None:
+            try:
+                check_compatible(existing, schema, job.output.uri)
+            except SinkError as err:
+                refused, fingerprint = str(err), "differs from the stored rows: the run would be refused (exit 2)"
+        if mode == "incremental":
+            shards = [dataclasses.replace(s, id=f"{s.id}@{generation['id']}") for s in shards]
+        done = {} if generation.get("new") else checkpoint.completed(generation["id"])
+        pending = [s for s in shards if s.id not in done]
+        return {
+            "output": job.output.uri,
+            "sink": job.output.sink,
+            "source": job.source.uri,
+            "format": job.source.format,
+            "model": job.model.name,
+            "mode": mode,
+            "pass": (
+                "a new pass" if generation.get("new")
+                else "extends the finished pass (new shards only)" if generation.get("complete")
+                else "resumes the unfinished pass"
+            ),
+            "readers": min(readers, max(1, len(pending))),
+            "shard_bytes": shard_bytes,
+            "shards_total": len(shards),
+            "shards_done": len(shards) - len(pending),
+            "shards_to_embed": len(pending),
+            "bytes_to_read": sum(s.size_bytes for s in pending),
+            "first_shards": [s.id for s in pending[:5]],
+            "incremental": "unchanged chunks are skipped, changed ones replaced" if mode == "incremental" else None,
+            "fingerprint": fingerprint,
+            "refused": refused,
+        }
+
     def _resolve_generation(self, checkpoint: Any, result: RunResult) -> dict[str, Any]:
         """The pass this run works on: the unfinished one (resumed whatever mode is asked), or a new
         one for incremental/reembed runs over a complete output."""
@@ -427,6 +538,9 @@ class LocalRunner:
             mode = "full" if requested == "incremental" and current is None else requested
             # Written once the sink accepted the output (a refused run leaves no unfinished pass).
             generation = {"id": result.run_id, "mode": mode, "complete": False, "started_at": time.time(), "new": True}
+            # The output's shard size, fixed by its first pass (ids depend on it); an output from
+            # before shard planning keeps the configured size; a new output plans one (None).
+            generation["shard_bytes"] = None if current is None else current.get("shard_bytes", "config")
         result.mode = generation["mode"]
         return generation
 
@@ -455,20 +569,28 @@ class LocalRunner:
         result.deleted += deleted
 
     def _check_canaries(self, encoder: Any, result: RunResult) -> None:
-        """Compares this run's sampled vectors with ``SentenceTransformer.encode`` (fp32, CPU)."""
+        """Compares this run's sampled vectors with ``SentenceTransformer.encode`` in fp32, on the
+        job's GPU when it has one (the CPU otherwise, and on a Ray driver), over at most
+        ``validation.canary_max_tokens`` tokens; the run record gets its time and device."""
         from embedder.validate import check_canaries
 
         if not self.canaries.samples:
             return
+        device = getattr(encoder, "device", None)
+        result.canary_device = str(device) if device is not None and device.type == "cuda" else "cpu"
+        started = time.perf_counter()
         try:
             report = check_canaries(
                 self.canaries, encoder.source, encoder.document_prompt,
                 self.job.validation.min_cosine, self.job.model.trust_remote_code,
+                device=result.canary_device, max_tokens=self.job.validation.canary_max_tokens,
             )
             result.canary = report.to_dict()
         except Exception as err:
             result.canary = {"error": str(err)}
             raise
+        finally:
+            result.canary_seconds = time.perf_counter() - started
 
     def _install_signal_handlers(self) -> Callable[[], None]:
         if threading.current_thread() is not threading.main_thread():
@@ -487,12 +609,16 @@ class LocalRunner:
 
         return restore
 
-    def _workers(self, pending: list[Shard]) -> int:
+    def _read_parallelism(self) -> int:
+        """Reader processes this machine runs: ``runner.workers``, or one per CPU but one."""
         setting = self.job.runner.workers
         if setting != "auto":
             return max(1, int(setting))
         cpus = os.cpu_count() or 1
-        return max(1, min(len(pending), cpus - 1 if cpus > 2 else 1))
+        return max(1, cpus - 1 if cpus > 2 else 1)
+
+    def _workers(self, pending: list[Shard]) -> int:
+        return max(1, min(len(pending), self._read_parallelism()))
 
     def _run_pipeline(
         self,
@@ -547,8 +673,9 @@ class LocalRunner:
             )
             for i in range(workers)
         ]
-        for p in procs:
-            p.start()
+        with _without_main_module():
+            for p in procs:
+                p.start()
         alive_r.close()  # the readers hold their copies; this process keeps only the write end
 
         batches: queue.Queue = queue.Queue(maxsize=4)
@@ -569,6 +696,7 @@ class LocalRunner:
             """mp results → packer → batches queue; passes ShardEnds through in order."""
             try:
                 packer = TokenBudgetPacker(encoder.layout, encoder.token_budget)
+                read_progress = ReadProgress(result, pending)
                 started_shards = ended = 0
                 while ended < len(pending):
                     if self._drain.is_set():
@@ -591,12 +719,14 @@ class LocalRunner:
                         raise RunFailed(f"reading shard {item[1]!r} failed:\n{item[2]}")
                     if isinstance(item, ShardEnd):
                         ended += 1
+                        read_progress.end(item)
                         if change_filter is not None:
                             item.chunks, item.changes = change_filter.finish_shard(
                                 item.shard_id, item.chunks, item.unchanged_doc_ids
                             )
                         put(batches, item)
                         continue
+                    read_progress.chunks(item)
                     if change_filter is not None:
                         item = change_filter.filter(item)
                     packer.token_budget = encoder.token_budget  # follows the encoder's OOM back-off

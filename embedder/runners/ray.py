@@ -59,6 +59,7 @@ from embedder.failpoints import corrupt, failpoint
 from embedder.records import Chunk, Shard
 from embedder.runners.local import LocalRunner, PipelineStopped, TimelineSampler
 from embedder.runners.stages import (
+    ReadProgress,
     RunFailed,
     RunResult,
     ShardAssembler,
@@ -497,6 +498,16 @@ class RayRunner(LocalRunner):
 
         return self._probe(ray)
 
+    def _read_parallelism(self) -> int:
+        """Read tasks the cluster runs at once: ``runner.workers``, or its CPUs the encoders leave."""
+        if self.job.runner.workers != "auto":
+            return max(1, int(self.job.runner.workers))
+        import ray
+
+        pool = self.pool
+        reserved = pool.size * pool.num_cpus if pool is not None else 0.0
+        return max(1, int(float(ray.cluster_resources().get("CPU", 1.0)) - reserved))
+
     def _billed_gpus(self) -> float:
         """Every encoder actor's GPUs are billed."""
         pool = self.pool
@@ -630,6 +641,7 @@ class RayRunner(LocalRunner):
             pending, sink, checkpoint, result, self._abort, on_commit=on_commit, canaries=self.canaries, background=True
         )
         assembler.generation = generation
+        self._read_progress = ReadProgress(result, pending)
         sampler = TimelineSampler(encoder)
         in_flight_at_drain: set[str] | None = None
         puller = threading.Thread(target=pull, name="embedder-ray-pull", daemon=True)
@@ -692,12 +704,14 @@ class RayRunner(LocalRunner):
             vectors = chunk_rows.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
             vectors = corrupt(vectors.reshape(len(chunks), -1))
             failpoint("mid_encode")
+            self._read_progress.chunks(chunks)
             assembler.add_vectors(chunks, vectors)
             if self.on_progress:
                 self.on_progress(result, len(chunks))
         for end in rows_to_ends(end_rows):
             assembler.started.setdefault(end.shard_id, time.time())
             failpoint("after_read")
+            self._read_progress.end(end)
             assembler.end_shard(end)
 
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 import importlib
 import logging
 import queue
+import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -91,6 +92,16 @@ class RunResult:
     gpu_hourly_usd: float | None = None
     usd: float | None = None
     usd_per_million_tokens: float | None = None
+    documents_read: int = 0  # documents read and chunked so far (progress; equals documents once all commit)
+    bytes_total: int = 0  # input bytes of this run's pending shards (progress, ETA)
+    bytes_read: int = 0  # input bytes of the shards read to their end so far
+    dtype: str | None = None  # the compute precision of this run's encoder
+    shard_bytes: int | None = None  # target input bytes per shard of this output (fixed by its first pass)
+    quarantine_reasons: dict[str, int] = field(default_factory=dict)  # reason → records, this run's commits
+    quarantine_uri: str | None = None  # where the quarantine files are
+    canary_seconds: float = 0.0  # the end-of-run reference check
+    canary_device: str | None = None
+    output_rows: int | None = None  # rows the output holds at the end of the run
 
     def add_cost(self, gpu_hourly_usd: float | None) -> None:
         """Prices the run: the GPU is billed for the whole run, model loading included."""
@@ -174,10 +185,13 @@ def _detect_source_format(job: Job) -> str:
     raise ConfigError(f"cannot tell the format of {uri!r}; set source.format / --format (valid: {valid})")
 
 
-def make_connector(job: Job) -> Connector:
-    """The job's connector, found through the registry."""
+def make_connector(job: Job, shard_bytes: int | None = None) -> Connector:
+    """The job's connector, found through the registry (``shard_bytes``: the output's planned shard
+    size, see ``plan_shards``)."""
     cls = connector_registry().CONNECTORS.get(job.source.format)
-    return cls(job.source)
+    connector = cls(job.source)
+    connector.shard_bytes_override = shard_bytes
+    return connector
 
 
 def read_and_chunk(connector: Connector, chunker: Chunker, shard: Shard) -> Iterator[list[Chunk] | ShardEnd]:
@@ -222,6 +236,147 @@ def read_and_chunk(connector: Connector, chunker: Chunker, shard: Shard) -> Iter
 
 def chunking_provenance(chunker: Chunker) -> dict[str, Any]:
     return {"chunking": chunker.settings()}
+
+
+class ReadProgress:
+    """Counts documents as readers produce them (before their shard commits) and the input bytes of
+    shards read to their end, for progress lines and the ETA. Exact once every shard has ended: a
+    shard's end sets its document count to what the reader counted.
+
+    Args:
+        result: The run's result, updated in place (``documents_read``, ``bytes_read``).
+        shards: This run's pending shards (their ``size_bytes``).
+    """
+
+    def __init__(self, result: RunResult, shards: Sequence[Shard]) -> None:
+        self.result = result
+        self._sizes = {s.id: s.size_bytes for s in shards}
+        self._counted: dict[str, int] = {}
+
+    def chunks(self, chunks: Sequence[Chunk]) -> None:
+        """A block of chunks read: each first chunk of a document counts that document."""
+        for chunk in chunks:
+            if chunk.chunk_index == 0:
+                self._counted[chunk.shard_id] = self._counted.get(chunk.shard_id, 0) + 1
+                self.result.documents_read += 1
+
+    def end(self, end: ShardEnd) -> None:
+        """A shard read to its end."""
+        if end.shard_id not in self._sizes:
+            return
+        self.result.documents_read += end.documents - self._counted.pop(end.shard_id, 0)
+        self.result.bytes_read += self._sizes.pop(end.shard_id)
+
+
+# --- shard planning -------------------------------------------------------------------------
+
+SHARDS_PER_READER = 2
+"""A source is split into at least this many shards per reader where its format allows."""
+
+MIN_SHARD_BYTES = 256 * 1024
+"""Shards are never planned smaller than this to give every reader work (a smaller source has fewer)."""
+
+
+def plan_shards(connector: Connector, readers: int, stored: int | None | str = None) -> tuple[list[Shard], int]:
+    """Lists the source's shards so that every reader has work, and returns them with the shard size.
+
+    Large sources keep shards of about ``source.shard_size_mb``. A source that gives fewer than
+    ``SHARDS_PER_READER × readers`` shards at that size is split finer (JSONL byte ranges, Parquet row
+    groups, multistream bz2 streams, groups of text files: each connector's own boundaries), down to
+    ``MIN_SHARD_BYTES``: a 59 MB dump as one shard kept one reader busy and the GPU a third idle.
+
+    Shard ids depend on the shard size, so the size is fixed by an output's first pass and stored in
+    its generation record: a resumed or extended pass (``stored``) lists exactly the same shards,
+    whatever the machine's CPU count. ``stored == "config"``: an output from before this rule; its
+    shards stay at the configured size.
+
+    Args:
+        connector: The job's connector.
+        readers: Reader processes (or read tasks) that will run.
+        stored: The output's shard size (bytes), ``"config"``, or None to plan it now.
+    """
+    if stored == "config":
+        shards = connector.list_shards()
+        return shards, connector.shard_bytes
+    if isinstance(stored, int):
+        connector.shard_bytes_override = stored
+        return connector.list_shards(), stored
+    shards = connector.list_shards()
+    configured = connector.shard_bytes
+    wanted = SHARDS_PER_READER * max(1, readers)
+    total = sum(s.size_bytes for s in shards)
+    target = max(MIN_SHARD_BYTES, total // wanted)
+    if len(shards) >= wanted or total <= 0 or target >= configured:
+        return shards, configured
+    connector.shard_bytes_override = target
+    finer = connector.list_shards()
+    log.info(
+        "source: %d shard(s) of %.1f MB for %d reader(s) (%d at source.shard_size_mb)",
+        len(finer), target / 2**20, readers, len(shards),
+    )
+    return finer, target
+
+
+# --- what a run quarantined -----------------------------------------------------------------
+
+MAX_REASONS = 50
+_NUMBERS = re.compile(r"\d+")
+
+
+def reason_kind(reason: str) -> str:
+    """A quarantine reason with its numbers blanked, so "line 3 column 7" and "line 9 column 1" count
+    as one kind."""
+    return _NUMBERS.sub("N", reason)[:300]
+
+
+def count_reasons(counts: dict[str, int], reasons: Iterable[str]) -> None:
+    """Adds reasons to ``counts`` by kind (at most ``MAX_REASONS`` kinds; the rest count as "other")."""
+    for reason in reasons:
+        kind = reason_kind(reason)
+        if kind not in counts and len(counts) >= MAX_REASONS:
+            kind = "other reasons"
+        counts[kind] = counts.get(kind, 0) + 1
+
+
+def top_reasons(counts: dict[str, int], n: int = 3) -> str:
+    """``"no text field 'text' (40); empty text (2)"``: the commonest reasons with their counts."""
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+    more = len(counts) - len(ranked)
+    return "; ".join(f"{reason} ({count:,})" for reason, count in ranked) + (f"; {more} more kinds" if more > 0 else "")
+
+
+def field_hint(counts: dict[str, int], records: Iterable[dict[str, Any]] = ()) -> str:
+    """What to set when records were quarantined for a missing id or text field."""
+    fields = next((r.get("fields") for r in records if r.get("fields")), None)
+    seen = f"records have fields {', '.join(fields)}: " if fields else ""
+    if any(k.startswith("no text field") for k in counts):
+        return f"{seen}set source.text_field (--set source.text_field=NAME) to the field holding the text"
+    if any(k.startswith("no id field") for k in counts):
+        return f"{seen}set source.id_field (--set source.id_field=NAME) to a field with a unique id per record"
+    return ""
+
+
+def empty_output_error(result: RunResult, checkpoint: Checkpoint, source_uri: str) -> str:
+    """The failure message of a run that leaves an output with no row: why, and what to change.
+
+    An embedding job that ends "done" with nothing embedded tells its user nothing; it fails instead
+    (exit 1) with the commonest quarantine reasons and a hint built from the records it saw.
+    """
+    records = checkpoint.quarantine()
+    counts: dict[str, int] = {}
+    count_reasons(counts, (r.get("reason", "") for r in records))
+    where = f"{checkpoint.output_uri.rstrip('/')}/_embedder/quarantine/"
+    if not records:
+        return (
+            f"nothing was embedded: the source {source_uri!r} gave no document "
+            f"({result.shards_total} shard(s)); check source.uri and source.format"
+        )
+    hint = field_hint(counts, records)
+    return (
+        f"nothing was embedded: all {len(records):,} record(s) were quarantined ({top_reasons(counts)}); "
+        + (f"{hint}; " if hint else "")
+        + f"the records and reasons are in {where}"
+    )
 
 
 @dataclass(slots=True)
@@ -355,7 +510,7 @@ class ShardAssembler:
             state.pending_chunks.append(chunk)
             state.pending_vectors.append(vectors[i : i + 1])
             if self.canaries is not None:
-                self.canaries.offer(chunk.id, chunk.text, vectors[i])
+                self.canaries.offer(chunk.id, chunk.text, vectors[i], len(chunk.token_ids))
         if len(chunks):
             bins = np.bincount(np.fromiter((len(c.token_ids) for c in chunks), np.int64, len(chunks)) // LENGTH_BIN)
             hist = self.result.length_histogram
@@ -427,7 +582,8 @@ class ShardAssembler:
         if state.writer is not None:
             state.writer.commit()
         failpoint("after_commit")
-        quarantined = self.checkpoint.write_quarantine(state.shard_id, [*end.bad_records, *state.bad_vectors])
+        bad = [*end.bad_records, *state.bad_vectors]
+        quarantined = self.checkpoint.write_quarantine(state.shard_id, bad)
         if end.changes is not None:
             self.checkpoint.write_changes(state.shard_id, end.changes)
         self.checkpoint.record_completion(
@@ -451,6 +607,7 @@ class ShardAssembler:
             result.rows_written += state.rows
             result.bad_records += quarantined
             result.bad_vectors += len(state.bad_vectors)
+            count_reasons(result.quarantine_reasons, (r.reason for r in bad))
             if end.changes is not None:
                 result.added += end.changes["added"]
                 result.updated += end.changes["updated"]

@@ -276,3 +276,56 @@ def test_memory_timeline_counts_the_runner_and_its_readers() -> None:
         child.wait()
     assert rss_mb(child.pid) is None  # a process that is gone counts nothing
 
+
+
+def test_nothing_embedded_is_a_failure_naming_the_field(tmp_path) -> None:
+    """A JSONL whose text sits in ``body`` ends exit 1, state failed, with the reason and the hint;
+    the rerun with the fixed field then embeds everything (the empty pass left no shard "done")."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    source = tmp_path / "notes.jsonl"
+    with open(source, "w") as f:
+        for i in range(40):
+            f.write(json.dumps({"doc_id": f"n{i}", "heading": f"Note {i}", "body": f"Note number {i} about rivers."}) + "\n")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "embedder.cli", "run", "--source", str(source), "--output", str(out),
+           "--sink", "parquet", "--device", "cpu", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr
+    message = proc.stderr.strip().splitlines()[-1]
+    assert "nothing was embedded" in message and "no text field 'text' (40)" in message
+    assert "doc_id, heading, body" in message and "source.text_field" in message
+    assert "_embedder/quarantine" in message and "Traceback" not in proc.stderr
+    runs = Checkpoint(str(out)).runs()
+    assert runs[-1]["state"] == "failed" and runs[-1]["output_rows"] == 0
+    fixed = subprocess.run([*cmd, "--set", "source.text_field=body", "--set", "source.id_field=doc_id"],
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert fixed.returncode == 0, fixed.stderr
+    assert sorted(read_output(str(out), "parquet").column("doc_id").to_pylist()) == sorted(f"n{i}" for i in range(40))
+
+
+def test_no_document_at_all_is_a_failure(tmp_path) -> None:
+    source = tmp_path / "empty.jsonl"
+    source.write_text("\n\n")
+    result = None
+    with pytest.raises(Exception, match="nothing was embedded: the source .* gave no document"):
+        result = run(build_job(_job(str(source), str(tmp_path / "out"), "jsonl", "parquet")))
+    assert result is None
+    assert Checkpoint(str(tmp_path / "out")).runs()[-1]["state"] == "failed"
+
+
+def test_quarantine_reasons_are_counted_in_the_run_record(tmp_path) -> None:
+    source = tmp_path / "mixed.jsonl"
+    lines = [json.dumps({"id": f"ok{i}", "text": f"fine text {i}"}) for i in range(5)]
+    lines += [json.dumps({"id": f"e{i}", "text": ""}) for i in range(3)] + ['{"id": "broken', '{"id": "x", "text": 5}']
+    source.write_text("\n".join(lines) + "\n")
+    result = run(build_job(_job(str(source), str(tmp_path / "out"), "jsonl", "parquet")))
+    assert result.state == "done" and result.bad_records == 5
+    assert result.quarantine_reasons["empty or whitespace-only text"] == 3
+    assert sum(result.quarantine_reasons.values()) == 5
+    assert result.quarantine_uri.endswith("_embedder/quarantine/")
