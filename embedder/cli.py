@@ -6,9 +6,11 @@ Heavy libraries (torch, lancedb, transformers) are imported inside the commands,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any, NoReturn
 
 import typer
@@ -83,6 +85,58 @@ def _handle(err: BaseException) -> NoReturn:
     _fail(f"{type(err).__name__}: {err} (set EMBEDDER_DEBUG=1 for the traceback)", EXIT_FAILED)
 
 
+@contextlib.contextmanager
+def _stdout_may_close() -> Iterator[None]:
+    """Printing to a reader that went away (``embedder run ... | head -c1``) is not a failure.
+
+    The work is done by the time its output is printed, so the exit code stays what the work
+    earned. As Python's ``signal`` docs recommend, stdout is pointed at devnull so the interpreter's
+    final flush does not raise again.
+    """
+    try:
+        yield
+    except BrokenPipeError:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):  # stdout without a file descriptor (a test's capture)
+            pass
+
+
+def _stdout_console() -> Any:
+    """A rich console on stdout whose broken pipe reaches ``_stdout_may_close``.
+
+    Rich's own handling of a broken pipe exits with status 1 (``SystemExit``) from inside
+    ``print``, which would turn a finished run into a failed one.
+    """
+    from rich.console import Console
+
+    class StdoutConsole(Console):
+        def on_broken_pipe(self) -> None:
+            self.quiet = True  # drop whatever else is printed
+            raise BrokenPipeError(32, "stdout's reader went away")
+
+    return StdoutConsole()
+
+
+def _progress_interval_s() -> float:
+    """Seconds between progress lines on a non-terminal: ``EMBEDDER_PROGRESS_INTERVAL_S`` or 10."""
+    from embedder.config import ConfigError
+    from embedder.progress import INTERVAL_ENV, INTERVAL_S
+
+    raw = os.environ.get(INTERVAL_ENV)
+    if raw is None or not raw.strip():
+        return INTERVAL_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise ConfigError(f"{INTERVAL_ENV} must be a positive number of seconds, got {raw!r}")
+    return value
+
+
 def _build_job(config: str | None, overrides: list[str], flags: dict[str, Any]):  # noqa: ANN202
     from embedder.config import ConfigError, build_job, load_job_dict
 
@@ -132,9 +186,12 @@ def run(
         from embedder.api import run as run_job
         from embedder.progress import RunProgress
 
-        with RunProgress(enabled=job.runner.show_progress and sys.stderr.isatty()) as progress:
+        # a bar on a terminal, else a log line every EMBEDDER_PROGRESS_INTERVAL_S (10 s) on stderr
+        with RunProgress(enabled=job.runner.show_progress, interval_s=_progress_interval_s()) as progress:
             result = run_job(job, on_progress=progress.update, force_unlock=force_unlock)
-        _print_summary(result)
+            progress.finish(result)
+        with _stdout_may_close():
+            _print_summary(result)
         if result.state == "interrupted":
             _fail("interrupted; run the same command again to resume", EXIT_INTERRUPTED)
     except BaseException as err:  # noqa: BLE001 - mapped to exit codes
@@ -178,10 +235,9 @@ def _quiet_libraries() -> None:
 
 
 def _print_summary(result: Any) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(stderr=False)
+    console = _stdout_console()
     table = Table(title=f"embedder run {result.run_id}: {result.state}", show_header=False)
     rows = [
         ("output", f"{result.output} ({result.sink})"),
@@ -256,9 +312,9 @@ def status(
             "runs": len(runs),
         }
         if as_json:
-            typer.echo(json.dumps(info, indent=2))
+            with _stdout_may_close():
+                typer.echo(json.dumps(info, indent=2))
             return
-        from rich.console import Console
         from rich.table import Table
 
         table = Table(title=f"embedder status {output}", show_header=False)
@@ -269,7 +325,8 @@ def status(
             table.add_row(key, str(info[key]))
         if last:
             table.add_row("last run", f"{last.get('run_id')}: {last.get('state')}" + (f" ({last.get('error')})" if last.get("error") else ""))
-        Console().print(table)
+        with _stdout_may_close():
+            _stdout_console().print(table)
     except BaseException as err:  # noqa: BLE001
         _handle(err)
 
@@ -298,11 +355,11 @@ def history(
                 record[key] = record[key] or 0
             records.append(record)
         if as_json:
-            typer.echo(json.dumps(records, indent=2))
+            with _stdout_may_close():
+                typer.echo(json.dumps(records, indent=2))
             return
         import datetime
 
-        from rich.console import Console
         from rich.table import Table
 
         table = Table(title=f"embedder history {output}")
@@ -314,7 +371,8 @@ def history(
                 r["run_id"], started, r["mode"] or "", r["state"] or "", f"{r['added']:,}", f"{r['updated']:,}",
                 f"{r['deleted']:,}", f"{r['unchanged']:,}", f"{r['tokens_embedded']:,}", f"{r['tokens_per_second'] or 0:,.0f}",
             )
-        Console().print(table)
+        with _stdout_may_close():
+            _stdout_console().print(table)
     except BaseException as err:  # noqa: BLE001
         _handle(err)
 
@@ -336,9 +394,9 @@ def search(
         if as_json:
             from dataclasses import asdict
 
-            typer.echo(json.dumps([asdict(h) for h in hits], indent=2, ensure_ascii=False, default=str))
+            with _stdout_may_close():
+                typer.echo(json.dumps([asdict(h) for h in hits], indent=2, ensure_ascii=False, default=str))
             return
-        from rich.console import Console
         from rich.table import Table
 
         table = Table(title=f"{query!r}")
@@ -347,7 +405,8 @@ def search(
         for hit in hits:
             text = hit.text if len(hit.text) <= 200 else hit.text[:200] + "…"
             table.add_row(f"{hit.score:.3f}", hit.id, hit.title or "", text)
-        Console().print(table)
+        with _stdout_may_close():
+            _stdout_console().print(table)
     except BaseException as err:  # noqa: BLE001
         _handle(err)
 

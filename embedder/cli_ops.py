@@ -14,7 +14,17 @@ from typing import Any
 
 import typer
 
-from embedder.cli import EXIT_FAILED, EXIT_USAGE, _build_job, _fail, _handle, _quiet_libraries, app
+from embedder.cli import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    _build_job,
+    _fail,
+    _handle,
+    _quiet_libraries,
+    _stdout_console,
+    _stdout_may_close,
+    app,
+)
 
 VALIDATE_SAMPLES = 64
 NORM_TOLERANCE = 1e-2
@@ -57,16 +67,16 @@ def estimate(
             job, gpu=gpu, gpu_hourly_usd=gpu_hourly_usd, sample_mb=sample_mb, max_seconds=max_seconds,
             calibrate_on_gpu=calibrate, tokens_per_second=tokens_per_second,
         )
-        if as_json:
-            typer.echo(json.dumps(result.to_dict(), indent=2))
-            return
-        _print_estimate(result)
+        with _stdout_may_close():
+            if as_json:
+                typer.echo(json.dumps(result.to_dict(), indent=2))
+            else:
+                _print_estimate(result)
     except BaseException as err:  # noqa: BLE001 - mapped to exit codes
         _handle(err)
 
 
 def _print_estimate(result: Any) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     sample = result.sample
@@ -89,7 +99,7 @@ def _print_estimate(result: Any) -> None:
     ]
     for key, value in rows:
         table.add_row(key, value)
-    Console().print(table)
+    _stdout_console().print(table)
 
 
 # --- validate ---------------------------------------------------------------------------------------
@@ -208,10 +218,11 @@ def validate(
             report = validate_output(output, samples, min_cosine, seed)
         except SearchError as err:
             _fail(str(err), EXIT_USAGE)
-        if as_json:
-            typer.echo(json.dumps(report, indent=2))
-        else:
-            _print_validation(report)
+        with _stdout_may_close():
+            if as_json:
+                typer.echo(json.dumps(report, indent=2))
+            else:
+                _print_validation(report)
         if not report["ok"]:
             reasons = [f"{i}: {why}" for i, why in report["bad_vectors"][:5]]
             reasons += [f"{i} (cos {c:.4f})" for i, c in report["worst"] if c < report["threshold"]]
@@ -224,7 +235,6 @@ def validate(
 
 
 def _print_validation(report: dict[str, Any]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"embedder validate {report['output']}: {'ok' if report['ok'] else 'FAILED'}", show_header=False)
@@ -234,7 +244,7 @@ def _print_validation(report: dict[str, Any]) -> None:
         table.add_row("cosine", f"min {report['min_cosine']:.5f}, mean {report['mean_cosine']:.5f} "
                                 f"(threshold {report['threshold']})")
     table.add_row("bad vectors", str(len(report["bad_vectors"])))
-    Console().print(table)
+    _stdout_console().print(table)
 
 
 # --- report -----------------------------------------------------------------------------------------
@@ -253,7 +263,8 @@ def report(
             built = build_report(output, out)
         except ReportError as err:
             _fail(str(err), EXIT_USAGE)
-        typer.echo(built.html_path)
+        with _stdout_may_close():
+            typer.echo(built.html_path)
         for name, why in built.missing.items():
             typer.echo(f"note: no {name.replace('_', ' ')} picture: {why}", err=True)
     except BaseException as err:  # noqa: BLE001

@@ -3,13 +3,18 @@
 ``build_report(output)`` reads the job's state (``Checkpoint``: run records, shard completion
 records, the resolved job) and draws, with matplotlib (Agg, no display needed):
 
-* the chunk-length histogram (tokens per chunk, the run records' ``length_histogram``) — how
-  full the windows are, and how much of the model's limit the corpus uses;
-* tokens/s over time (each run's ``timeline``) — stalls, warm-up, a slow tail;
+* the chunk-length histogram (tokens per chunk, the run records' ``length_histogram``, of
+  committed chunks only) — how full the windows are, and how much of the model's limit the
+  corpus uses;
+* tokens/s over time (each run's ``timeline``, over intervals of at least the sampling period) —
+  stalls, warm-up, a slow tail;
 * shard durations (completion records' ``seconds``) — stragglers that hold a run's end;
 * canary cosines (each run's ``canary``) against the threshold — are the vectors right;
 
 then a run-history table (state, counts, tokens/s, padding waste, GPU use, cost, canaries, error).
+The totals count what is in the output: rows from the output table itself (Lance or Parquet),
+documents, chunks and tokens from the completion records of committed shards — never the run
+records, whose counts include attempts that a crash threw away.
 The HTML embeds every picture as a base64 PNG, so the one file can be mailed or opened anywhere;
 the PNGs are written next to it too. Records written before a field existed are tolerated: a
 missing series gets a "not recorded" note instead of a plot.
@@ -26,6 +31,7 @@ import datetime as dt
 import html
 import io
 import statistics
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,11 +57,18 @@ class Report:
         html_path: The HTML file (local path or URL).
         figures: Figure name → PNG path, for the pictures drawn.
         missing: Figure name → why it was not drawn (e.g. not recorded by older runs).
+        notes: Figure name → its caption's note on what it counts (e.g. runs left out).
+        totals: The summary's counts: ``rows`` (in the output table; None where it cannot be
+            read), ``documents``, ``chunks``, ``tokens``, ``quarantined`` (committed shards).
+        chunk_lengths: The length histogram drawn: committed chunks per ``LENGTH_BIN`` tokens.
     """
 
     html_path: str
     figures: dict[str, str] = field(default_factory=dict)
     missing: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+    totals: dict[str, int | None] = field(default_factory=dict)
+    chunk_lengths: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -64,6 +77,20 @@ class _JobState:
     job: dict[str, Any]
     runs: list[dict[str, Any]]
     shards: list[dict[str, Any]]
+    rows: int | None = None  # rows in the output table; None when it cannot be read
+    rows_unreadable: str = ""  # why not
+
+    def committed(self, key: str) -> int:
+        """A count summed over the completion records: what the committed shards hold."""
+        return sum(int(r.get(key) or 0) for r in self.shards)
+
+
+@dataclass(slots=True)
+class _Drawn:
+    """A drawn figure: its PNG and a note for its caption."""
+
+    png: bytes
+    note: str = ""
 
 
 def _load_state(output: str, storage_options: dict[str, Any] | None) -> _JobState:
@@ -75,8 +102,22 @@ def _load_state(output: str, storage_options: dict[str, Any] | None) -> _JobStat
     job_yaml = checkpoint.load_job_yaml()
     if job_yaml is None:
         raise ReportError(f"{output!r} holds no embedder job (no _embedder/job.yaml); check the path")
+    job = yaml.safe_load(job_yaml) or {}
     shards = sorted(checkpoint.completed().values(), key=lambda r: r.get("completed_at", 0))
-    return _JobState(output, yaml.safe_load(job_yaml) or {}, checkpoint.runs(), shards)
+    state = _JobState(output, job, checkpoint.runs(), shards)
+    state.rows, state.rows_unreadable = _output_rows(output, job, storage_options)
+    return state
+
+
+def _output_rows(output: str, job: dict[str, Any], storage_options: dict[str, Any] | None) -> tuple[int | None, str]:
+    """Rows in the output table as a reader sees them (LanceDB or Parquet), or None and why not."""
+    try:
+        from indexes.search import open_index
+
+        table = (job.get("output") or {}).get("table") or "chunks"
+        return open_index(output, storage_options, table=table).count_rows(), ""
+    except Exception as err:  # noqa: BLE001 - the report still renders; the summary says why
+        return None, f"{type(err).__name__}: {err}"
 
 
 # --- figures ------------------------------------------------------------------------------------------
@@ -112,47 +153,119 @@ def _png(plt: Any, fig: Any) -> bytes:
     return buffer.getvalue()
 
 
-def _length_histogram(plt: Any, state: _JobState) -> bytes | str:
+def committed_length_histogram(state: _JobState) -> tuple[list[int], str]:
+    """Chunks per ``LENGTH_BIN``-token bin, of committed chunks only, and a note on how it was counted.
+
+    Each run's ``length_histogram`` is matched against the chunks of the shards that run
+    committed (their completion records carry its ``run_id``): a run whose histogram holds more
+    (it counted an attempt that a crash threw away, in records written before runs counted
+    committed chunks only) is scaled down to its committed chunks; a run with no committed shard
+    left (it crashed before any commit, or a reembed replaced its rows) is left out.
+    """
+    committed_by_run: Counter[str] = Counter()
+    for record in state.shards:
+        committed_by_run[str(record.get("run_id"))] += int(record.get("chunks") or 0)
+    attributed = all(record.get("run_id") for record in state.shards)
     counts: list[int] = []
+    scaled, dropped = [], []
     for run in state.runs:
-        for i, n in enumerate(run.get("length_histogram") or []):
-            if i >= len(counts):
-                counts.append(0)
-            counts[i] += int(n)
+        bins = [int(n) for n in run.get("length_histogram") or []]
+        recorded = sum(bins)
+        if not recorded:
+            continue
+        if attributed:
+            committed = committed_by_run.get(str(run.get("run_id")), 0)
+            if committed == 0:
+                dropped.append(f"{run.get('run_id', '?')} ({recorded:,})")
+                continue
+            if recorded > committed:
+                scaled.append(f"{run.get('run_id', '?')} ({recorded:,} → {committed:,})")
+                bins = _scale(bins, committed)
+        if len(bins) > len(counts):
+            counts.extend([0] * (len(bins) - len(counts)))
+        for i, n in enumerate(bins):
+            counts[i] += n
+    notes = ["Committed chunks: each run's recorded lengths, matched against its shards' completion records."]
+    if dropped:
+        notes.append("Left out, no committed shard left: " + ", ".join(dropped) + ".")
+    if scaled:
+        notes.append("Scaled down to what they committed (they counted attempts a crash threw away): "
+                     + ", ".join(scaled) + ".")
+    if not attributed:
+        notes = ["Chunk lengths as the runs recorded them: completion records without run ids cannot be matched."]
+    return counts, " ".join(notes)
+
+
+def _scale(bins: list[int], total: int) -> list[int]:
+    """``bins`` scaled to sum to ``total`` (largest remainders get the rounding)."""
+    recorded = sum(bins)
+    exact = [n * total / recorded for n in bins]
+    out = [int(x) for x in exact]
+    for i in sorted(range(len(bins)), key=lambda i: exact[i] - out[i], reverse=True)[: total - sum(out)]:
+        out[i] += 1
+    return out
+
+
+def _length_histogram(plt: Any, state: _JobState) -> _Drawn | str:
+    counts, note = committed_length_histogram(state)
     if not any(counts):
-        return "no run recorded chunk lengths (runs older than the length histogram)"
+        return "no run recorded chunk lengths of committed shards (runs older than the length histogram)"
     total = sum(counts)
     mean = sum((i + 0.5) * LENGTH_BIN * n for i, n in enumerate(counts)) / total
     fig, ax = _figure(
-        plt, f"Chunk length: {total:,} chunks, mean ≈ {mean:.0f} tokens", "tokens per chunk (without specials/prompt)", "chunks"
+        plt, f"Chunk length: {total:,} committed chunks, mean ≈ {mean:.0f} tokens",
+        "tokens per chunk (without specials/prompt)", "chunks",
     )
     edges = [i * LENGTH_BIN for i in range(len(counts))]
     ax.bar(edges, counts, width=LENGTH_BIN, align="edge", color=ACCENT, edgecolor="white", linewidth=0.5)
     limit = (state.job.get("chunking") or {}).get("max_tokens")
+    right = max(len(counts) * LENGTH_BIN, limit or 0)
+    ax.set_xlim(0, right + LENGTH_BIN)
+    ax.set_ylim(0, max(counts) * 1.12)
     if limit:
         ax.axvline(limit, color=SECOND, linestyle="--", linewidth=1, label=f"chunking.max_tokens = {limit}")
-        ax.legend(frameon=False, fontsize=8)
-    return _png(plt, fig)
+        ax.legend(frameon=False, fontsize=8, loc="upper left")
+    committed = state.committed("chunks")
+    if committed and committed != total:
+        note += f" The completion records hold {committed:,} chunks; the runs recorded lengths of {total:,}."
+    return _Drawn(_png(plt, fig), note)
 
 
-def _throughput(plt: Any, state: _JobState) -> bytes | str:
-    series = [(run, _from_start(run.get("timeline") or [])) for run in state.runs]
-    series = [(run, points) for run, points in series if len(points) >= 2]
-    if not series:
-        return "no run recorded a timeline of tokens (runs older than the timeline, or too short)"
-    fig, ax = _figure(plt, "Throughput over time", "seconds since the run started", "tokens/s")
-    colors = [ACCENT, SECOND, "#3a9d5d", "#8e44ad", "#c0392b", "#16a085"]
-    for n, (run, points) in enumerate(series[-6:]):
-        xs, ys = [], []
-        for (t0, k0), (t1, k1) in zip(points, points[1:]):
-            if t1 > t0:
-                xs.append((t0 + t1) / 2)
-                ys.append((k1 - k0) / (t1 - t0))
-        ax.plot(xs, ys, color=colors[n % len(colors)], linewidth=1.4, marker="." if len(xs) < 40 else None,
-                label=f"{run.get('run_id', '?')} ({run.get('state', '?')})")
-    ax.set_ylim(bottom=0)
-    ax.legend(frameon=False, fontsize=8)
-    return _png(plt, fig)
+def throughput_intervals(timeline: list[list[float]], min_seconds: float | None = None) -> list[tuple[float, float, float]]:
+    """A run's tokens/s as ``(start s, end s, tokens/s)`` over intervals long enough to mean something.
+
+    The timeline is ``[seconds, tokens so far]``, sampled when encoded batches arrive but at most
+    every ``min_seconds`` (the runners' ``TimelineSampler.PERIOD_S``), plus a final sample at the
+    end of the pipeline, which may come milliseconds after the one before: a rate over that sliver
+    is noise (a few tokens over a few ms), so samples closer than the interval are merged and a
+    short tail joins the interval before it. Where batches take longer than the period (a CPU
+    run), each sample is one batch, and tokens arrive a few batches late (they are counted when
+    the runner takes a batch's vectors, and a few are in flight), with the last ones all at once at
+    the end: intervals then span three batches, so that lag cannot fake a spike. A timeline shorter
+    than one interval gives one interval over all of it.
+    """
+    if min_seconds is None:
+        from embedder.runners.local import TimelineSampler
+
+        min_seconds = TimelineSampler.PERIOD_S
+    points = _from_start(timeline)
+    if len(points) < 2:
+        return []
+    gaps = [b[0] - a[0] for a, b in zip(points[1:-1], points[2:-1])]  # between regular samples
+    if gaps and statistics.median(gaps) > 1.5 * min_seconds:
+        min_seconds = 3 * statistics.median(gaps)
+    spans: list[tuple[float, float, float, float]] = []  # (t0, tokens0, t1, tokens1)
+    t0, k0 = points[0]
+    for t, k in points[1:]:
+        if t - t0 >= min_seconds:
+            spans.append((t0, k0, t, k))
+            t0, k0 = t, k
+    t_end, k_end = points[-1]
+    if t_end > t0:  # a tail shorter than the interval: merged into the one before it
+        if spans:
+            t0, k0, _, _ = spans.pop()
+        spans.append((t0, k0, t_end, k_end))
+    return [(a, b, (kb - ka) / (b - a)) for a, ka, b, kb in spans if b > a]
 
 
 def _from_start(points: list[list[float]]) -> list[list[float]]:
@@ -162,7 +275,32 @@ def _from_start(points: list[list[float]]) -> list[list[float]]:
     return points
 
 
-def _shard_durations(plt: Any, state: _JobState) -> bytes | str:
+def _throughput(plt: Any, state: _JobState) -> _Drawn | str:
+    series = [(run, throughput_intervals(run.get("timeline") or [])) for run in state.runs if run.get("tokens")]
+    series = [(run, spans) for run, spans in series if spans]
+    if not series:
+        return "no run recorded a timeline of tokens (runs older than the timeline, or no tokens embedded)"
+    fig, ax = _figure(plt, "Throughput over time", "seconds since the embedding started", "tokens/s")
+    colors = [ACCENT, SECOND, "#3a9d5d", "#8e44ad", "#c0392b", "#16a085"]
+    top, right = 0.0, 0.0
+    for n, (run, spans) in enumerate(series[-6:]):
+        edges = [spans[0][0], *(end for _, end, _ in spans)]
+        rates = [rate for _, _, rate in spans]
+        color = colors[n % len(colors)]
+        label = f"{run.get('run_id', '?')} ({run.get('state', '?')}): {run.get('tokens_per_second') or 0:,.0f} tok/s overall"
+        ax.stairs(rates, edges, color=color, linewidth=1.6, baseline=None, label=label)
+        if len(spans) < 40:  # few intervals: mark each one's rate at its middle
+            ax.plot([(a + b) / 2 for a, b, _ in spans], rates, ".", color=color)
+        top, right = max(top, *rates), max(right, edges[-1])
+    ax.set_xlim(0, right * 1.02)
+    ax.set_ylim(0, top * 1.25)  # headroom for the legend
+    ax.legend(frameon=False, fontsize=8, loc="upper right")
+    note = ("Rates over intervals of at least the sampling period (three batches where batches are slower); "
+            "a short last sample joins the interval before it.")
+    return _Drawn(_png(plt, fig), note)
+
+
+def _shard_durations(plt: Any, state: _JobState) -> _Drawn | str:
     timed = [(r["shard_id"], float(r["seconds"])) for r in state.shards if r.get("seconds") is not None]
     if not timed:
         return "no completion record has a duration (shards done by runs older than shard timing)"
@@ -170,17 +308,24 @@ def _shard_durations(plt: Any, state: _JobState) -> bytes | str:
     fig, ax = _figure(plt, "Shard durations", "shard, in completion order", "seconds")
     from matplotlib.ticker import MaxNLocator
 
-    ax.bar(range(1, len(seconds) + 1), seconds, width=1.0 if len(seconds) > 60 else 0.8, color=ACCENT)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlim(0.4, len(seconds) + 0.6)
+    count = len(seconds)
+    ax.bar(range(1, count + 1), seconds, width=1.0 if count > 60 else min(0.8, 0.15 * (count + 3)), color=ACCENT)
+    if count <= 12:
+        ax.set_xticks(range(1, count + 1))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    pad = 0.6 if count > 3 else 1.0
+    ax.set_xlim(1 - pad, count + pad)
+    ax.set_ylim(0, max(max(seconds), 1e-3) * 1.3)  # headroom for the legend
     median = statistics.median(seconds)
     ax.axhline(median, color=SECOND, linestyle="--", linewidth=1, label=f"median {median:.2f} s")
     slowest = max(timed, key=lambda pair: pair[1])
-    ax.legend(frameon=False, fontsize=8, title=f"slowest: {_short(slowest[0])} ({slowest[1]:.2f} s)", title_fontsize=8)
-    return _png(plt, fig)
+    ax.legend(frameon=False, fontsize=8, loc="upper right",
+              title=f"slowest: {_short(slowest[0])} ({slowest[1]:.2f} s)", title_fontsize=8)
+    return _Drawn(_png(plt, fig))
 
 
-def _canaries(plt: Any, state: _JobState) -> bytes | str:
+def _canaries(plt: Any, state: _JobState) -> _Drawn | str:
     checked = [r for r in state.runs if (r.get("canary") or {}).get("min_cosine") is not None]
     if not checked:
         return "no run recorded canary cosines (validation.canary_samples: 0, or runs older than canaries)"
@@ -192,18 +337,21 @@ def _canaries(plt: Any, state: _JobState) -> bytes | str:
         ax.scatter([x] * len(values), values, s=12, color=MUTED, alpha=0.7, zorder=2)
     mins = [r["canary"]["min_cosine"] for r in checked]
     means = [r["canary"].get("mean_cosine") for r in checked]
-    ax.plot(xs, mins, "o-", color=ACCENT, label="min", zorder=3)
-    ax.plot(xs, [m if m is not None else float("nan") for m in means], "s--", color=SECOND, label="mean", zorder=3)
+    ax.plot(xs, [m if m is not None else float("nan") for m in means], "s--", color=SECOND, label="mean", zorder=3,
+            markersize=8)
+    ax.plot(xs, mins, "o-", color=ACCENT, label="min", zorder=4, markersize=5)  # on top: equal values stay visible
     ax.axhline(threshold, color=BAD, linewidth=1, label=f"threshold {threshold}")
     ax.set_xticks(xs, [_short(r.get("run_id", "?"), 16) for r in checked], fontsize=7, rotation=15)
     low = min(min(mins), threshold)
     ax.set_ylim(low - max(1e-4, (1 - low) * 0.5), 1.0 + max(2e-5, (1 - low) * 0.1))
     ax.ticklabel_format(axis="y", useOffset=False)
+    if len(xs) == 1:
+        ax.set_xlim(0.5, 1.5)
     ax.legend(frameon=False, fontsize=8, loc="lower left")
-    return _png(plt, fig)
+    return _Drawn(_png(plt, fig))
 
 
-FIGURES: dict[str, tuple[str, Callable[[Any, _JobState], bytes | str]]] = {
+FIGURES: dict[str, tuple[str, Callable[[Any, _JobState], _Drawn | str]]] = {
     "chunk_lengths": ("Chunk-length histogram", _length_histogram),
     "throughput": ("Tokens/s over time", _throughput),
     "shard_durations": ("Shard durations", _shard_durations),
@@ -269,24 +417,51 @@ figure img{width:100%;height:auto} figcaption{font-size:.85rem;color:#555}
 .missing{color:#888;font-style:italic;padding:2rem 1rem}
 table{border-collapse:collapse;font-size:.85rem;width:100%} th,td{border-bottom:1px solid #eee;padding:.3rem .5rem;text-align:right}
 th{background:#f6f7f9} td:first-child,th:first-child,td:nth-child(2),td:nth-child(3),td:last-child{text-align:left}
-.kv td{text-align:left} .state.done{color:#2e7d32} .state.failed{color:#c0392b} .state.interrupted{color:#e07b39}
+.kv td{text-align:left} .note{font-size:.85rem;color:#555} .state.done{color:#2e7d32} .state.failed{color:#c0392b} .state.interrupted{color:#e07b39}
 """
+
+
+TOTALS_NOTE = (
+    "Totals count what the output holds: rows in the output table itself, documents, chunks and tokens "
+    "from the completion records of committed shards — not the run records, whose counts include "
+    "attempts that a crash threw away."
+)
+
+
+def _totals(state: _JobState) -> dict[str, int | None]:
+    return {
+        "rows": state.rows,
+        "documents": state.committed("documents"),
+        "chunks": state.committed("chunks"),
+        "tokens": state.committed("tokens"),
+        "quarantined": state.committed("bad_records"),
+    }
+
+
+def _rows_text(state: _JobState) -> str:
+    written = state.committed("rows")
+    if state.rows is None:
+        return f"{written:,} by the committed shards' records (the output table could not be read: {state.rows_unreadable})"
+    if state.rows != written:
+        return f"{state.rows:,} in the output table (its committed shards' records say {written:,} written)"
+    return f"{state.rows:,}"
 
 
 def _summary(state: _JobState) -> list[tuple[str, str]]:
     job = state.job
-    shards = state.shards
     last = state.runs[-1] if state.runs else {}
     total = last.get("shards_total")
+    totals = _totals(state)
     return [
         ("output", f"{state.output} ({(job.get('output') or {}).get('sink', '?')})"),
         ("source", str((job.get("source") or {}).get("uri", "?"))),
         ("model", str((job.get("model") or {}).get("name", "?"))),
-        ("shards done", f"{len(shards):,}" + (f" of {total:,}" if total else "")),
-        ("rows", f"{sum(int(r.get('rows', 0)) for r in shards):,}"),
-        ("documents", f"{sum(int(r.get('documents', 0)) for r in shards):,}"),
-        ("tokens", f"{sum(int(r.get('tokens', 0)) for r in shards):,}"),
-        ("quarantined records", f"{sum(int(r.get('bad_records', 0)) for r in shards):,}"),
+        ("shards done", f"{len(state.shards):,}" + (f" of {total:,}" if total else "")),
+        ("rows", _rows_text(state)),
+        ("documents", f"{totals['documents']:,}"),
+        ("chunks", f"{totals['chunks']:,}"),
+        ("tokens", f"{totals['tokens']:,}"),
+        ("quarantined records", f"{totals['quarantined']:,}"),
         ("runs", f"{len(state.runs)} (last: {last.get('state', '—')})"),
         ("total cost", _total_cost(state.runs)),
     ]
@@ -302,8 +477,11 @@ def _total_cost(runs: list[dict[str, Any]]) -> str:
     return f"${usd:,.4f} over {len(priced)} priced run(s){per_million}"
 
 
-def render_html(state: _JobState, images: dict[str, bytes], missing: dict[str, str]) -> str:
-    """The report page: summary, the figures (inline PNGs), the run history."""
+def render_html(
+    state: _JobState, images: dict[str, bytes], missing: dict[str, str], notes: dict[str, str] | None = None
+) -> str:
+    """The report page: summary, the figures (inline PNGs, captions with their notes), the run history."""
+    notes = notes or {}
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -314,6 +492,7 @@ def render_html(state: _JobState, images: dict[str, bytes], missing: dict[str, s
         '<table class="kv">',
         *(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in _summary(state)),
         "</table>",
+        f'<p class="note">{html.escape(TOTALS_NOTE)}</p>',
         "<h2>Pictures</h2>",
         '<div class="grid">',
     ]
@@ -322,7 +501,9 @@ def render_html(state: _JobState, images: dict[str, bytes], missing: dict[str, s
             data = base64.b64encode(images[name]).decode("ascii")
             parts.append(
                 f'<figure id="fig-{name}"><img alt="{html.escape(title)}" src="data:image/png;base64,{data}">'
-                f"<figcaption>{html.escape(title)}</figcaption></figure>"
+                f"<figcaption>{html.escape(title)}"
+                + (f'<br><span class="note">{html.escape(notes[name])}</span>' if notes.get(name) else "")
+                + "</figcaption></figure>"
             )
         else:
             parts.append(
@@ -332,6 +513,8 @@ def render_html(state: _JobState, images: dict[str, bytes], missing: dict[str, s
     parts += [
         "</div>",
         "<h2>Run history</h2>",
+        '<p class="note">What each run did, from its run record: a run that stopped mid-shard counts chunks '
+        "it never committed (the totals above count committed shards only).</p>",
         '<table id="history"><thead><tr>' + "".join(f"<th>{h}</th>" for h in _HISTORY_HEADER) + "</tr></thead>",
         f"<tbody>{_history_rows(state.runs)}</tbody></table>",
         "</body></html>",
@@ -356,17 +539,24 @@ def build_report(
     plt = _pyplot()
     images: dict[str, bytes] = {}
     missing: dict[str, str] = {}
+    notes: dict[str, str] = {}
     for name, (_, draw) in FIGURES.items():
         drawn = draw(plt, state)
-        if isinstance(drawn, bytes):
-            images[name] = drawn
+        if isinstance(drawn, _Drawn):
+            images[name] = drawn.png
+            if drawn.note:
+                notes[name] = drawn.note
         else:
             missing[name] = drawn
     target = out_dir or join(output, REPORT_DIR)
     fs, root = filesystem(target, storage_options)
-    report = Report(html_path=join(target, "report.html"), missing=missing)
+    report = Report(
+        html_path=join(target, "report.html"), missing=missing, notes=notes, totals=_totals(state),
+        chunk_lengths=committed_length_histogram(state)[0],
+    )
     for name, png in images.items():
         write_bytes_atomic(fs, join(root, f"{name}.png"), png)
         report.figures[name] = join(target, f"{name}.png")
-    write_bytes_atomic(fs, join(root, "report.html"), render_html(state, images, missing).encode("utf-8"))
+    page = render_html(state, images, missing, notes)
+    write_bytes_atomic(fs, join(root, "report.html"), page.encode("utf-8"))
     return report

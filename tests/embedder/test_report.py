@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import base64
 import json
+import random
 import re
+import shutil
 import subprocess
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +24,7 @@ from embedder.checkpoint import Checkpoint
 from embedder.cli import app
 from embedder.cli_ops import validate_output
 from embedder.config import OutputConfig, build_job
-from embedder.report import ACCENT, FIGURES, build_report
+from embedder.report import ACCENT, FIGURES, build_report, throughput_intervals
 from indexes.lance import LanceSink
 from indexes.search import open_index
 
@@ -158,3 +161,125 @@ def test_validate_fails_an_output_whose_vectors_do_not_match_their_text(output, 
     passed = cli("validate", output, "--samples", "8", "--json")
     assert passed.exit_code == 0 and json.loads(passed.stdout)["ok"] is True, passed.stderr
     assert cli("validate", str(tmp_path / "nothing")).exit_code == 2
+
+
+# --- short runs, timelines that end on a sliver, totals of what was committed ------------------------
+
+
+WORDS = "river mountain city ocean forest history science music library garden bridge harbor winter".split()
+
+
+@pytest.fixture(scope="module")
+def one_shard(tmp_path_factory) -> tuple[str, dict]:
+    """A real run of 20 documents: one shard, one batch, a timeline of one sample."""
+    root = tmp_path_factory.mktemp("one-shard")
+    rng = random.Random(3)
+    with open(root / "docs.jsonl", "w", encoding="utf-8") as f:
+        for i in range(20):
+            f.write(json.dumps({"id": f"d{i}", "text": " ".join(rng.choice(WORDS) for _ in range(60 + 5 * i))}) + "\n")
+    out = str(root / "db")
+    result = run(build_job({"source": {"uri": str(root / "docs.jsonl")}, "output": {"uri": out, "sink": "lance"},
+                            "model": {"device": "cpu"}, "runner": {"show_progress": False}}))
+    assert result.state == "done" and result.shards_done == 1 and result.documents == 20
+    return out, result.to_dict()
+
+
+def _accent_columns(png: bytes) -> float:
+    """The share of the picture's columns where the report's accent colour (bars, lines) is drawn."""
+    pixels = _png_pixels(png)[..., :3]
+    accent = np.array([int(ACCENT[i : i + 2], 16) for i in (1, 3, 5)]) / 255
+    near = np.all(np.abs(pixels - accent) < 0.06, axis=-1)
+    return float(near.any(axis=0).mean())
+
+
+def test_a_one_shard_run_draws_every_picture_readably(one_shard, tmp_path) -> None:
+    out, record = one_shard
+    assert len(record["timeline"]) <= 2  # the case at hand: one or two samples
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no matplotlib warning (identical limits, empty axes...)
+        report = build_report(out, str(tmp_path / "rep"))
+    assert report.missing == {} and set(report.figures) == set(FIGURES)
+    page = Path(report.html_path).read_text(encoding="utf-8")
+    assert 'class="missing"' not in page
+    pngs = {name: Path(path).read_bytes() for name, path in report.figures.items()}
+    for name, png in pngs.items():
+        assert len(png) > 10_000 and _png_pixels(png)[..., :3].std() > 0.05, name
+    # One interval from 0 s to the sample: a line across the plot, not a dot on a degenerate axis.
+    spans = throughput_intervals(record["timeline"])
+    assert len(spans) == 1 and spans[0][0] == 0.0 and spans[0][1] == record["timeline"][-1][0]
+    assert spans[0][2] == pytest.approx(record["tokens"] / spans[0][1])
+    assert _accent_columns(pngs["throughput"]) > 0.6
+    # One shard: one bar of sensible width, neither a sliver nor the whole plot.
+    assert 0.1 < _accent_columns(pngs["shard_durations"]) < 0.45
+    assert _accent_columns(pngs["chunk_lengths"]) > 0.02
+    assert report.chunk_lengths == record["length_histogram"] and sum(report.chunk_lengths) == record["chunks"]
+
+
+def test_throughput_has_no_spike_from_the_last_sample() -> None:
+    # GPU-like: samples every 2 s at 10k tokens/s, then the end-of-run sample 4 ms later with 100 tokens
+    # (100 / 0.004 s = 25k tokens/s over the sliver, were it an interval of its own).
+    steady = [[2.0 * i, 20_000 * i] for i in range(1, 11)] + [[20.004, 200_100]]
+    overall = 200_100 / 20.004
+    spans = throughput_intervals(steady)
+    assert max(rate for _, _, rate in spans) <= 1.5 * overall
+    assert spans[-1][1] == 20.004 and all(b - a >= 2.0 for a, b, _ in spans)
+    # CPU-like: a batch per ~3.9 s, counted a batch late, the last ones all at once at the end (a real
+    # record's timeline: 22k tokens in the last 1.46 s of a 4,005 tokens/s run).
+    batches = [[6.845, 7982], [10.724, 24074], [14.679, 40135], [18.601, 56103], [22.515, 72208],
+               [26.386, 88431], [30.25, 104521], [34.047, 120586], [35.505, 142528]]
+    spans = throughput_intervals(batches)
+    assert max(rate for _, _, rate in spans) <= 1.5 * 4005.5
+    assert spans[0][0] == 0.0 and spans[-1][1] == 35.505
+    # Rates cover the run: tokens of all intervals add up to the run's tokens.
+    assert sum((b - a) * rate for a, b, rate in spans) == pytest.approx(142528)
+
+
+def test_a_record_only_timeline_is_drawn_without_the_spike(tmp_path) -> None:
+    out = str(tmp_path / "old")
+    checkpoint = Checkpoint(out)
+    checkpoint.save_job("source: {uri: docs.jsonl}\noutput: {uri: old, sink: parquet}\nmodel: {name: m}\n")
+    checkpoint.record_completion("docs.jsonl@0-10", {"rows": 3, "documents": 1, "chunks": 3, "tokens": 40})
+    timeline = [[2.0 * i, 20_000 * i] for i in range(1, 6)] + [[10.003, 100_050]]
+    checkpoint.write_run({"run_id": "r1", "state": "done", "started_at": 1.0, "tokens": 100_050, "seconds": 11.0,
+                          "pipeline_seconds": 10.003, "tokens_per_second": 100_050 / 10.003, "timeline": timeline})
+    report = build_report(out)
+    assert "throughput" in report.figures and "sampling period" in report.notes["throughput"]
+    assert report.totals["rows"] is None  # no part files: the table cannot be read, the summary says so
+    page = Path(report.html_path).read_text(encoding="utf-8")
+    assert "3 by the committed shards&#x27; records (the output table could not be read" in page
+
+
+def test_totals_count_committed_shards_not_a_crashed_attempt(one_shard, tmp_path) -> None:
+    """Next to a real output, the run records of two runs that counted chunks they never committed:
+    one crashed before any commit; the real one, rewritten as a record of the old kind, also
+    counted an attempt of 30 chunks that a crash threw away. The report counts what is in the output."""
+    real, record = one_shard
+    out = str(tmp_path / "db")
+    shutil.copytree(real, out)
+    checkpoint = Checkpoint(out)
+    rows = len(open_index(out).table.to_arrow())
+    completion = list(checkpoint.completed().values())
+    assert rows == record["chunks"] == sum(r["chunks"] for r in completion)
+
+    inflated = dict(record, length_histogram=[*record["length_histogram"]], chunks=record["chunks"] + 30)
+    inflated["length_histogram"][2] += 30
+    checkpoint.write_run(inflated)
+    crashed = {"run_id": "20991231T000000-crash", "state": "failed", "mode": "full", "started_at": record["started_at"] + 1,
+               "documents": 400, "chunks": 500, "tokens": 120_000, "rows_written": 0,
+               "length_histogram": [0] * 10 + [500], "timeline": [[2.0, 60_000], [4.0, 120_000]],
+               "error": "RuntimeError: killed mid-shard"}
+    checkpoint.write_run(crashed)
+
+    report = build_report(out, str(tmp_path / "rep"))
+    assert report.totals == {"rows": rows, "documents": 20, "chunks": record["chunks"], "tokens": record["tokens"],
+                             "quarantined": 0}
+    assert sum(report.chunk_lengths) == record["chunks"]  # not + 500 + 30
+    assert len(report.chunk_lengths) == len(record["length_histogram"])  # the crashed run's bin 10 is not drawn
+    note = report.notes["chunk_lengths"]
+    assert "Left out, no committed shard left: 20991231T000000-crash (500)" in note
+    assert f"{record['run_id']} ({record['chunks'] + 30:,} → {record['chunks']:,})" in note
+    page = Path(report.html_path).read_text(encoding="utf-8")
+    for key, value in (("rows", rows), ("documents", 20), ("chunks", record["chunks"]), ("tokens", record["tokens"])):
+        assert f"<tr><th>{key}</th><td>{value:,}</td></tr>" in page, key
+    assert "completion records of committed shards" in page  # the caption says where totals come from
+    assert "<td>500</td>" in page and "20991231T000000-crash" in page  # the history still shows what it did
