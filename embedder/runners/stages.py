@@ -52,9 +52,6 @@ class RunResult:
     shards_skipped: int = 0
     shards_done: int = 0
     documents: int = 0
-    documents_read: int = 0
-    bytes_total: int = 0
-    bytes_read: int = 0
     chunks: int = 0
     tokens: int = 0
     rows_written: int = 0
