@@ -78,7 +78,7 @@ class RunResult:
     unchanged: int = 0
     canary: dict[str, Any] | None = None
     indexes: dict[str, Any] | None = None  # what the sink's finish built (vector / full-text index)
-    length_histogram: list[int] = field(default_factory=list)  # chunks per 16-token bin of their length
+    length_histogram: list[int] = field(default_factory=list)  # committed rows per 16-token bin of their length
     timeline: list[list[float]] = field(default_factory=list)  # [seconds since start, tokens so far]
     # [seconds since start, runner RSS MB, reader processes' RSS MB] (Linux; the readers' is 0 on Ray)
     memory_timeline: list[list[float]] = field(default_factory=list)
@@ -389,6 +389,7 @@ class _ShardState:
     pending_chunks: list[Chunk] = field(default_factory=list)
     pending_vectors: list[np.ndarray] = field(default_factory=list)
     bad_vectors: list[BadRecord] = field(default_factory=list)
+    length_bins: Counter[int] = field(default_factory=Counter)  # rows per LENGTH_BIN-token bin of their length
 
 
 class ShardAssembler:
@@ -509,15 +510,9 @@ class ShardAssembler:
                 continue
             state.pending_chunks.append(chunk)
             state.pending_vectors.append(vectors[i : i + 1])
+            state.length_bins[len(chunk.token_ids) // LENGTH_BIN] += 1
             if self.canaries is not None:
                 self.canaries.offer(chunk.id, chunk.text, vectors[i], len(chunk.token_ids))
-        if len(chunks):
-            bins = np.bincount(np.fromiter((len(c.token_ids) for c in chunks), np.int64, len(chunks)) // LENGTH_BIN)
-            hist = self.result.length_histogram
-            if len(hist) < len(bins):
-                hist.extend([0] * (len(bins) - len(hist)))
-            for i in np.flatnonzero(bins):
-                hist[i] += int(bins[i])
         for state in touched.values():
             if len(state.pending_chunks) >= ROWS_PER_WRITE:
                 self._flush(state)
@@ -608,6 +603,11 @@ class ShardAssembler:
             result.bad_records += quarantined
             result.bad_vectors += len(state.bad_vectors)
             count_reasons(result.quarantine_reasons, (r.reason for r in bad))
+            hist = result.length_histogram  # committed rows only: a shard thrown away counts nothing
+            for length_bin, rows in state.length_bins.items():
+                if length_bin >= len(hist):
+                    hist.extend([0] * (length_bin + 1 - len(hist)))
+                hist[length_bin] += rows
             if end.changes is not None:
                 result.added += end.changes["added"]
                 result.updated += end.changes["updated"]

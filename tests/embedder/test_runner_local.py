@@ -329,3 +329,8 @@ def test_quarantine_reasons_are_counted_in_the_run_record(tmp_path) -> None:
     assert result.quarantine_reasons["empty or whitespace-only text"] == 3
     assert sum(result.quarantine_reasons.values()) == 5
     assert result.quarantine_uri.endswith("_embedder/quarantine/")
+
+
+def test_length_histogram_counts_the_committed_rows(jsonl_lance) -> None:
+    result, out = jsonl_lance
+    assert sum(result.length_histogram) == result.rows_written == _read(out, "lance").num_rows
