@@ -234,6 +234,16 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _quarantine_line(result: Any) -> str:
+    """``"2: empty or whitespace-only text (2); records and reasons in out/_embedder/quarantine/"``."""
+    if not result.bad_records:
+        return "0"
+    from embedder.runners.stages import top_reasons
+
+    reasons = top_reasons(result.quarantine_reasons) if result.quarantine_reasons else ""
+    return f"{result.bad_records:,}" + (f": {reasons}" if reasons else "") + f"; records and reasons in {result.quarantine_uri}"
+
+
 def _print_summary(result: Any) -> None:
     from rich.table import Table
 
@@ -248,7 +258,7 @@ def _print_summary(result: Any) -> None:
         ("chunks", f"{result.chunks:,} embedded: {result.added:,} added, {result.updated:,} updated; "
                    f"{result.unchanged:,} unchanged, {result.deleted:,} deleted"),
         ("tokens", f"{result.tokens:,}"),
-        ("quarantined", f"{result.bad_records:,}"),
+        ("quarantined", _quarantine_line(result)),
         ("time", f"{result.seconds:.1f} s, of which {result.load_seconds:.1f} s loading the model"),
         ("throughput", f"{result.tokens_per_second:,.0f} tokens/s"),
     ]
@@ -264,7 +274,8 @@ def _print_summary(result: Any) -> None:
     if result.usd_per_million_tokens is not None:
         rows.append(("cost", f"${result.usd:.4f} at ${result.gpu_hourly_usd}/h = ${result.usd_per_million_tokens:.4f} per 1M tokens"))
     if result.canary and result.canary.get("count"):
-        rows.append(("canaries", f"{result.canary['count']} re-embedded, min cos {result.canary['min_cosine']:.5f}"))
+        rows.append(("canaries", f"{result.canary['count']} re-embedded ({result.canary.get('tokens', 0):,} tokens) on "
+                     f"{result.canary_device} in {result.canary_seconds:.1f} s, min cos {result.canary['min_cosine']:.5f}"))
     if result.trimmed_documents:
         rows.append(("trimmed documents", f"{result.trimmed_documents:,} (longer than chunking.max_document_chars)"))
     for key, value in rows:
