@@ -311,6 +311,16 @@ def _normalizer_lowercases(normalizer: dict[str, Any] | None) -> bool:
 _HASH_CACHE: dict[tuple[str, tuple[tuple[str, int, int], ...]], str] = {}
 
 
+def weights_bytes(local_dir: str | None) -> int | None:
+    """Total size of a model folder's weight files (None when there is no local folder or no weights)."""
+    if not local_dir or not os.path.isdir(local_dir):
+        return None
+    total = 0
+    for folder, _dirs, files in os.walk(local_dir):
+        total += sum(os.path.getsize(os.path.join(folder, f)) for f in files if f.endswith(WEIGHT_SUFFIXES))
+    return total or None
+
+
 def weights_sha256(local_dir: str | None) -> str | None:
     """SHA-256 over the model's weight files (relative path and bytes, in path order).
 

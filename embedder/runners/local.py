@@ -378,6 +378,8 @@ class LocalRunner:
             result.shard_bytes = generation["shard_bytes"]
             encoder = self._load_encoder()
             result.dtype = str(encoder.provenance().get("dtype"))
+            if self.canaries.size:
+                self._preload_reference(encoder)
             chunker = Chunker.for_encoder(encoder, job.chunking)
             provenance = {**encoder.provenance(), "chunking": chunker.settings()}
             schema = output_schema(encoder.dim, job.source.metadata_fields, provenance)
@@ -567,6 +569,14 @@ class LocalRunner:
         if plan:
             sink.delete_rows(plan)
         result.deleted += deleted
+
+    def _preload_reference(self, encoder: Any) -> None:
+        """Loads the canary check's reference model in the background while the run embeds."""
+        from embedder.models.loader import weights_bytes
+        from embedder.validate import preload_reference
+
+        local_dir = getattr(encoder, "_local_dir", None)
+        preload_reference(encoder.source, self.job.model.trust_remote_code, weights_bytes(local_dir))
 
     def _check_canaries(self, encoder: Any, result: RunResult) -> None:
         """Compares this run's sampled vectors with ``SentenceTransformer.encode`` in fp32, on the
