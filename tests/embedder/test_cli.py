@@ -57,6 +57,10 @@ def test_quickstart_status_and_search(quickstart: Path) -> None:
         (["run", "--source", "examples/quickstart/docs.jsonl", "--format", "csv", "--output", "OUT"], "Valid:"),
         (["run", "--source", "examples/quickstart/docs.jsonl", "--output", "OUT", "--model", "/no/such/model"], "model"),
         (["run", "--source", "examples/quickstart/docs.jsonl", "--output", "OUT", "--set", "chunking.colour=red"], "chunking.colour"),
+        pytest.param(
+            ["run", "--source", "examples/quickstart/docs.jsonl", "--output", "OUT", "--set", "source.text_feild=body"],
+            "unknown key 'source.text_feild' (did you mean 'source.text_field'?)", id="unknown-key-typo",
+        ),
         (["run", "configs/does-not-exist.yaml"], "does not exist"),
         (["status", "/nonexistent/output"], "no embedder job"),
     ],
