@@ -72,3 +72,23 @@ def test_usage_errors_exit_2_with_one_line(args, needle, tmp_path) -> None:
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "output,sink,needle",
+    [
+        ("notes.txt", "lance", "output '{dir}/notes.txt' is a file, not a folder"),
+        ("file://{dir}/notes.txt", "parquet", "output 'file://{dir}/notes.txt' is a file, not a folder"),
+        ("notes.txt/db", "lance", "output '{dir}/notes.txt/db' lies under '{dir}/notes.txt', which is a file"),
+    ],
+)
+def test_output_that_is_a_file_exits_2_and_writes_nothing(output, sink, needle, tmp_path) -> None:
+    (tmp_path / "notes.txt").write_text("keep me\n")
+    output = output.format(dir=tmp_path) if "{dir}" in output else str(tmp_path / output)
+    proc = _cli("run", "--source", "examples/quickstart/docs.jsonl", "--output", output, "--sink", sink, "--no-progress")
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and needle.format(dir=tmp_path) in lines[0], proc.stderr
+    assert "choose a new path" in lines[0] and "LanceDB database or a folder of Parquet files" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert (tmp_path / "notes.txt").read_text() == "keep me\n"
