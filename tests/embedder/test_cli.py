@@ -50,6 +50,30 @@ def test_quickstart_status_and_search(quickstart: Path) -> None:
     assert {"id", "doc_id", "title", "text", "score"} <= set(hits[0])
 
 
+@pytest.fixture(scope="module")
+def quickstart_parquet(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("qs") / "parquet"
+    proc = _cli("run", "configs/quickstart.yaml", "--output", str(out), "--sink", "parquet", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.mark.parametrize("sink", ["lance", "parquet"])
+@pytest.mark.parametrize(
+    "filter,needle",
+    [
+        ("nosuch = 'x'", "error: unknown column 'nosuch' in --filter; columns: id, doc_id, chunk_index, text, title, "),
+        ("title = = 'x'", "title = = 'x'"),
+    ],
+)
+def test_search_with_a_bad_filter_exits_2_with_one_line(sink, filter, needle, request) -> None:
+    output = request.getfixturevalue("quickstart" if sink == "lance" else "quickstart_parquet")
+    proc = _cli("search", str(output), "refund", "--filter", filter)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], proc.stderr
+
+
 @pytest.mark.parametrize(
     "args,needle",
     [
