@@ -85,6 +85,14 @@ def test_search_with_a_bad_filter_exits_2_with_one_line(sink, filter, needle, re
             ["run", "--source", "examples/quickstart/docs.jsonl", "--output", "OUT", "--set", "source.text_feild=body"],
             "unknown key 'source.text_feild' (did you mean 'source.text_field'?)", id="unknown-key-typo",
         ),
+        pytest.param(
+            ["run", "--source", "examples/quickstart/docs.jsonl", "--format", "parquet", "--output", "OUT"],
+            "docs.jsonl looks like JSON Lines (starts with '{'), not Parquet: use --format jsonl", id="jsonl-as-parquet",
+        ),
+        pytest.param(
+            ["run", "--source", "examples/quickstart/docs.jsonl", "--format", "wikipedia", "--output", "OUT"],
+            "not a MediaWiki XML dump: use --format jsonl", id="jsonl-as-wikipedia",
+        ),
         (["run", "configs/does-not-exist.yaml"], "does not exist"),
         (["status", "/nonexistent/output"], "no embedder job"),
     ],
