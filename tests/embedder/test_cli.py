@@ -124,3 +124,48 @@ def test_output_that_is_a_file_exits_2_and_writes_nothing(output, sink, needle, 
     assert "choose a new path" in lines[0] and "LanceDB database or a folder of Parquet files" in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
     assert (tmp_path / "notes.txt").read_text() == "keep me\n"
+
+
+@pytest.mark.parametrize(
+    "hub_env,why",
+    [
+        pytest.param({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set", id="offline"),
+        pytest.param(  # a closed local port: without the probe the hub client retries for over a minute
+            {"HF_ENDPOINT": "http://127.0.0.1:9"}, "the hub (http://127.0.0.1:9) cannot be reached", id="hub-unreachable"
+        ),
+    ],
+)
+def test_unknown_model_fails_within_seconds_naming_the_ways_out(hub_env, why, tmp_path) -> None:
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(hub_env, PYTHONPATH=str(REPO), HF_HOME=str(tmp_path / "hf"))
+    args = ["run", "--source", "examples/quickstart/docs.jsonl", "--output", str(tmp_path / "out")]
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "embedder.cli", *args, "--model", "nosuch-org/nosuch-model", "--no-progress"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: model 'nosuch-org/nosuch-model' is not a local directory") and why in lines[0]
+    assert "the bundled 'all-MiniLM-L6-v2' or a local model directory (a path)" in lines[0]
+    assert elapsed < 20, f"took {elapsed:.1f} s"
+
+
+def test_a_mistyped_local_model_folder_is_named(tmp_path) -> None:
+    (tmp_path / "models" / "bge-small").mkdir(parents=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "HF_HOME": str(tmp_path / "hf")}
+    source = str(REPO / "examples/quickstart/docs.jsonl")
+    proc = subprocess.run(
+        [sys.executable, "-m", "embedder.cli", "run", "--source", source, "--output", "out", "--model", "models/bge-smal"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "there is no directory 'models/bge-smal' (did you mean 'models/bge-small'?)" in lines[0]
+    assert "'all-MiniLM-L6-v2'" in lines[0]
+
