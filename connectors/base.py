@@ -112,7 +112,7 @@ class Connector(ABC):
     label: ClassVar[str] = ""
     """The format in messages: ``"JSONL"``."""
     reads: ClassVar[frozenset[str]] = frozenset()
-    """The ``Sniffed.kind``s this connector reads; ``check_looks_like`` refuses the others (empty: no check)."""
+    """The ``Sniffed.kind``s this connector reads; ``check_looks_like`` refuses the others (empty: none)."""
     compressed_suffixes: ClassVar[Mapping[str, tuple[str, ...]]] = {}
     """Compressions read only from files named so (``{"gzip": (".gz",)}``): the name picks the decoder."""
 
@@ -202,13 +202,14 @@ class Connector(ABC):
         if decompressed is not None:
             if found.kind not in self.reads:
                 raise ConnectorError(
-                    f"{name} holds {found.looks_like} once decompressed ({found.evidence}), not {self.label}: "
-                    f"decompress it and {_FORMAT_FOR[found.kind]}"
+                    f"{name} holds {found.looks_like} once decompressed ({found.evidence}), "
+                    f"not {self.label}: decompress it and {_FORMAT_FOR[found.kind]}"
                 )
             return
         if found.kind not in self.reads:
             raise ConnectorError(
-                f"{name} looks like {found.looks_like} ({found.evidence}), not {self.label}: {_FORMAT_FOR[found.kind]}"
+                f"{name} looks like {found.looks_like} ({found.evidence}), "
+                f"not {self.label}: {_FORMAT_FOR[found.kind]}"
             )
         suffixes = self.compressed_suffixes.get(found.kind)
         if suffixes and not name.lower().endswith(suffixes):

@@ -57,7 +57,7 @@ class JsonlConnector(Connector):
 
     suffixes = _PLAIN_SUFFIXES + _GZIP_SUFFIXES + _ZSTD_SUFFIXES
     label = "JSONL"
-    reads = frozenset({"json", "text", "gzip", "zstd"})  # text: a first line that is not an object is a bad record
+    reads = frozenset({"json", "text", "gzip", "zstd"})  # text: a bad first line, quarantined
     compressed_suffixes = {"gzip": (".gz",), "zstd": (".zst", ".zstd")}
 
     def list_shards(self) -> list[Shard]:

@@ -278,7 +278,9 @@ class WikipediaConnector(Connector):
             )
         return files, index
 
-    def _bz2_shards(self, path: str, size: int, index: str | bool | None, check: bool = False) -> list[Shard]:
+    def _bz2_shards(
+        self, path: str, size: int, index: str | bool | None, check: bool = False
+    ) -> list[Shard]:
         url = self.url(path)
         head = _bz2_head(self.fs, url, size)
         if check:  # the source's first file: is it a dump once decompressed (not, say, bz2 JSONL)?

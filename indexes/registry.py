@@ -41,7 +41,10 @@ def check_output_location(uri: str, storage_options: Mapping[str, Any] | None = 
         return
     from indexes.base import SinkError
 
-    fix = "the output is a LanceDB database or a folder of Parquet files; choose a new path (--output / output.uri)"
+    fix = (
+        "the output is a LanceDB database or a folder of Parquet files; "
+        "choose a new path (--output / output.uri)"
+    )
     if os.path.isfile(path):
         raise SinkError(f"output {uri!r} is a file, not a folder: {fix}")
     parent = os.path.dirname(os.path.abspath(path))

@@ -117,8 +117,9 @@ def resolve_model_source(name: str) -> tuple[str, str | None]:
         raise ModelError(f"model {name!r} is a file; model.name must be a directory, a hub id or 'all-MiniLM-L6-v2'")
     if _looks_like_path(name):
         raise ModelError(
-            f"model directory {name!r} does not exist{_did_you_mean_folder(name)}; give an existing local path, "
-            "a Hugging Face hub id (e.g. BAAI/bge-large-en-v1.5) or the bundled alias 'all-MiniLM-L6-v2'"
+            f"model directory {name!r} does not exist{_did_you_mean_folder(name)}; give an existing local "
+            "path, a Hugging Face hub id (e.g. BAAI/bge-large-en-v1.5) or the bundled alias "
+            "'all-MiniLM-L6-v2'"
         )
     return name, None
 
@@ -141,17 +142,19 @@ def hub_load_mode(name: str, repo_id: str) -> Literal["hub", "cache"]:
     if huggingface_hub.is_offline_mode() or _env_flag("HF_HUB_OFFLINE"):  # the env var, if set after import
         if cached:
             return "cache"
-        raise _unavailable(name, "HF_HUB_OFFLINE is set", "unset HF_HUB_OFFLINE (with network access) to download it once")
+        how = "unset HF_HUB_OFFLINE (with network access) to download it once"
+        raise _unavailable(name, "HF_HUB_OFFLINE is set", how)
     answer = _probe_hub(repo_id)
     if answer == "found":
         return "hub"
     if answer == "missing":
         raise _unknown_model(name)
     if cached:
-        log.warning("the Hugging Face hub did not answer (%s); loading %s from the local cache", answer, repo_id)
+        log.warning("the Hugging Face hub did not answer (%s); loading %s from the cache", answer, repo_id)
         return "cache"
     endpoint = huggingface_hub.constants.ENDPOINT
-    raise _unavailable(name, f"the hub ({endpoint}) cannot be reached ({answer})", "allow network access to download it once")
+    why = f"the hub ({endpoint}) cannot be reached ({answer})"
+    raise _unavailable(name, why, "allow network access to download it once")
 
 
 def _env_flag(name: str) -> bool:
@@ -182,7 +185,8 @@ def _probe_hub(repo_id: str) -> str:
         except HfHubHTTPError:
             outcome.append("found")  # the hub answered, but not about the model: let loading tell
         except Exception as err:  # connection refused, timeout, no name resolution...
-            outcome.append(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": "))
+            detail = str(err).splitlines()[0] if str(err) else ""
+            outcome.append(f"{type(err).__name__}: {detail}" if detail else type(err).__name__)
 
     thread = threading.Thread(target=probe, name="embedder-hub-probe", daemon=True)
     thread.start()
@@ -200,14 +204,16 @@ def _local_typo_hint(name: str) -> str:
 
 
 def _did_you_mean_folder(name: str) -> str:
-    """`` (did you mean 'models/bge-small'?)`` for the closest existing sibling folder of ``name``, or ``""``."""
+    """`` (did you mean 'models/bge-small'?)`` for the closest folder beside ``name``, or ``""``."""
     parent, base = os.path.split(os.path.expanduser(name).rstrip("/"))
     try:
         folders = [e for e in os.listdir(parent or ".") if os.path.isdir(os.path.join(parent or ".", e))]
     except OSError:
         return ""
     close = difflib.get_close_matches(base, folders, n=1)
-    return f" (did you mean {os.path.join(os.path.dirname(name.rstrip('/')), close[0])!r}?)" if close else ""
+    if not close:
+        return ""
+    return f" (did you mean {os.path.join(os.path.dirname(name.rstrip('/')), close[0])!r}?)"
 
 
 _WAYS_OUT = "set model.name / --model to the bundled 'all-MiniLM-L6-v2' or a local model directory (a path)"
@@ -215,8 +221,8 @@ _WAYS_OUT = "set model.name / --model to the bundled 'all-MiniLM-L6-v2' or a loc
 
 def _unknown_model(name: str) -> ModelError:
     return ModelError(
-        f"unknown model {name!r}: not a local directory and not on the Hugging Face hub (a private one needs "
-        f"HF_TOKEN){_local_typo_hint(name)}; {_WAYS_OUT}, or a hub id such as BAAI/bge-large-en-v1.5"
+        f"unknown model {name!r}: not a local directory and not on the Hugging Face hub (a private one "
+        f"needs HF_TOKEN){_local_typo_hint(name)}; {_WAYS_OUT}, or a hub id such as BAAI/bge-large-en-v1.5"
     )
 
 
@@ -264,9 +270,8 @@ def _load_error(name: str, source: str, local_dir: str | None, err: Exception) -
     if "RepositoryNotFound" in kind or "404" in text or "is not a valid model identifier" in text:
         return _unknown_model(name)
     if offline or "offline" in text.lower() or "LocalEntryNotFound" in kind or "connect" in text.lower():
-        return _unavailable(
-            name, "the hub cannot be reached (HF_HUB_OFFLINE or no network)", "allow network access to download it once"
-        )
+        why = "the hub cannot be reached (HF_HUB_OFFLINE or no network)"
+        return _unavailable(name, why, "allow network access to download it once")
     return ModelError(f"cannot load model {name!r}: {text.splitlines()[0]}")
 
 

@@ -474,10 +474,16 @@ def test_a_jsonl_or_text_file_is_refused_naming_the_format_that_reads_it(tmp_pat
     (tmp_path / "docs.jsonl").write_text('{"id": "1", "text": "hello"}\n')
     with pytest.raises(ConnectorError) as err:
         _connector(str(tmp_path / "docs.jsonl")).list_shards()
-    assert str(err.value) == "docs.jsonl looks like JSON Lines (starts with '{'), not a MediaWiki XML dump: use --format jsonl"
+    assert str(err.value) == (
+        "docs.jsonl looks like JSON Lines (starts with '{'), not a MediaWiki XML dump: use --format jsonl"
+    )
     (tmp_path / "notes.xml").write_text("plain notes, not XML\n")
-    with pytest.raises(ConnectorError, match=r"^notes\.xml looks like a text file .*not a MediaWiki XML dump: use --format text$"):
+    with pytest.raises(ConnectorError) as err:
         _connector(str(tmp_path / "notes.xml")).list_shards()
+    assert str(err.value) == (
+        "notes.xml looks like a text file (its first bytes are UTF-8 text), not a MediaWiki XML dump: "
+        "use --format text"
+    )
 
 
 def test_bz2_that_is_not_a_dump_inside_is_refused(tmp_path: Path) -> None:
@@ -494,5 +500,7 @@ def test_bz2_that_is_not_a_dump_inside_is_refused(tmp_path: Path) -> None:
 def test_a_bz2_dump_under_another_name_is_refused_with_the_rename(tmp_path: Path, wiki_sample: Path) -> None:
     path = tmp_path / "dump.xml"
     path.write_bytes(wiki_sample.read_bytes())
-    with pytest.raises(ConnectorError, match=r"dump\.xml looks like a bz2-compressed file .* rename it to dump\.xml\.bz2$"):
+    with pytest.raises(ConnectorError) as err:
         _connector(str(path)).list_shards()
+    assert str(err.value).startswith("dump.xml looks like a bz2-compressed file (starts with BZh) but")
+    assert str(err.value).endswith("rename it to dump.xml.bz2")
