@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from embedder.config import SourceConfig
@@ -19,6 +20,77 @@ from embedder.storage import filesystem
 
 class ConnectorError(ValueError):
     """The source cannot be read at all (wrong path, nothing to read): a usage error."""
+
+
+SNIFF_BYTES = 4096
+"""Bytes read from the start of a source's first file to tell what format it is."""
+
+
+@dataclass(frozen=True, slots=True)
+class Sniffed:
+    """What the first bytes of a file say it is.
+
+    Attributes:
+        kind: ``parquet``, ``bz2``, ``gzip``, ``zstd``, ``mediawiki`` (a MediaWiki XML dump), ``xml``,
+            ``json`` (an object per line) or ``text`` (other UTF-8 text).
+        looks_like: For messages: ``"a Parquet file"``.
+        evidence: For messages: ``"starts with PAR1"``.
+    """
+
+    kind: str
+    looks_like: str
+    evidence: str
+
+
+_MAGIC = (
+    (b"PAR1", "parquet", "a Parquet file", "starts with PAR1"),
+    (b"BZh", "bz2", "a bz2-compressed file", "starts with BZh"),
+    (b"\x1f\x8b", "gzip", "a gzip-compressed file", "starts with 1f 8b"),
+    (b"\x28\xb5\x2f\xfd", "zstd", "a zstd-compressed file", "starts with 28 b5 2f fd"),
+)
+
+_FORMAT_FOR = {
+    "parquet": "use --format parquet",
+    "bz2": "use --format wikipedia for a Wikipedia .xml.bz2 dump; decompress other data (or recompress it: "
+    "--format jsonl reads .gz and .zst)",
+    "gzip": "use --format jsonl for gzip-compressed JSON Lines (.jsonl.gz)",
+    "zstd": "use --format jsonl for zstd-compressed JSON Lines (.jsonl.zst)",
+    "mediawiki": "use --format wikipedia",
+    "xml": "use --format text",
+    "json": "use --format jsonl",
+    "text": "use --format text",
+}
+"""The fix for a file of each sniffed kind given to a connector that does not read it."""
+
+
+def sniff(head: bytes) -> Sniffed | None:
+    """Tells a file's format from its first bytes (``SNIFF_BYTES`` of them is plenty).
+
+    Returns None for bytes it does not recognize (e.g. a damaged file), so callers leave those to
+    the reading, whose error policy quarantines them.
+    """
+    for magic, kind, looks_like, evidence in _MAGIC:
+        if head.startswith(magic):
+            return Sniffed(kind, looks_like, evidence)
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16 with a byte-order mark (XML dumps may be)
+        text = head.decode("utf-16", errors="ignore").encode("utf-8")
+    elif b"\x00" in head:
+        return None
+    else:
+        text = head.removeprefix(b"\xef\xbb\xbf")
+    try:
+        text.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.start < len(text) - 3:  # not just a character cut at the end of the sample
+            return None
+    start = text.lstrip()
+    if start.startswith(b"<"):
+        if b"<mediawiki" in start:
+            return Sniffed("mediawiki", "a MediaWiki XML dump", "its root element is <mediawiki>")
+        return Sniffed("xml", "an XML file", "starts with '<'")
+    if start.startswith(b"{"):
+        return Sniffed("json", "JSON Lines", "starts with '{'")
+    return Sniffed("text", "a text file", "its first bytes are UTF-8 text")
 
 
 class Connector(ABC):
@@ -37,6 +109,12 @@ class Connector(ABC):
     """Metadata field with a document version known before the text is parsed (Wikipedia:
     ``revision_id``). Incremental runs set ``known_versions`` (document id → version already
     embedded) and the connector yields ``UnchangedDocument`` for documents whose version is the same."""
+    label: ClassVar[str] = ""
+    """The format in messages: ``"JSONL"``."""
+    reads: ClassVar[frozenset[str]] = frozenset()
+    """The ``Sniffed.kind``s this connector reads; ``check_looks_like`` refuses the others (empty: none)."""
+    compressed_suffixes: ClassVar[Mapping[str, tuple[str, ...]]] = {}
+    """Compressions read only from files named so (``{"gzip": (".gz",)}``): the name picks the decoder."""
 
     def __init__(self, config: SourceConfig) -> None:
         self.config = config
@@ -98,6 +176,53 @@ class Connector(ABC):
                 "check source.uri or set source.format"
             )
         return [(p, int(self.fs.size(p) or 0)) for p in paths]
+
+    def check_looks_like(self, path: str, decompressed: bytes | None = None) -> None:
+        """Refuses a file whose first bytes show another format than this connector reads.
+
+        Each ``list_shards`` calls it on the source's first file: ``--format jsonl`` on a Parquet
+        file would otherwise quarantine every line as malformed JSON and "succeed" with nothing
+        embedded. Bytes it does not recognize (a damaged file) pass: reading quarantines those.
+
+        Args:
+            path: The file (a path of this connector's filesystem).
+            decompressed: The start of the file's decompressed content, where the connector has
+                it already (a bz2 dump's head): checked instead of the raw bytes.
+
+        Raises:
+            ConnectorError: naming what the file looks like and the ``--format`` that reads it.
+        """
+        if not self.reads:
+            return
+        head = decompressed
+        if head is None:
+            try:
+                head = self.fs.cat_file(path, start=0, end=SNIFF_BYTES)
+            except OSError:
+                return  # unreadable now: reading it reports why
+        found = sniff(head)
+        if found is None:
+            return
+        name = self.relative(path)
+        if decompressed is not None:
+            if found.kind not in self.reads:
+                raise ConnectorError(
+                    f"{name} holds {found.looks_like} once decompressed ({found.evidence}), "
+                    f"not {self.label}: decompress it and {_FORMAT_FOR[found.kind]}"
+                )
+            return
+        if found.kind not in self.reads:
+            raise ConnectorError(
+                f"{name} looks like {found.looks_like} ({found.evidence}), "
+                f"not {self.label}: {_FORMAT_FOR[found.kind]}"
+            )
+        suffixes = self.compressed_suffixes.get(found.kind)
+        if suffixes and not name.lower().endswith(suffixes):
+            raise ConnectorError(
+                f"{name} looks like {found.looks_like} ({found.evidence}) but its name does not end in "
+                f"{' or '.join(suffixes)}, which is how --format {self.name} knows to decompress it: "
+                f"rename it to {name}{suffixes[0]}"
+            )
 
     def _keeps(self, path: str) -> bool:
         base = path.rsplit("/", 1)[-1]

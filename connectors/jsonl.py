@@ -56,11 +56,16 @@ class JsonlConnector(Connector):
     """
 
     suffixes = _PLAIN_SUFFIXES + _GZIP_SUFFIXES + _ZSTD_SUFFIXES
+    label = "JSONL"
+    reads = frozenset({"json", "text", "gzip", "zstd"})  # text: a bad first line, quarantined
+    compressed_suffixes = {"gzip": (".gz",), "zstd": (".zst", ".zstd")}
 
     def list_shards(self) -> list[Shard]:
         shards: list[Shard] = []
         step = self.shard_bytes
-        for path, size in self.list_files():
+        files = self.list_files()
+        self.check_looks_like(files[0][0])
+        for path, size in files:
             rel = self.relative(path)
             extra = (("relative_path", rel),)
             if _compression(path) is not None or size <= step:

@@ -49,12 +49,15 @@ class ParquetConnector(Connector):
     """
 
     suffixes = (".parquet", ".parq", ".pq")
+    label = "Parquet"
+    reads = frozenset({"parquet"})
 
     def list_shards(self) -> list[Shard]:
         import pyarrow as pa
 
         shards: list[Shard] = []
-        for path, size in self.list_files():
+        files = self.list_files()
+        for path, size in files:
             rel = self.relative(path)
             try:
                 with self.fs.open(path, "rb", cache_type="none") as f:
@@ -62,6 +65,8 @@ class ParquetConnector(Connector):
                     metadata = parquet_file.metadata
                     columns = parquet_file.schema_arrow.names
             except (pa.ArrowException, OSError, ValueError):
+                if path == files[0][0]:  # the first file: another format (--format parquet on JSONL)?
+                    self.check_looks_like(path)
                 # Unreadable footer: one shard for the whole file; reading it reports the damage.
                 shards.append(
                     Shard(id=rel, path=self.url(path), size_bytes=size, extra=(("relative_path", rel),))

@@ -46,6 +46,8 @@ class TextConnector(Connector):
     """
 
     suffixes = (".txt", ".md", ".text")
+    label = "plain text"
+    reads = frozenset({"text", "json", "xml", "mediawiki"})  # any UTF-8 file is text
 
     def list_shards(self) -> list[Shard]:
         root = self.root.rstrip("/")
@@ -55,6 +57,7 @@ class TextConnector(Connector):
                 f"source {self.config.uri!r} holds only hidden files (names starting with '.' or '_'); "
                 "check source.uri"
             )
+        self.check_looks_like(files[0][0])
         max_files = self.config.options.get("files_per_shard", _FILES_PER_SHARD)
         if not isinstance(max_files, int) or isinstance(max_files, bool) or max_files < 1:
             raise ConnectorError(

@@ -204,6 +204,9 @@ class WikipediaConnector(Connector):
 
     suffixes = (".xml", ".xml.bz2")
     version_field = "revision_id"
+    label = "a MediaWiki XML dump"
+    reads = frozenset({"mediawiki", "bz2"})
+    compressed_suffixes = {"bz2": (".bz2",)}
 
     def __init__(self, config: SourceConfig) -> None:
         super().__init__(config)
@@ -243,10 +246,11 @@ class WikipediaConnector(Connector):
 
     def list_shards(self) -> list[Shard]:
         files, index = self._dump_files()
+        self.check_looks_like(files[0][0])
         shards: list[Shard] = []
         for path, size in files:
             if path.lower().endswith(".bz2"):
-                shards.extend(self._bz2_shards(path, size, index))
+                shards.extend(self._bz2_shards(path, size, index, check=path == files[0][0]))
             else:
                 shards.extend(self._xml_shards(path, size))
         return shards
@@ -274,9 +278,13 @@ class WikipediaConnector(Connector):
             )
         return files, index
 
-    def _bz2_shards(self, path: str, size: int, index: str | bool | None) -> list[Shard]:
+    def _bz2_shards(
+        self, path: str, size: int, index: str | bool | None, check: bool = False
+    ) -> list[Shard]:
         url = self.url(path)
         head = _bz2_head(self.fs, url, size)
+        if check:  # the source's first file: is it a dump once decompressed (not, say, bz2 JSONL)?
+            self.check_looks_like(path, decompressed=head)
         encoding = _detect_encoding(head)
         site = _SiteInfo.parse(head, encoding)
         starts = self._stream_starts(path, url, size, index)

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -177,12 +178,40 @@ def _redact(value: Any, key: str = "") -> Any:
     return value
 
 
+def _section_keys(path: tuple[Any, ...]) -> list[str] | None:
+    """The valid keys of the config section at ``path`` (``()`` is the job itself), or None when
+    ``path`` does not lead to a section (a free-form dict such as ``source.options``)."""
+    model: type[BaseModel] = Job
+    for part in path:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return list(model.model_fields)
+
+
+def _unknown_key_message(loc: tuple[Any, ...]) -> str:
+    """``unknown key 'source.text_feild' (did you mean 'source.text_field'?)``; with nothing close,
+    the section's valid keys, so the message names the fix either way."""
+    dotted = ".".join(str(p) for p in loc)
+    keys = _section_keys(loc[:-1])
+    if not keys:
+        return f"unknown key {dotted!r}"
+    prefix = "".join(f"{p}." for p in loc[:-1])
+    close = difflib.get_close_matches(str(loc[-1]), keys, n=1, cutoff=0.6)
+    if close:
+        return f"unknown key {dotted!r} (did you mean {prefix + close[0]!r}?)"
+    where = prefix[:-1] if prefix else "the job"
+    return f"unknown key {dotted!r} (valid keys of {where}: {', '.join(keys)})"
+
+
 def _format_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
-            lines.append(f"unknown key {loc!r}")
+            lines.append(_unknown_key_message(tuple(e["loc"])))
         elif e["type"] == "literal_error":
             expected = e.get("ctx", {}).get("expected", "")
             lines.append(f"invalid value {e.get('input')!r} for {loc!r}. Valid: {expected}")

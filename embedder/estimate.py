@@ -119,15 +119,16 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _model_dir(name: str) -> Path:
     """A local directory with the model's config and tokenizer files (weights not needed)."""
-    from embedder.models.loader import ModelError, resolve_model_source
+    from embedder.models.loader import ModelError, hub_load_mode, resolve_model_source
 
     source, local_dir = resolve_model_source(name)
     if local_dir is not None:
         return Path(local_dir)
+    cache_only = hub_load_mode(name, source) == "cache"  # fails in seconds when the model cannot be had
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(source, allow_patterns=_TOKENIZER_FILES))
+        return Path(snapshot_download(source, allow_patterns=_TOKENIZER_FILES, local_files_only=cache_only))
     except Exception as err:  # hub errors come in many types; all mean "cannot get the files"
         raise ModelError(
             f"cannot read model {name!r}'s config and tokenizer ({type(err).__name__}: {str(err).splitlines()[0]}); "

@@ -365,6 +365,17 @@ def parse_filter(text: str) -> pc.Expression:
     return _FilterParser(text).parse()
 
 
+def filter_columns(text: str) -> list[str]:
+    """The columns a filter string names, in order of first use (to check them against a schema).
+
+    Raises:
+        FilterError: when ``text`` does not parse (see ``parse_filter``).
+    """
+    parser = _FilterParser(text)
+    parser.parse()
+    return list(dict.fromkeys(parser.columns))
+
+
 class _FilterParser:
     """Recursive descent over tokens: or → and → not → predicate."""
 
@@ -385,6 +396,7 @@ class _FilterParser:
             self.tokens.append((kind, value, start))
             pos = match.end()
         self.index = 0
+        self.columns: list[str] = []
 
     def parse(self) -> pc.Expression:
         expression = self._or()
@@ -442,12 +454,12 @@ class _FilterParser:
 
     def _operand(self) -> pc.Expression:
         kind, value, pos = self._peek()
-        if kind == "word":
+        if kind in ("word", "quoted"):
             self.index += 1
+            if kind == "quoted":
+                value = value[1:-1].replace('""', '"') if value[0] == '"' else value[1:-1]
+            self.columns.append(value)
             return pc.field(value)
-        if kind == "quoted":
-            self.index += 1
-            return pc.field(value[1:-1].replace('""', '"') if value[0] == '"' else value[1:-1])
         return pc.scalar(self._literal())
 
     def _literal(self) -> Any:

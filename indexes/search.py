@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
@@ -55,7 +56,7 @@ from indexes.lance import (
     table_exists,
     vector_index_for,
 )
-from indexes.parquet import PART_GLOB, open_dataset, to_expression
+from indexes.parquet import PART_GLOB, FilterError, filter_columns, open_dataset, parse_filter, to_expression
 
 if TYPE_CHECKING:
     import fsspec
@@ -144,10 +145,12 @@ class Index(ABC):
                 reciprocal rank).
 
         Raises:
-            SearchError: an unknown mode, or a query vector of the wrong size.
+            SearchError: an unknown mode, a filter that does not parse or names an unknown column, or a
+                query vector of the wrong size.
         """
         if mode not in get_args(SearchMode):
             raise SearchError(f"Invalid search mode {mode!r}. Valid: {', '.join(get_args(SearchMode))}")
+        self.check_filter(filter)
         if mode == "vector":
             return self.search_vector(self.embed(query), k=k, filter=filter)
         if mode == "fts":
@@ -160,6 +163,27 @@ class Index(ABC):
         hits = {h.id: h for h in by_text} | {h.id: h for h in by_vector}
         fused = rrf([[h.id for h in by_vector], [h.id for h in by_text]])
         return [replace(hits[hit_id], score=score) for hit_id, score in fused[:k]]
+
+    def check_filter(self, filter: str | pc.Expression | None) -> None:
+        """Checks a filter string against the table before any query runs (``search`` calls it before
+        it loads the model to embed the query), so a typo costs a one-line error, not a library trace.
+
+        Raises:
+            SearchError: the filter names a column the table lacks (the message lists its columns), or
+                does not parse (the library's message, on one line).
+        """
+        if isinstance(filter, str) and filter.strip():
+            self._check_filter(filter)
+
+    @abstractmethod
+    def _check_filter(self, filter: str) -> None:
+        """Raises ``SearchError`` for a filter string this index cannot apply."""
+
+    def _unknown_column(self, name: str) -> SearchError:
+        columns = self.schema.names
+        close = difflib.get_close_matches(name, columns, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return SearchError(f"unknown column {name!r} in --filter{hint}; columns: {', '.join(columns)}")
 
     def embed(self, query: str) -> np.ndarray:
         """The query's vector, checked against the index's dimension."""
@@ -230,6 +254,16 @@ class LanceIndex(Index):
         rows = self.table.index_stats(index.name).num_indexed_rows
         return vector_index_for(index_kind(index.index_type), rows, self.dim)
 
+    def _check_filter(self, filter: str) -> None:
+        # Planning the scan (no rows read) makes Lance parse the SQL and resolve its columns.
+        try:
+            self.table.to_lance().scanner(filter=filter, columns=["id"], limit=0).explain_plan()
+        except ValueError as err:  # how Lance reports a predicate it cannot plan
+            missing = _LANCE_NO_FIELD.search(str(err))
+            if missing:
+                raise self._unknown_column(missing.group(1)) from None
+            raise SearchError(f"invalid --filter {filter!r}: {_one_line(str(err))}") from None
+
     def search_vector(self, vector: np.ndarray, k: int = 5, filter: str | None = None) -> list[Hit]:
         if k <= 0:
             return []
@@ -289,6 +323,22 @@ class ParquetIndex(Index):
         if dataset is None:
             raise SearchError(f"no {PART_GLOB} files under {uri}")
         super().__init__(uri, dataset.schema, embed_query)
+
+    def _check_filter(self, filter: str) -> None:
+        try:
+            columns = filter_columns(filter)
+        except FilterError as err:
+            raise SearchError(str(err)) from None
+        for name in columns:
+            if name not in self.schema.names:
+                raise self._unknown_column(name)
+        import pyarrow.dataset as pads
+
+        # Binding to the schema (of an empty table: no file is opened) finds type mismatches too.
+        try:
+            pads.dataset(self.schema.empty_table()).scanner(filter=parse_filter(filter), columns=[])
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as err:
+            raise SearchError(f"invalid --filter {filter!r}: {_one_line(str(err))}") from None
 
     def search_vector(self, vector: np.ndarray, k: int = 5, filter: str | pc.Expression | None = None) -> list[Hit]:
         if k <= 0:
@@ -417,6 +467,17 @@ def bm25_search(
             keep = _top(best, k)
             best_ids, best = [best_ids[i] for i in keep], best[keep]
     return sorted(zip(best_ids, best.tolist()), key=lambda pair: (-pair[1], pair[0]))
+
+
+_LANCE_NO_FIELD = re.compile(r'No field named "?([^".,\s]+)"?')
+"""DataFusion's schema error for a column the table lacks (``No field named nosuch.``)."""
+
+
+def _one_line(message: str) -> str:
+    """A library error on one line: no Rust source locations, no repeated ``Invalid input`` prefixes."""
+    message = re.sub(r",?\s*/\S+\.rs:\d+:\d+", "", message)
+    message = re.sub(r"^(?:Invalid (?:user )?input[,:]?\s*)+", "", message.strip())
+    return " ".join(message.split())
 
 
 def _id_in(ids: list[str]) -> str:

@@ -8,13 +8,15 @@ module turns that configuration into a plain ``ModelSpec`` the encoder builds on
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     import torch
@@ -26,6 +28,8 @@ BUNDLED_ALIASES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 POOLING_MODES = ("cls", "mean", "lasttoken")
 DOCUMENT_PROMPT_NAMES = ("document", "passage", "corpus")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+HUB_PROBE_TIMEOUT_S = 5.0
+"""How long the one request asking the hub whether a model exists may take (it is not retried)."""
 
 
 class ModelError(ValueError):
@@ -113,10 +117,120 @@ def resolve_model_source(name: str) -> tuple[str, str | None]:
         raise ModelError(f"model {name!r} is a file; model.name must be a directory, a hub id or 'all-MiniLM-L6-v2'")
     if _looks_like_path(name):
         raise ModelError(
-            f"model directory {name!r} does not exist; give an existing local path, a Hugging Face hub id "
-            f"(e.g. BAAI/bge-large-en-v1.5) or the bundled alias 'all-MiniLM-L6-v2'"
+            f"model directory {name!r} does not exist{_did_you_mean_folder(name)}; give an existing local "
+            "path, a Hugging Face hub id (e.g. BAAI/bge-large-en-v1.5) or the bundled alias "
+            "'all-MiniLM-L6-v2'"
         )
     return name, None
+
+
+def hub_load_mode(name: str, repo_id: str) -> Literal["hub", "cache"]:
+    """How hub model ``repo_id`` can be loaded, decided within seconds.
+
+    Left to itself the hub client retries an unreachable hub for each file (over a minute for one
+    model) before it reports anything, so this asks once, with a short timeout and no retry, first:
+    ``hub`` when the hub has the model; ``cache`` when the hub is off (``HF_HUB_OFFLINE``) or does
+    not answer but the model is in the local Hugging Face cache (load it with ``local_files_only``).
+
+    Raises:
+        ModelError: the hub does not know the model, or it cannot be reached and the model is not
+            cached; the message names the bundled alias and local directories as the ways out.
+    """
+    import huggingface_hub
+
+    cached = _cached_snapshot_dir(repo_id) is not None
+    if huggingface_hub.is_offline_mode() or _env_flag("HF_HUB_OFFLINE"):  # the env var, if set after import
+        if cached:
+            return "cache"
+        how = "unset HF_HUB_OFFLINE (with network access) to download it once"
+        raise _unavailable(name, "HF_HUB_OFFLINE is set", how)
+    answer = _probe_hub(repo_id)
+    if answer == "found":
+        return "hub"
+    if answer == "missing":
+        raise _unknown_model(name)
+    if cached:
+        log.warning("the Hugging Face hub did not answer (%s); loading %s from the cache", answer, repo_id)
+        return "cache"
+    endpoint = huggingface_hub.constants.ENDPOINT
+    why = f"the hub ({endpoint}) cannot be reached ({answer})"
+    raise _unavailable(name, why, "allow network access to download it once")
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _probe_hub(repo_id: str) -> str:
+    """``found``, ``missing``, or why the hub did not answer, within ``HUB_PROBE_TIMEOUT_S`` (a thread
+    bounds it, since a name lookup that hangs is not covered by the HTTP timeout)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        RepositoryNotFoundError,
+    )
+
+    outcome: list[str] = []
+
+    def probe() -> None:
+        try:
+            HfApi().model_info(repo_id, timeout=HUB_PROBE_TIMEOUT_S)
+            outcome.append("found")
+        except GatedRepoError:
+            outcome.append("found")  # it exists; loading it says what access it needs
+        except (RepositoryNotFoundError, HFValidationError):
+            outcome.append("missing")
+        except HfHubHTTPError:
+            outcome.append("found")  # the hub answered, but not about the model: let loading tell
+        except Exception as err:  # connection refused, timeout, no name resolution...
+            detail = str(err).splitlines()[0] if str(err) else ""
+            outcome.append(f"{type(err).__name__}: {detail}" if detail else type(err).__name__)
+
+    thread = threading.Thread(target=probe, name="embedder-hub-probe", daemon=True)
+    thread.start()
+    thread.join(HUB_PROBE_TIMEOUT_S + 1.0)
+    return outcome[0] if outcome else f"no answer within {HUB_PROBE_TIMEOUT_S:.0f} s"
+
+
+def _local_typo_hint(name: str) -> str:
+    """``; there is no directory 'models/bge-smal' (did you mean 'models/bge-small'?)`` when the name's
+    parent folder exists here, so the name was probably meant as a local path; else ``""``."""
+    parent = os.path.dirname(os.path.expanduser(name).rstrip("/"))
+    if not parent or not os.path.isdir(parent):
+        return ""
+    return f"; there is no directory {name!r}{_did_you_mean_folder(name)}"
+
+
+def _did_you_mean_folder(name: str) -> str:
+    """`` (did you mean 'models/bge-small'?)`` for the closest folder beside ``name``, or ``""``."""
+    parent, base = os.path.split(os.path.expanduser(name).rstrip("/"))
+    try:
+        folders = [e for e in os.listdir(parent or ".") if os.path.isdir(os.path.join(parent or ".", e))]
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(base, folders, n=1)
+    if not close:
+        return ""
+    return f" (did you mean {os.path.join(os.path.dirname(name.rstrip('/')), close[0])!r}?)"
+
+
+_WAYS_OUT = "set model.name / --model to the bundled 'all-MiniLM-L6-v2' or a local model directory (a path)"
+
+
+def _unknown_model(name: str) -> ModelError:
+    return ModelError(
+        f"unknown model {name!r}: not a local directory and not on the Hugging Face hub (a private one "
+        f"needs HF_TOKEN){_local_typo_hint(name)}; {_WAYS_OUT}, or a hub id such as BAAI/bge-large-en-v1.5"
+    )
+
+
+def _unavailable(name: str, why: str, how: str) -> ModelError:
+    return ModelError(
+        f"model {name!r} is not a local directory and not in the Hugging Face cache, and {why}"
+        f"{_local_typo_hint(name)}: {_WAYS_OUT}, or {how}"
+    )
 
 
 def load_sentence_transformer(
@@ -128,13 +242,17 @@ def load_sentence_transformer(
         ``(model, source, local_dir)``.
 
     Raises:
-        ModelError: unknown model, or a hub id that is not cached while the hub is unreachable.
+        ModelError: unknown model, or a hub id that is not cached while the hub is unreachable
+            (within seconds: see ``hub_load_mode``).
     """
     source, local_dir = resolve_model_source(name)
+    local_files_only = local_dir is None and hub_load_mode(name, source) == "cache"
     from sentence_transformers import SentenceTransformer
 
     try:
-        model = SentenceTransformer(source, device=device, trust_remote_code=trust_remote_code)
+        model = SentenceTransformer(
+            source, device=device, trust_remote_code=trust_remote_code, local_files_only=local_files_only
+        )
     except Exception as err:  # sentence-transformers/hub raise many kinds; all mean "cannot load"
         raise _load_error(name, source, local_dir, err) from err
     model.eval()
@@ -147,19 +265,13 @@ def _load_error(name: str, source: str, local_dir: str | None, err: Exception) -
     text = f"{type(err).__name__}: {err}"
     if local_dir is not None:
         return ModelError(f"cannot load model {name!r} from {local_dir}: {text.splitlines()[0]}")
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    offline = _env_flag("HF_HUB_OFFLINE")
     kind = type(err).__name__
     if "RepositoryNotFound" in kind or "404" in text or "is not a valid model identifier" in text:
-        return ModelError(
-            f"unknown model {name!r}: not a local directory and not found on the Hugging Face hub; "
-            "check model.name (a local path, a hub id such as BAAI/bge-large-en-v1.5, or 'all-MiniLM-L6-v2')"
-        )
+        return _unknown_model(name)
     if offline or "offline" in text.lower() or "LocalEntryNotFound" in kind or "connect" in text.lower():
-        return ModelError(
-            f"model {name!r} is not a local directory and is not in the Hugging Face cache, and the hub "
-            "cannot be reached (HF_HUB_OFFLINE or no network): set model.name to a local model directory, "
-            "or allow network access to download it once"
-        )
+        why = "the hub cannot be reached (HF_HUB_OFFLINE or no network)"
+        return _unavailable(name, why, "allow network access to download it once")
     return ModelError(f"cannot load model {name!r}: {text.splitlines()[0]}")
 
 

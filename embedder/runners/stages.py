@@ -152,6 +152,7 @@ def resolve_job(job: Job) -> Job:
         job.source.format = _detect_source_format(job)
     if job.output.sink == "auto":
         job.output.sink = sink_registry().detect_sink(job.output.uri)
+    sink_registry().check_output_location(job.output.uri, job.output.storage_options)
     return job
 
 

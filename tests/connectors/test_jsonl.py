@@ -216,3 +216,49 @@ def test_missing_path_names_source_uri(tmp_path: Path) -> None:
     with pytest.raises(ConnectorError, match="nowhere.jsonl") as err:
         _connector(uri).list_shards()
     assert "source.uri" in str(err.value)
+
+
+# --- a file of another format ------------------------------------------------------------------
+
+
+def test_a_parquet_or_bz2_file_is_refused_naming_the_format_that_reads_it(tmp_path: Path) -> None:
+    import bz2
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": ["1"], "text": ["hello"]}), tmp_path / "data.parquet")
+    with pytest.raises(ConnectorError) as err:
+        _connector(str(tmp_path / "data.parquet")).list_shards()
+    assert str(err.value) == (
+        "data.parquet looks like a Parquet file (starts with PAR1), not JSONL: use --format parquet"
+    )
+    (tmp_path / "docs.jsonl.bz2").write_bytes(bz2.compress(_corpus(5)))
+    with pytest.raises(ConnectorError) as err:
+        _connector(str(tmp_path / "docs.jsonl.bz2")).list_shards()
+    assert str(err.value).startswith(
+        "docs.jsonl.bz2 looks like a bz2-compressed file (starts with BZh), not JSONL: use --format wikipedia"
+    )
+    assert "--format jsonl reads .gz and .zst" in str(err.value)
+
+
+def test_compressed_data_under_a_plain_name_is_refused_with_the_rename(tmp_path: Path) -> None:
+    (tmp_path / "docs.jsonl").write_bytes(gzip.compress(_corpus(5)))
+    with pytest.raises(ConnectorError) as err:
+        _connector(str(tmp_path / "docs.jsonl")).list_shards()
+    assert str(err.value).startswith(
+        "docs.jsonl looks like a gzip-compressed file (starts with 1f 8b) but its name does not end in .gz"
+    )
+    assert str(err.value).endswith("rename it to docs.jsonl.gz")
+
+
+def test_sniffing_keeps_compressed_and_imperfect_jsonl_readable(tmp_path: Path) -> None:
+    data = _corpus(20)
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(data))
+    (tmp_path / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(data))
+    # A BOM, a blank line and a first line that is not JSON: still JSONL, the bad line quarantined.
+    (tmp_path / "c.jsonl").write_bytes(b"\xef\xbb\xbf\n  not json at all\n" + data)
+    for name in ("a.jsonl.gz", "b.jsonl.zst", "c.jsonl"):
+        items = read_all(_connector(str(tmp_path / name)))
+        assert len(docs_of(items)) == 20, name
+    assert len(bad_of(read_all(_connector(str(tmp_path / "c.jsonl"))))) == 1

@@ -182,3 +182,27 @@ def test_s3_gives_the_same_documents_as_local(s3_bucket: str, tmp_path: Path) ->
     assert bad_of(remote_items) == []
     assert docs_of(remote_items) == docs_of(read_all(local))
     assert len(remote_items) == 200
+
+
+def test_a_jsonl_or_text_file_is_refused_naming_the_format_that_reads_it(tmp_path: Path) -> None:
+    (tmp_path / "docs.jsonl").write_text('{"id": "1", "text": "hello"}\n')
+    with pytest.raises(ConnectorError) as err:
+        _connector(str(tmp_path / "docs.jsonl")).list_shards()
+    assert str(err.value) == (
+        "docs.jsonl looks like JSON Lines (starts with '{'), not Parquet: use --format jsonl"
+    )
+    (tmp_path / "notes.parquet").write_text("just some notes\n")
+    with pytest.raises(ConnectorError) as err:
+        _connector(str(tmp_path / "notes.parquet")).list_shards()
+    assert str(err.value) == (
+        "notes.parquet looks like a text file (its first bytes are UTF-8 text), "
+        "not Parquet: use --format text"
+    )
+
+
+def test_a_damaged_parquet_file_is_still_quarantined_not_refused(tmp_path: Path) -> None:
+    path = tmp_path / "cut.parquet"
+    _write(_wikipedia_table(20), path)
+    path.write_bytes(path.read_bytes()[:-100])  # starts with PAR1, footer gone
+    items = read_all(_connector(str(path)))
+    assert docs_of(items) == [] and len(bad_of(items)) == 1

@@ -141,3 +141,17 @@ def test_s3_folder(s3_bucket: str, tmp_path: Path) -> None:
     strip = [(d.id, d.text, d.title) for d in docs_of(remote_items)]
     assert strip == [(d.id, d.text, d.title) for d in docs_of(read_all(local))]
     assert len(strip) == 5
+
+
+def test_a_binary_file_of_another_format_is_refused(tmp_path: Path) -> None:
+    import gzip
+
+    (tmp_path / "notes.txt.gz").write_bytes(gzip.compress(b"some notes"))
+    with pytest.raises(ConnectorError) as err:
+        _connector(str(tmp_path / "notes.txt.gz")).list_shards()
+    assert str(err.value) == (
+        "notes.txt.gz looks like a gzip-compressed file (starts with 1f 8b), not plain text: "
+        "use --format jsonl for gzip-compressed JSON Lines (.jsonl.gz)"
+    )
+    (tmp_path / "docs.jsonl").write_text('{"id": "1", "text": "JSON is text too"}\n')
+    assert len(docs_of(read_all(_connector(str(tmp_path / "docs.jsonl"))))) == 1

@@ -465,3 +465,42 @@ def test_options_are_validated() -> None:
         _connector("x.xml.bz2", namespaces="0")
     with pytest.raises(ConnectorError, match="streams_per_shard"):
         _connector("x.xml.bz2", streams_per_shard=0)
+
+
+# --- a file of another format ----------------------------------------------------------------
+
+
+def test_a_jsonl_or_text_file_is_refused_naming_the_format_that_reads_it(tmp_path: Path) -> None:
+    (tmp_path / "docs.jsonl").write_text('{"id": "1", "text": "hello"}\n')
+    with pytest.raises(ConnectorError) as err:
+        _connector(str(tmp_path / "docs.jsonl")).list_shards()
+    assert str(err.value) == (
+        "docs.jsonl looks like JSON Lines (starts with '{'), not a MediaWiki XML dump: use --format jsonl"
+    )
+    (tmp_path / "notes.xml").write_text("plain notes, not XML\n")
+    with pytest.raises(ConnectorError) as err:
+        _connector(str(tmp_path / "notes.xml")).list_shards()
+    assert str(err.value) == (
+        "notes.xml looks like a text file (its first bytes are UTF-8 text), not a MediaWiki XML dump: "
+        "use --format text"
+    )
+
+
+def test_bz2_that_is_not_a_dump_inside_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "docs.jsonl.bz2"
+    path.write_bytes(bz2.compress(b'{"id": "1", "text": "hello"}\n'))
+    with pytest.raises(ConnectorError) as err:
+        _connector(str(path)).list_shards()
+    assert str(err.value) == (
+        "docs.jsonl.bz2 holds JSON Lines once decompressed (starts with '{'), not a MediaWiki XML dump: "
+        "decompress it and use --format jsonl"
+    )
+
+
+def test_a_bz2_dump_under_another_name_is_refused_with_the_rename(tmp_path: Path, wiki_sample: Path) -> None:
+    path = tmp_path / "dump.xml"
+    path.write_bytes(wiki_sample.read_bytes())
+    with pytest.raises(ConnectorError) as err:
+        _connector(str(path)).list_shards()
+    assert str(err.value).startswith("dump.xml looks like a bz2-compressed file (starts with BZh) but")
+    assert str(err.value).endswith("rename it to dump.xml.bz2")

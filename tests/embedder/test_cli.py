@@ -50,6 +50,30 @@ def test_quickstart_status_and_search(quickstart: Path) -> None:
     assert {"id", "doc_id", "title", "text", "score"} <= set(hits[0])
 
 
+@pytest.fixture(scope="module")
+def quickstart_parquet(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("qs") / "parquet"
+    proc = _cli("run", "configs/quickstart.yaml", "--output", str(out), "--sink", "parquet", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.mark.parametrize("sink", ["lance", "parquet"])
+@pytest.mark.parametrize(
+    "filter,needle",
+    [
+        ("nosuch = 'x'", "error: unknown column 'nosuch' in --filter; columns: id, doc_id, chunk_index, "),
+        ("title = = 'x'", "title = = 'x'"),
+    ],
+)
+def test_search_with_a_bad_filter_exits_2_with_one_line(sink, filter, needle, request) -> None:
+    output = request.getfixturevalue("quickstart" if sink == "lance" else "quickstart_parquet")
+    proc = _cli("search", str(output), "refund", "--filter", filter)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], proc.stderr
+
+
 @pytest.mark.parametrize(
     "args,needle",
     [
@@ -57,6 +81,21 @@ def test_quickstart_status_and_search(quickstart: Path) -> None:
         (["run", "--source", "examples/quickstart/docs.jsonl", "--format", "csv", "--output", "OUT"], "Valid:"),
         (["run", "--source", "examples/quickstart/docs.jsonl", "--output", "OUT", "--model", "/no/such/model"], "model"),
         (["run", "--source", "examples/quickstart/docs.jsonl", "--output", "OUT", "--set", "chunking.colour=red"], "chunking.colour"),
+        pytest.param(
+            ["run", "-s", "examples/quickstart/docs.jsonl", "-o", "OUT", "--set", "source.text_feild=x"],
+            "unknown key 'source.text_feild' (did you mean 'source.text_field'?)",
+            id="unknown-key-typo",
+        ),
+        pytest.param(
+            ["run", "--source", "examples/quickstart/docs.jsonl", "--format", "parquet", "--output", "OUT"],
+            "docs.jsonl looks like JSON Lines (starts with '{'), not Parquet: use --format jsonl",
+            id="jsonl-as-parquet",
+        ),
+        pytest.param(
+            ["run", "-s", "examples/quickstart/docs.jsonl", "--format", "wikipedia", "--output", "OUT"],
+            "not a MediaWiki XML dump: use --format jsonl",
+            id="jsonl-as-wikipedia",
+        ),
         (["run", "configs/does-not-exist.yaml"], "does not exist"),
         (["status", "/nonexistent/output"], "no embedder job"),
     ],
@@ -68,3 +107,73 @@ def test_usage_errors_exit_2_with_one_line(args, needle, tmp_path) -> None:
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "output,sink,needle",
+    [
+        ("notes.txt", "lance", "output '{dir}/notes.txt' is a file, not a folder"),
+        ("file://{dir}/notes.txt", "parquet", "output 'file://{dir}/notes.txt' is a file, not a folder"),
+        ("notes.txt/db", "lance", "output '{dir}/notes.txt/db' lies under '{dir}/notes.txt', which"),
+    ],
+)
+def test_output_that_is_a_file_exits_2_and_writes_nothing(output, sink, needle, tmp_path) -> None:
+    (tmp_path / "notes.txt").write_text("keep me\n")
+    output = output.format(dir=tmp_path) if "{dir}" in output else str(tmp_path / output)
+    source = "examples/quickstart/docs.jsonl"
+    proc = _cli("run", "--source", source, "--output", output, "--sink", sink, "--no-progress")
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and needle.format(dir=tmp_path) in lines[0], proc.stderr
+    assert "choose a new path" in lines[0] and "LanceDB database or a folder of Parquet files" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert (tmp_path / "notes.txt").read_text() == "keep me\n"
+
+
+@pytest.mark.parametrize(
+    "hub_env,why",
+    [
+        pytest.param({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set", id="offline"),
+        pytest.param(  # a closed local port: without the probe the hub client retries for over a minute
+            {"HF_ENDPOINT": "http://127.0.0.1:9"},
+            "the hub (http://127.0.0.1:9) cannot be reached",
+            id="hub-unreachable",
+        ),
+    ],
+)
+def test_unknown_model_fails_within_seconds_naming_the_ways_out(hub_env, why, tmp_path) -> None:
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(hub_env, PYTHONPATH=str(REPO), HF_HOME=str(tmp_path / "hf"))
+    args = ["run", "--source", "examples/quickstart/docs.jsonl", "--output", str(tmp_path / "out")]
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "embedder.cli", *args, "--model", "nosuch-org/nosuch-model", "--no-progress"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: model 'nosuch-org/nosuch-model' is not a local directory")
+    assert why in lines[0]
+    assert "the bundled 'all-MiniLM-L6-v2' or a local model directory (a path)" in lines[0]
+    assert elapsed < 20, f"took {elapsed:.1f} s"
+
+
+def test_a_mistyped_local_model_folder_is_named(tmp_path) -> None:
+    (tmp_path / "models" / "bge-small").mkdir(parents=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "HF_HOME": str(tmp_path / "hf")}
+    source = str(REPO / "examples/quickstart/docs.jsonl")
+    args = ["run", "--source", source, "--output", "out", "--model", "models/bge-smal"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "embedder.cli", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "there is no directory 'models/bge-smal' (did you mean 'models/bge-small'?)" in lines[0]
+    assert "'all-MiniLM-L6-v2'" in lines[0]
+

@@ -24,6 +24,29 @@ def test_unknown_key_and_invalid_value_named() -> None:
         build_job({"source": {"uri": "x"}, "output": {"uri": "y", "sink": "csv"}})
 
 
+def test_unknown_key_suggests_the_closest_valid_key(tmp_path) -> None:
+    with pytest.raises(ConfigError) as err:
+        build_job({"source": {"uri": "x"}, "output": {"uri": "y"}}, ["source.text_feild=body"])
+    assert str(err.value) == (
+        "invalid job: unknown key 'source.text_feild' (did you mean 'source.text_field'?)"
+    )
+    path = tmp_path / "job.yaml"
+    path.write_text("sorce: {uri: data/}\noutput: {uri: out/}\nmodel: {nmae: x}\n")
+    with pytest.raises(ConfigError) as err:
+        build_job(load_job_dict(path))
+    assert "unknown key 'sorce' (did you mean 'source'?)" in str(err.value)
+    assert "unknown key 'model.nmae' (did you mean 'model.name'?)" in str(err.value)
+
+
+def test_unknown_key_with_nothing_close_lists_the_section_keys() -> None:
+    with pytest.raises(ConfigError) as err:
+        build_job({"source": {"uri": "x"}, "output": {"uri": "y"}}, ["chunking.colour=red"])
+    assert str(err.value) == (
+        "invalid job: unknown key 'chunking.colour' "
+        "(valid keys of chunking: max_tokens, overlap_tokens, context, max_document_chars)"
+    )
+
+
 def test_yaml_is_safe_loaded(tmp_path) -> None:
     path = tmp_path / "evil.yaml"
     path.write_text("source: !!python/object/apply:os.system ['echo hi']\n")

@@ -281,6 +281,35 @@ def test_uncached_hub_id_offline_names_the_fix(monkeypatch: pytest.MonkeyPatch) 
     assert "local model directory" in message and "network" in message
 
 
+def test_a_cached_hub_model_loads_at_once_with_the_hub_unreachable(tmp_path: Path, minilm_path: str) -> None:
+    """The probe's other answer: no hub, but the model is in the Hugging Face cache: it loads from
+    there (local_files_only), without the hub client's minute of retries."""
+    import os
+    import shutil
+    import subprocess
+    import time
+
+    repo = tmp_path / "hf" / "hub" / "models--embedder-tests--cached-minilm"
+    shutil.copytree(minilm_path, repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:9")
+    env["PYTHONPATH"] = str(Path(__file__).parents[2])
+    code = (
+        "from embedder.models.loader import load_sentence_transformer\n"
+        "model, _, local_dir = load_sentence_transformer('embedder-tests/cached-minilm', 'cpu', False)\n"
+        "print(model.get_embedding_dimension() if hasattr(model, 'get_embedding_dimension') "
+        "else model.get_sentence_embedding_dimension(), local_dir)"
+    )
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["384", str(repo / "snapshots" / ("0" * 40))]
+    assert "Retry" not in proc.stderr and elapsed < 20, (elapsed, proc.stderr)
+
+
 def test_prompt_that_does_not_tokenize_apart_is_refused() -> None:
     with pytest.raises(ModelError, match="end the prompt with a space"):
         Encoder.load(ModelConfig(document_prompt="prefix"))  # "prefix" + "hello" → "prefixhello"

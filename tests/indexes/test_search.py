@@ -106,6 +106,36 @@ def test_a_filter_restricts_hits(kind: str, tmp_path) -> None:
     assert len(hits) == sum(t is None for t in titles) and all(h.title is None for h in hits)
 
 
+COLUMNS = "id, doc_id, chunk_index, text, title, content_hash, shard_id, vector, url"
+
+
+@pytest.mark.parametrize("kind", ["lance", "parquet"])
+@pytest.mark.parametrize("mode", ["vector", "fts", "hybrid"])
+def test_a_filter_on_an_unknown_column_is_refused_listing_columns(kind: str, mode: str, tmp_path) -> None:
+    random_output(kind, str(tmp_path / kind), n=30)
+    index = open_index(str(tmp_path / kind), embed_query=no_model)  # refused before the query is embedded
+    with pytest.raises(SearchError) as err:
+        index.search("text", k=3, filter="nosuch = 'x'", mode=mode)
+    assert str(err.value) == f"unknown column 'nosuch' in --filter; columns: {COLUMNS}"
+    with pytest.raises(SearchError) as err:
+        index.search("text", k=3, filter="title = 'Title 1' AND titel = 'x'", mode=mode)
+    assert str(err.value) == f"unknown column 'titel' in --filter (did you mean 'title'?); columns: {COLUMNS}"
+
+
+@pytest.mark.parametrize("kind", ["lance", "parquet"])
+@pytest.mark.parametrize("bad", ["title = = 'x'", "title = 'x", "chunk_index = 'abc'"])
+def test_a_broken_filter_is_refused_on_one_line(kind: str, bad: str, tmp_path) -> None:
+    random_output(kind, str(tmp_path / kind), n=30)
+    index = open_index(str(tmp_path / kind), embed_query=no_model)
+    with pytest.raises(SearchError) as err:
+        index.search("text", k=3, filter=bad, mode="vector")
+    message = str(err.value)
+    assert "\n" not in message and repr(bad) in message and ".rs:" not in message, message
+    # Lance's own message; the Parquet parser's (types: pyarrow's, once the filter binds to the schema).
+    expected_start = "invalid --filter" if kind == "lance" or "abc" in bad else "cannot parse filter"
+    assert message.startswith(expected_start)
+
+
 def test_lance_and_parquet_return_the_same_hits(tmp_path) -> None:
     random_output("lance", str(tmp_path / "db"))
     random_output("parquet", str(tmp_path / "parquet"))
