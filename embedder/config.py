@@ -133,7 +133,7 @@ class ValidationConfig(_Section):
 
     canary_samples: int = Field(32, ge=0, description="Chunks re-embedded with the reference path (0: off).")
     canary_max_tokens: int = Field(
-        16384, ge=1, description="Bound on the canaries' tokens (long-context models check fewer, longer chunks)."
+        8192, ge=1, description="Bound on the canaries' tokens (long-context models check fewer, longer chunks)."
     )
     min_cosine: float = Field(0.999, gt=0, le=1, description="A canary below this cosine fails the run.")
 

@@ -131,16 +131,45 @@ def reference_model(source: str, trust_remote_code: bool = False, device: str = 
     return _REFERENCE_MODELS[key]
 
 
+REFERENCE_BATCH_TOKENS = 8192
+"""Padded tokens per reference batch: sentence-transformers pads a batch to its longest text, and one
+8k-token canary among 15 short ones made it compute 16 × 8k tokens in fp32."""
+
+
 def reference_vectors(
-    source: str, texts: list[str], prompt: str, trust_remote_code: bool = False, device: str = "cpu"
+    source: str,
+    texts: list[str],
+    prompt: str,
+    trust_remote_code: bool = False,
+    device: str = "cpu",
+    lengths: list[int] | None = None,
 ) -> np.ndarray:
     """``SentenceTransformer.encode(texts, prompt=prompt)`` in fp32 on ``device``, L2-normalized.
 
-    On CUDA, TF32 matmuls are switched off for the call: the reference stays true fp32."""
+    With ``lengths`` (tokens per text), texts are encoded longest first in batches of at most
+    ``REFERENCE_BATCH_TOKENS`` padded tokens; without, in batches of 16. On CUDA, TF32 matmuls are
+    off for the call: the reference stays true fp32."""
     model = reference_model(source, trust_remote_code, device)
+    if lengths is None:
+        batches = [list(range(i, min(i + 16, len(texts)))) for i in range(0, len(texts), 16)]
+    else:
+        batches, batch = [], []
+        for i in sorted(range(len(texts)), key=lambda j: -lengths[j]):
+            if batch and (len(batch) + 1) * lengths[batch[0]] > REFERENCE_BATCH_TOKENS:
+                batches.append(batch)
+                batch = []
+            batch.append(i)
+        if batch:
+            batches.append(batch)
+    out = np.zeros((len(texts), 0), dtype=np.float32)
     with _strict_fp32(device):
-        vectors = model.encode(texts, prompt=prompt or None, batch_size=16, convert_to_numpy=True)
-    return _unit(np.asarray(vectors, dtype=np.float32))
+        for batch in batches:
+            vectors = model.encode([texts[i] for i in batch], prompt=prompt or None, batch_size=len(batch),
+                                   convert_to_numpy=True)
+            if out.shape[1] == 0:
+                out = np.zeros((len(texts), vectors.shape[1]), dtype=np.float32)
+            out[batch] = vectors
+    return _unit(out)
 
 
 @contextlib.contextmanager
@@ -199,7 +228,9 @@ def check_canaries(
     if not samples:
         return CanaryReport()
     ids = [s[0] for s in samples]
-    reference = reference_vectors(source, [s[1] for s in samples], prompt, trust_remote_code, device)
+    reference = reference_vectors(
+        source, [s[1] for s in samples], prompt, trust_remote_code, device, lengths=[s[3] for s in samples]
+    )
     report = compare(ids, np.stack([s[2] for s in samples]), reference)
     report.tokens = sum(s[3] for s in samples)
     if report.min_cosine is not None and report.min_cosine < min_cosine:

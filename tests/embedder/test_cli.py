@@ -177,3 +177,32 @@ def test_a_mistyped_local_model_folder_is_named(tmp_path) -> None:
     assert "there is no directory 'models/bge-smal' (did you mean 'models/bge-small'?)" in lines[0]
     assert "'all-MiniLM-L6-v2'" in lines[0]
 
+
+
+def test_version() -> None:
+    from embedder import __version__
+
+    proc = _cli("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"embedder {__version__}"
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, quickstart: Path) -> None:
+    fresh = tmp_path / "fresh"
+    proc = _cli("run", "configs/quickstart.yaml", "--output", str(fresh), "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "new output: nothing stored yet" in proc.stdout and "1 to embed" in proc.stdout
+    assert "nothing was written" in proc.stdout and not fresh.exists()
+
+    before = _tree(quickstart)
+    done = _cli("run", "configs/quickstart.yaml", "--output", str(quickstart), "--dry-run")
+    assert done.returncode == 0, done.stderr
+    assert "matches the stored rows" in done.stdout and "1 done, 0 to embed" in done.stdout
+    refused = _cli("run", "configs/quickstart.yaml", "--output", str(quickstart), "--dry-run",
+                   "--set", "chunking.overlap_tokens=8")
+    assert refused.returncode == 2
+    assert "chunking.overlap_tokens" in refused.stderr and "--mode reembed" in refused.stderr
+    assert _tree(quickstart) == before  # no lease, no run record, no job file touched
