@@ -21,8 +21,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-FormatName = Literal["auto", "jsonl", "parquet", "text", "wikipedia", "lance"]
-SinkName = Literal["auto", "lance", "parquet"]
+FormatName = str
+"""``auto`` or a connector name of ``connectors.registry.CONNECTORS`` (built-in: jsonl, parquet, text,
+wikipedia, lance; plugins add theirs with ``register_connector``); checked against the registry when
+the job is resolved, so a plugin's name is valid."""
+SinkName = str
+"""``auto`` or a sink name of ``indexes.registry.SINKS`` (built-in: lance, parquet), checked likewise."""
 DeviceName = Literal["auto", "cpu", "cuda"]
 DtypeName = Literal["auto", "float32", "float16", "bfloat16"]
 ContextName = Literal["none", "title", "section"]
@@ -53,6 +57,11 @@ class SourceConfig(_Section):
     shard_size_mb: float = Field(64.0, gt=0, description="Target input bytes per shard.")
     options: dict[str, Any] = Field(default_factory=dict, description="Connector-specific options.")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec storage options.")
+
+    @field_validator("format")
+    @classmethod
+    def _registered_format(cls, value: str) -> str:
+        return _registered("connectors.registry", "CONNECTORS", value)
 
 
 class ModelConfig(_Section):
@@ -107,6 +116,11 @@ class OutputConfig(_Section):
         "auto", description="LanceDB: build an ANN index at the end of a run once the table is large enough."
     )
     fts_index: bool = Field(True, description="LanceDB: build a full-text index on text (hybrid search).")
+
+    @field_validator("sink")
+    @classmethod
+    def _registered_sink(cls, value: str) -> str:
+        return _registered("indexes.registry", "SINKS", value)
 
 
 class RunnerConfig(_Section):
@@ -168,6 +182,18 @@ class Job(_Section):
         return yaml.safe_dump(self.redacted(), sort_keys=False)
 
 
+def _registered(module: str, registry: str, value: str) -> str:
+    """``value`` if it is ``auto`` or a name of the registry (built-ins and the plugins registered so
+    far), else a ValueError listing the valid names in the style of a ``Literal``'s error."""
+    import importlib
+
+    names = ["auto", *getattr(importlib.import_module(module), registry).names()]
+    if value in names:
+        return value
+    listed = ", ".join(repr(n) for n in names[:-1]) + f" or {names[-1]!r}"
+    raise ValueError(f"invalid value {value!r}. Valid: {listed}")
+
+
 def _redact(value: Any, key: str = "") -> Any:
     if isinstance(value, dict):
         return {k: _redact(v, str(k)) for k, v in value.items()}
@@ -217,6 +243,10 @@ def _format_validation_error(err: ValidationError) -> str:
             lines.append(f"invalid value {e.get('input')!r} for {loc!r}. Valid: {expected}")
         elif e["type"] == "missing":
             lines.append(f"missing key {loc!r}")
+        elif e["type"] == "value_error" and str(e["msg"]).startswith("Value error, invalid value"):
+            message = str(e["msg"]).removeprefix("Value error, invalid value ")
+            value, _, valid = message.partition(". Valid: ")
+            lines.append(f"invalid value {value} for {loc!r}. Valid: {valid}")
         else:
             lines.append(f"{loc}: {e['msg']}")
     return "; ".join(lines)

@@ -46,8 +46,10 @@ from embedder.runners.stages import (
     ShardAssembler,
     ShardEnd,
     empty_output_error,
+    import_plugins,
     make_connector,
     plan_shards,
+    plugin_modules,
     read_and_chunk,
     resolve_job,
     sink_registry,
@@ -155,6 +157,7 @@ def _reader_main(
     known_versions_path: str | None = None,
     environ: dict[str, str] | None = None,
     runner_alive: Any = None,
+    plugins: tuple[str, ...] = (),
 ) -> None:
     """Reads shards from ``tasks`` and streams their chunks to ``results`` (runs in a child process).
 
@@ -175,6 +178,7 @@ def _reader_main(
 
     from embedder.chunking import Chunker
 
+    import_plugins(plugins)  # connectors the user's own modules register
     job = Job.model_validate_json(job_json)
     tokenizer = tokenizers.Tokenizer.from_str(tokenizer_json)
     tokenizer.no_truncation()
@@ -677,6 +681,7 @@ class LocalRunner:
                     versions_file.name if versions_file else None,
                     dict(os.environ),
                     alive_r,
+                    tuple(plugin_modules(self.job)),
                 ),
                 daemon=True,
                 name=f"embedder-reader-{i}",

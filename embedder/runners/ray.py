@@ -64,7 +64,9 @@ from embedder.runners.stages import (
     RunResult,
     ShardAssembler,
     ShardEnd,
+    import_plugins,
     make_connector,
+    plugin_modules,
     read_and_chunk,
 )
 
@@ -326,6 +328,7 @@ def read_shard_rows(
     max_seq_length: int,
     overhead: int,
     existing: tuple[Any, ...] = (),
+    plugins: tuple[str, ...] = (),
 ) -> Iterator[pa.Table]:
     """Ray Data CPU stage: ``read_and_chunk`` for each shard of the block, yielding chunk rows as
     they are made and the shard's end row last.
@@ -339,6 +342,7 @@ def read_shard_rows(
     from embedder.incremental import ChangeFilter
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # a task has one CPU
+    import_plugins(plugins)  # connectors the user's own modules register
     job = Job.model_validate_json(job_json)
     chunker = _chunker(tokenizer_json, max_seq_length, overhead, job.chunking.model_dump_json())
     connector = make_connector(job)
@@ -560,6 +564,7 @@ class RayRunner(LocalRunner):
                 "max_seq_length": encoder.max_seq_length,
                 "overhead": encoder.layout.overhead,
                 "existing": () if existing is None else (existing,),
+                "plugins": tuple(plugin_modules(job)),
             },
             num_cpus=1,
             compute=None if workers == "auto" else TaskPoolStrategy(size=max(1, int(workers))),

@@ -152,8 +152,37 @@ def resolve_job(job: Job) -> Job:
         job.source.format = _detect_source_format(job)
     if job.output.sink == "auto":
         job.output.sink = sink_registry().detect_sink(job.output.uri)
+    connector_registry().CONNECTORS.get(job.source.format)  # unknown names: RegistryError listing the valid
+    sink_registry().SINKS.get(job.output.sink)
     sink_registry().check_output_location(job.output.uri, job.output.storage_options)
     return job
+
+
+def plugin_modules(job: Job) -> list[str]:
+    """Modules that other processes (readers, Ray tasks) import so the job's connector is registered
+    there: the module of a connector registered by the user's own code (built-ins register themselves).
+
+    Raises:
+        ConfigError: the connector is defined in the script being run (``__main__``), which other
+            processes cannot import; the message says to move it into a module.
+    """
+    registry = connector_registry()
+    cls = registry.CONNECTORS.get(job.source.format)
+    module = cls.__module__
+    if module.startswith("connectors."):
+        return []
+    if module in ("__main__", "__mp_main__"):
+        raise ConfigError(
+            f"connector {job.source.format!r} is defined in the script being run (__main__), which reader "
+            "processes cannot import: move the class into a module (e.g. my_connectors.py) and import it"
+        )
+    return [module]
+
+
+def import_plugins(modules: Sequence[str]) -> None:
+    """Imports plugin modules in a reader process or Ray task (see ``plugin_modules``)."""
+    for module in modules:
+        importlib.import_module(module)
 
 
 def _detect_source_format(job: Job) -> str:
