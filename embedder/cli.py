@@ -267,6 +267,9 @@ def _print_summary(result: Any) -> None:
         readers = max(m[2] for m in result.memory_timeline)
         rows.append(("host memory", f"runner {runner[-1] / 1e3:.1f} GB at the end (peak {max(runner) / 1e3:.1f})"
                      + (f", readers {readers / 1e3:.1f} GB at most" if readers else "")))
+    if result.encoders > 1 and result.encoder_tokens_per_second:
+        rows.append(("encoders", f"{result.encoders}: " + ", ".join(f"{r:,.0f}" for r in result.encoder_tokens_per_second)
+                     + " tokens/s"))
     if result.padding_waste is not None:
         rows.append(("padding waste", f"{result.padding_waste:.1%} of computed tokens"))
     if result.gpu_utilization is not None:

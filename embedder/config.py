@@ -129,7 +129,10 @@ class RunnerConfig(_Section):
     kind: RunnerName = "local"
     workers: int | Literal["auto"] = Field("auto", description="Reader/tokenizer processes.")
     address: str | None = Field(None, description="Ray cluster address (runner: ray).")
-    encoders: int | Literal["auto"] = Field("auto", description="Encoder actors (runner: ray); auto: one per GPU.")
+    encoders: int | Literal["auto"] = Field(
+        "auto", description="Encoders: local, one model per GPU (several on CPU share it); ray, encoder actors. "
+        "auto: one per GPU (one on a CPU)."
+    )
     gpus_per_encoder: float = Field(1.0, gt=0, description="GPUs each encoder actor holds (runner: ray).")
     show_progress: bool = True
     lease_ttl_s: float = Field(60.0, gt=0, description="A lease without heartbeat for this long is dead.")

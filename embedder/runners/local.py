@@ -282,6 +282,50 @@ class TimelineSampler:
                 result.padding_waste = max(0.0, 1.0 - needed / result.tokens_computed)
 
 
+class _EncoderGroup:
+    """Several encoders seen as one by the timeline sampler: the first one's device and layout, the
+    computed tokens of all."""
+
+    def __init__(self, encoders: list[Any]) -> None:
+        self.encoders = encoders
+        self.device = getattr(encoders[0], "device", None)
+        self.layout = getattr(encoders[0], "layout", None)
+
+    @property
+    def tokens_computed(self) -> int | None:
+        counts = [getattr(e, "tokens_computed", None) for e in self.encoders]
+        return None if any(c is None for c in counts) else sum(counts)
+
+
+def encoder_devices(job: Job) -> list[str]:
+    """The devices of the local runner's encoders: ``runner.encoders`` of them (``auto``: one per
+    visible GPU, or one on the CPU), on ``model.device``'s kind; several CPU encoders share the CPU
+    (the same code path as on GPUs, for tests).
+
+    Raises:
+        ConfigError: more encoders than visible GPUs.
+    """
+    from embedder.config import ConfigError
+
+    setting = job.runner.encoders
+    if setting != "auto" and int(setting) < 1:
+        raise ConfigError(f"runner.encoders must be 'auto' or at least 1, got {setting}")
+    gpus = 0
+    if job.model.device != "cpu":
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus == 0:
+        return ["cpu" if job.model.device == "cpu" else job.model.device] * (1 if setting == "auto" else int(setting))
+    count = gpus if setting == "auto" else int(setting)
+    if count > gpus:
+        raise ConfigError(
+            f"runner.encoders {count} needs {count} GPUs, {gpus} are visible; use at most {gpus} or 'auto' "
+            "(CUDA_VISIBLE_DEVICES chooses which)"
+        )
+    return [f"cuda:{i}" for i in range(count)] if count > 1 else [job.model.device]
+
+
 class LocalRunner:
     """Runs a job on this machine.
 
@@ -336,10 +380,24 @@ class LocalRunner:
         """Called last, whatever happened (Ray: disconnect from a cluster started for the run)."""
 
     def _load_encoder(self) -> Any:
-        """The encoder the run chunks for and describes in provenance; here, the model itself."""
+        """The encoder the run chunks for and describes in provenance; here, the model itself.
+
+        With several encoders (``runner.encoders``), one model per device is loaded and kept in
+        ``self._encoders``; the first is the one returned."""
         from embedder.models.encoder import Encoder
 
-        return Encoder.load(self.job.model)
+        devices = encoder_devices(self.job)
+        if len(devices) == 1:
+            self._encoders = [Encoder.load(self.job.model)]
+            return self._encoders[0]
+        import torch
+
+        self._encoders = []
+        for device in devices:
+            with torch.cuda.device(device) if device.startswith("cuda") else contextlib.nullcontext():
+                self._encoders.append(Encoder.load(self.job.model.model_copy(update={"device": device})))
+        log.info("%d encoders: %s", len(devices), ", ".join(devices))
+        return self._encoders[0]
 
     def _billed_gpus(self) -> float:
         """GPUs the run pays for, for ``$ per 1M tokens``."""
@@ -647,6 +705,7 @@ class LocalRunner:
         from embedder.memory import HeapTrimmer
         from embedder.packing import TokenBudgetPacker
 
+        pipeline_started = time.perf_counter()
         workers = self._workers(pending)
         versions_file = None
         if self._known_versions:
@@ -744,28 +803,39 @@ class LocalRunner:
                     read_progress.chunks(item)
                     if change_filter is not None:
                         item = change_filter.filter(item)
-                    packer.token_budget = encoder.token_budget  # follows the encoder's OOM back-off
+                    packer.token_budget = min(e.token_budget for e in encoders)  # follows OOM back-offs
                     for batch in packer.add(item):
                         put(batches, batch)
                 for batch in packer.flush():
                     put(batches, batch)
-                put(batches, None)
+                for _ in encoders:
+                    put(batches, None)  # one end of stream per encoder
             except PipelineStopped:
                 return
             except BaseException as err:
                 failure.append(err)
                 self._abort.set()
 
-        def encode_loop() -> None:
+        encoders = getattr(self, "_encoders", None) or [encoder]
+        busy = [[0, 0.0] for _ in encoders]  # per encoder: tokens encoded, seconds waited on its device
+
+        def encode_loop(index: int) -> None:
             """Keeps up to two batches in flight on the device: the next batch is submitted
-            before the previous one's vectors are read back."""
+            before the previous one's vectors are read back. With several encoders, each runs this
+            loop on its own device, all taking batches from the one packer."""
+            encoder = encoders[index]
             in_flight: collections.deque = collections.deque()
+            if len(encoders) > 1 and encoder.device.type == "cuda":
+                import torch
+
+                torch.cuda.set_device(encoder.device)  # the fused kernels launch on the current device
 
             def complete_one() -> None:
                 batch, handle = in_flight.popleft()
                 t0 = time.perf_counter()
                 vectors = corrupt(handle.result())
-                result.encode_seconds += time.perf_counter() - t0
+                busy[index][1] += time.perf_counter() - t0
+                busy[index][0] += sum(len(c.token_ids) for c in batch.chunks or ())
                 failpoint("mid_encode")
                 put(encoded, (batch, vectors))
 
@@ -782,7 +852,7 @@ class LocalRunner:
                     if isinstance(item, PackedBatch):
                         t0 = time.perf_counter()
                         in_flight.append((item, encoder.encode_async(item)))
-                        result.encode_seconds += time.perf_counter() - t0
+                        busy[index][1] += time.perf_counter() - t0
                         if len(in_flight) > IN_FLIGHT_BATCHES:
                             complete_one()
                     elif item is None:
@@ -812,12 +882,16 @@ class LocalRunner:
             pending, sink, checkpoint, result, self._abort, on_commit=on_commit, canaries=self.canaries, background=True
         )
         assembler.generation = generation
-        sampler = TimelineSampler(encoder, reader_pids=lambda: [p.pid for p in procs if p.pid and p.is_alive()])
+        sampler = TimelineSampler(
+            _EncoderGroup(encoders), reader_pids=lambda: [p.pid for p in procs if p.pid and p.is_alive()]
+        )
 
         threads = [
             threading.Thread(target=feeder, name="embedder-pack", daemon=True),
-            threading.Thread(target=encode_loop, name="embedder-encode", daemon=True),
+            *(threading.Thread(target=encode_loop, args=(i,), name=f"embedder-encode-{i}", daemon=True)
+              for i in range(len(encoders))),
         ]
+        ended_streams = 0
         for t in threads:
             t.start()
 
@@ -841,8 +915,11 @@ class LocalRunner:
                             raise failure[0] from None
                         raise RunFailed(f"pipeline ended with {len(assembler.unfinished)} shard(s) unfinished") from None
                     continue
-                if item is None:  # end of stream
-                    break
+                if item is None:  # an encoder's end of stream
+                    ended_streams += 1
+                    if ended_streams == len(encoders):
+                        break
+                    continue
                 if isinstance(item, ShardEnd):
                     failpoint("after_read")
                     assembler.end_shard(item)
@@ -861,9 +938,13 @@ class LocalRunner:
             result.unfinished_shards = sorted(assembler.unfinished)
             result.interrupted_shards = sorted(s for s in assembler.unfinished if s in assembler.started)
             assembler.discard_all()
-            sampler.finish(result)
             for t in threads:
                 t.join(timeout=5)
+            result.encode_seconds += sum(b[1] for b in busy)
+            wall = max(time.perf_counter() - pipeline_started, 1e-9)
+            result.encoders = len(encoders)
+            result.encoder_tokens_per_second = [round(tokens / wall, 1) for tokens, _ in busy]
+            sampler.finish(result)
             for p in procs:
                 p.join(timeout=2)
                 if p.is_alive():

@@ -688,6 +688,7 @@ class RayRunner(LocalRunner):
             assembler.discard_all()
             sampler.finish(result)
             puller.join(timeout=5)
+            result.encoders = self.pool.size if self.pool is not None else len(self.encoders_seen)
             if self.encoders_seen:
                 log.info(
                     "ray: %d encoder actor(s) encoded for %s s",

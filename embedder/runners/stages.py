@@ -102,6 +102,8 @@ class RunResult:
     canary_seconds: float = 0.0  # the end-of-run reference check
     canary_device: str | None = None
     output_rows: int | None = None  # rows the output holds at the end of the run
+    encoders: int = 1  # encoders that ran (local: one per GPU with runner.encoders auto; Ray: actors)
+    encoder_tokens_per_second: list[float] = field(default_factory=list)  # each encoder's share of the rate
 
     def add_cost(self, gpu_hourly_usd: float | None) -> None:
         """Prices the run: the GPU is billed for the whole run, model loading included."""

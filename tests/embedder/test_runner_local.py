@@ -334,3 +334,19 @@ def test_quarantine_reasons_are_counted_in_the_run_record(tmp_path) -> None:
 def test_length_histogram_counts_the_committed_rows(jsonl_lance) -> None:
     result, out = jsonl_lance
     assert sum(result.length_histogram) == result.rows_written == _read(out, "lance").num_rows
+
+
+def test_two_encoders_give_the_same_output_as_one(tmp_path, corpus_dir) -> None:
+    """runner.encoders: 2 runs two models (on the CPU here, the code path GPUs take) fed by one packer."""
+    source = str(corpus_dir / "wiki.jsonl")
+    one = run(build_job(_job(source, str(tmp_path / "one"), "jsonl", "parquet", runner__encoders=1)))
+    two = run(build_job(_job(source, str(tmp_path / "two"), "jsonl", "parquet", runner__encoders=2)))
+    assert one.encoders == 1 and two.encoders == 2 and len(two.encoder_tokens_per_second) == 2
+    assert all(rate > 0 for rate in two.encoder_tokens_per_second)  # both took batches
+    a = _read(str(tmp_path / "one"), "parquet").sort_by("id")
+    b = _read(str(tmp_path / "two"), "parquet").sort_by("id")
+    assert a.column("id").to_pylist() == b.column("id").to_pylist() and a.num_rows == two.rows_written
+    va = np.asarray(a.column("vector").to_pylist(), dtype=np.float32)
+    vb = np.asarray(b.column("vector").to_pylist(), dtype=np.float32)
+    assert float(np.min(np.sum(va * vb, axis=1))) >= 0.9999
+    assert Checkpoint(str(tmp_path / "two")).runs()[-1]["encoders"] == 2
