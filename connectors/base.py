@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from embedder.config import SourceConfig
+from embedder.errors import UsageError
 from embedder.records import BadRecord, Document, Shard, UnchangedDocument
 from embedder.storage import filesystem
 
 
-class ConnectorError(ValueError):
+class ConnectorError(UsageError, ValueError):
     """The source cannot be read at all (wrong path, nothing to read): a usage error."""
 
 

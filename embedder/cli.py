@@ -42,24 +42,6 @@ def _root(
     """Embed whole corpora (Wikipedia dumps, Parquet, JSONL, text) into LanceDB or Parquet."""
 
 
-def _usage_error_types() -> tuple[type[BaseException], ...]:
-    from connectors.base import ConnectorError
-    from embedder.config import ConfigError
-    from embedder.registry import RegistryError
-    from embedder.storage import StorageError
-    from indexes.base import SinkError
-    from indexes.search import SearchError
-
-    types: list[type[BaseException]] = [ConfigError, ConnectorError, RegistryError, StorageError, SinkError, SearchError]
-    try:
-        from embedder.models.encoder import ModelError
-
-        types.append(ModelError)
-    except ImportError:
-        pass
-    return tuple(types)
-
-
 def _fail(message: str, code: int) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
@@ -78,10 +60,12 @@ def _handle(err: BaseException) -> NoReturn:
 
     if isinstance(err, LeaseHeld):
         _fail(str(err), EXIT_INTERRUPTED)  # EX_TEMPFAIL: another run is on it; try again later
-    if isinstance(err, _usage_error_types()):
+    from embedder.errors import EmbedderError, UsageError
+
+    if isinstance(err, UsageError):
         _fail(str(err), EXIT_USAGE)
-    if type(err).__name__ in ("RunFailed", "CanaryFailed"):
-        _fail(str(err), EXIT_FAILED)  # their messages say what happened and what to do
+    if isinstance(err, EmbedderError):
+        _fail(str(err), EXIT_FAILED)  # a failed run whose message says what happened and what to do
     _fail(f"{type(err).__name__}: {err} (set EMBEDDER_DEBUG=1 for the traceback)", EXIT_FAILED)
 
 

@@ -21,6 +21,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from embedder.errors import UsageError
+
 FormatName = str
 """``auto`` or a connector name of ``connectors.registry.CONNECTORS`` (built-in: jsonl, parquet, text,
 wikipedia, lance; plugins add theirs with ``register_connector``); checked against the registry when
@@ -37,7 +39,7 @@ _SECRET_KEY = re.compile(r"key|secret|token|password|passwd|credential|session",
 REDACTED = "***redacted***"
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A job configuration that cannot run, with a message that names the fix."""
 
 

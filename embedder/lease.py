@@ -18,6 +18,7 @@ import time
 import uuid
 from typing import Any
 
+from embedder.errors import EmbedderError
 from embedder.storage import create_exclusive, filesystem, join, read_bytes, write_bytes_atomic
 
 log = logging.getLogger("embedder")
@@ -25,11 +26,11 @@ log = logging.getLogger("embedder")
 LEASE_FILE = "_embedder/lease.json"
 
 
-class LeaseHeld(RuntimeError):
+class LeaseHeld(EmbedderError, RuntimeError):
     """Another live job holds the output's lease."""
 
 
-class LeaseLost(RuntimeError):
+class LeaseLost(EmbedderError, RuntimeError):
     """This job's lease was taken over (its heartbeat was late); it must stop writing."""
 
 

@@ -12,10 +12,12 @@ import importlib
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from embedder.errors import UsageError
+
 T = TypeVar("T")
 
 
-class RegistryError(LookupError):
+class RegistryError(UsageError, LookupError):
     """An unknown name, or a name registered twice."""
 
 

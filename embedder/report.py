@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from embedder.errors import UsageError
 from embedder.runners.stages import LENGTH_BIN
 from embedder.storage import filesystem, join, write_bytes_atomic
 
@@ -45,7 +46,7 @@ FIGURE_DPI = 110
 ACCENT, SECOND, MUTED, BAD = "#2f6db5", "#e07b39", "#8a8f98", "#c0392b"
 
 
-class ReportError(ValueError):
+class ReportError(UsageError, ValueError):
     """The URI holds no embedder job, or the report cannot be written."""
 
 

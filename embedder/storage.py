@@ -14,8 +14,10 @@ from typing import Any
 import fsspec
 from fsspec.core import url_to_fs
 
+from embedder.errors import UsageError
 
-class StorageError(OSError):
+
+class StorageError(UsageError, OSError):
     """A path that cannot be reached, with the fix in the message."""
 
 

@@ -22,10 +22,12 @@ from typing import Any
 
 import numpy as np
 
+from embedder.errors import EmbedderError
+
 _REFERENCE_MODELS: dict[tuple[str, bool], Any] = {}
 
 
-class CanaryFailed(RuntimeError):
+class CanaryFailed(EmbedderError, RuntimeError):
     """Canary vectors disagree with the reference implementation."""
 
 

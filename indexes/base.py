@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 
 from embedder.checkpoint import shard_key
 from embedder.config import OutputConfig
+from embedder.errors import UsageError
 from embedder.schema import fingerprint_differences, provenance_of
 
 __all__ = ["STAGING_DIR", "ShardWriter", "Sink", "SinkError", "check_compatible", "check_shard_rows", "shard_key"]
@@ -32,7 +33,7 @@ __all__ = ["STAGING_DIR", "ShardWriter", "Sink", "SinkError", "check_compatible"
 STAGING_DIR = "_embedder/staging"
 """Where sinks keep their per-attempt staging state, under the output URI (dataset readers skip it)."""
 
-class SinkError(RuntimeError):
+class SinkError(UsageError, RuntimeError):
     """The output cannot be written (incompatible existing table, unreachable store...)."""
 
 

@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from embedder.config import OutputConfig
+from embedder.errors import UsageError
 from embedder.storage import filesystem, is_local, join
 from indexes.base import (
     STAGING_DIR,
@@ -55,7 +56,7 @@ ROW_GROUP_ROWS = 65_536
 PART_GLOB = "part-*.parquet"
 
 
-class FilterError(ValueError):
+class FilterError(UsageError, ValueError):
     """A filter string outside the SQL subset the Parquet sink understands."""
 
 

@@ -45,6 +45,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from embedder.errors import UsageError
 from embedder.schema import BASE_COLUMNS, provenance_of
 from embedder.storage import filesystem, is_local, join
 from indexes.lance import (
@@ -85,7 +86,7 @@ STOP_WORDS = frozenset(
 """Words ``bm25_search`` ignores (question words included: queries are often questions)."""
 
 
-class SearchError(LookupError):
+class SearchError(UsageError, LookupError):
     """No index at the URI, or a query that does not fit it."""
 
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from embedder.errors import UsageError
+
 if TYPE_CHECKING:
     import torch
     from sentence_transformers import SentenceTransformer
@@ -32,7 +34,7 @@ HUB_PROBE_TIMEOUT_S = 5.0
 """How long the one request asking the hub whether a model exists may take (it is not retried)."""
 
 
-class ModelError(ValueError):
+class ModelError(UsageError, ValueError):
     """A model that cannot be found or used, with a message that names the fix (CLI exit code 2)."""
 
 

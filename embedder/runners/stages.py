@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from embedder.config import ConfigError, Job
+from embedder.errors import EmbedderError
 from embedder.failpoints import failpoint
 from embedder.records import BadRecord, Chunk, Document, Shard, UnchangedDocument
 
@@ -117,7 +118,7 @@ class RunResult:
         return asdict(self)
 
 
-class RunFailed(RuntimeError):
+class RunFailed(EmbedderError, RuntimeError):
     """The run stopped on an error; the output keeps every shard committed before it."""
 
 
