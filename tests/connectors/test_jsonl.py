@@ -262,3 +262,20 @@ def test_sniffing_keeps_compressed_and_imperfect_jsonl_readable(tmp_path: Path) 
         items = read_all(_connector(str(tmp_path / name)))
         assert len(docs_of(items)) == 20, name
     assert len(bad_of(read_all(_connector(str(tmp_path / "c.jsonl"))))) == 1
+
+
+def test_a_line_nested_too_deep_is_one_bad_record_and_the_next_lines_are_read(tmp_path: Path) -> None:
+    good = [json.dumps({"id": f"g{i}", "text": f"good {i}"}) for i in range(60)]
+    deep_array = "[" * 1000 + "]" * 1000
+    deep_object = '{"id": "deep", "text": "t", "meta": ' + '{"a": ' * 1000 + "1" + "}" * 1001
+    lines = [*good[:3], deep_array, *good[3:30], deep_object, *good[30:]]
+    path = tmp_path / "deep.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    items = read_all(_connector(str(path)))
+    assert [d.id for d in docs_of(items)] == [f"g{i}" for i in range(60)]
+    bad = bad_of(items)
+    starts = [sum(len(line) + 1 for line in lines[:k]) for k in range(len(lines))]
+    assert [(b.location, b.reason) for b in bad] == [
+        (f"byte {starts[3]}", "JSON nested too deep to parse (the parser's recursion limit); flatten the record"),
+        (f"byte {starts[31]}", "JSON nested too deep to parse (the parser's recursion limit); flatten the record"),
+    ]
