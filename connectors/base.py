@@ -250,13 +250,35 @@ class Connector(ABC):
         )
 
     def documents(self, shard: Shard) -> Iterator[Document | BadRecord | UnchangedDocument]:
-        """``read_shard`` with the error policy applied: a failure mid-shard keeps what was read
-        and quarantines the rest with the reason."""
+        """``read_shard`` with the error policy applied.
+
+        A failure mid-shard keeps what was read and quarantines the rest with the reason. A document
+        whose id an earlier document of the same shard already had is quarantined ("duplicate id
+        ... kept the first"): chunk ids are ``doc_id#chunk_index``, so two documents with one id
+        would give colliding chunks and a shard that never completes. Ids are remembered per shard
+        only (a shard is bounded by ``source.shard_size_mb``); duplicates across shards are not
+        detected here (see the README).
+        """
         produced = 0
+        first_seen: dict[str, str] = {}  # id → where its first document was read
         try:
             for item in self.read_shard(shard):
                 if isinstance(item, Document):
                     produced += 1
+                    location = item.location or f"document {produced}"
+                    first = first_seen.get(item.id)
+                    if first is None:
+                        first_seen[item.id] = location
+                    else:
+                        produced -= 1
+                        yield BadRecord(
+                            shard.id,
+                            location,
+                            f"duplicate id {item.id!r} (first seen at {first}): kept the first",
+                            doc_id=item.id,
+                            snippet=_text_snippet(item.text),
+                        )
+                        continue
                 yield item
         except Exception as err:  # the policy: any failure of a shard becomes a quarantine record
             yield BadRecord(
@@ -291,7 +313,9 @@ class Connector(ABC):
             return BadRecord(shard.id, location, "empty or whitespace-only text", doc_id=doc_id)
         title = record.get(cfg.title_field) if cfg.title_field else None
         metadata = {name: record.get(name) for name in cfg.metadata_fields}
-        return Document(id=doc_id, text=text, title=None if title is None else str(title), metadata=metadata)
+        return Document(
+            id=doc_id, text=text, title=None if title is None else str(title), metadata=metadata, location=location
+        )
 
 
 def _fields(record: Mapping[str, Any], limit: int = 20) -> list[str]:
@@ -301,4 +325,8 @@ def _fields(record: Mapping[str, Any], limit: int = 20) -> list[str]:
 
 def _snippet(record: Any, limit: int = 200) -> str:
     text = repr(record)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _text_snippet(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "…"

@@ -279,3 +279,23 @@ def test_a_line_nested_too_deep_is_one_bad_record_and_the_next_lines_are_read(tm
         (f"byte {starts[3]}", "JSON nested too deep to parse (the parser's recursion limit); flatten the record"),
         (f"byte {starts[31]}", "JSON nested too deep to parse (the parser's recursion limit); flatten the record"),
     ]
+
+
+def test_a_duplicate_id_in_a_shard_keeps_the_first_and_quarantines_the_others(tmp_path: Path) -> None:
+    lines = [
+        json.dumps({"id": "a", "text": "first a"}),
+        json.dumps({"id": "x", "text": "the first x"}),
+        json.dumps({"id": "b", "text": "b"}),
+        json.dumps({"id": "x", "text": "a second x"}),
+        json.dumps({"id": "x", "text": "a third x"}),
+        json.dumps({"id": "c", "text": "c"}),
+    ]
+    path = tmp_path / "dups.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    items = read_all(_connector(str(path)))
+    assert [(d.id, d.text) for d in docs_of(items)] == [("a", "first a"), ("x", "the first x"), ("b", "b"), ("c", "c")]
+    starts = [sum(len(line) + 1 for line in lines[:k]) for k in range(len(lines))]
+    assert [(b.location, b.reason, b.doc_id) for b in bad_of(items)] == [
+        (f"byte {starts[3]}", f"duplicate id 'x' (first seen at byte {starts[1]}): kept the first", "x"),
+        (f"byte {starts[4]}", f"duplicate id 'x' (first seen at byte {starts[1]}): kept the first", "x"),
+    ]

@@ -334,3 +334,33 @@ def test_quarantine_reasons_are_counted_in_the_run_record(tmp_path) -> None:
 def test_length_histogram_counts_the_committed_rows(jsonl_lance) -> None:
     result, out = jsonl_lance
     assert sum(result.length_histogram) == result.rows_written == _read(out, "lance").num_rows
+
+
+def _cli_run(source, out, *args: str, timeout: float = 300):
+    """``embedder run`` in a subprocess (exit code, stderr) with the test job's settings."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "embedder.cli", "run", "--source", str(source), "--output", str(out), "--no-progress",
+           "--model", "all-MiniLM-L6-v2", "--device", "cpu", "--workers", "1", "--sink", "parquet", *args]
+    env = {**os.environ, "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_duplicate_id_in_a_shard_is_quarantined_and_the_job_finishes(tmp_path) -> None:
+    source = tmp_path / "dups.jsonl"
+    lines = [json.dumps({"id": f"d{i}", "text": f"document number {i} about rivers"}) for i in range(5)]
+    lines.insert(3, json.dumps({"id": "d1", "text": "a second document claiming id d1"}))
+    source.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    proc = _cli_run(source, out, "--format", "jsonl")
+    assert proc.returncode == 0, proc.stderr
+    table = _read(str(out), "parquet")
+    assert sorted(table.column("id").to_pylist()) == [f"d{i}#0" for i in range(5)]
+    assert "document number 1 about rivers" in table.column("text").to_pylist()
+    assert [q["reason"] for q in Checkpoint(str(out)).quarantine()] == [
+        f"duplicate id 'd1' (first seen at byte {len(lines[0]) + 1}): kept the first"
+    ]
