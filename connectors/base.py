@@ -8,6 +8,7 @@ exceptions, so bad input never kills a job.
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from embedder.storage import filesystem
 class ConnectorError(ValueError):
     """The source cannot be read at all (wrong path, nothing to read): a usage error."""
 
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 SNIFF_BYTES = 4096
 """Bytes read from the start of a source's first file to tell what format it is."""
@@ -313,8 +316,22 @@ class Connector(ABC):
             return BadRecord(shard.id, location, "empty or whitespace-only text", doc_id=doc_id)
         title = record.get(cfg.title_field) if cfg.title_field else None
         metadata = {name: record.get(name) for name in cfg.metadata_fields}
+        title = None if title is None else str(title)
+        checked = [("id", doc_id), ("text", text), ("title", title)]
+        checked += [(f"metadata field {name!r}", value) for name, value in metadata.items()]
+        for what, value in checked:
+            at = _lone_surrogate(value) if isinstance(value, str) else -1
+            if at >= 0:
+                return BadRecord(
+                    shard.id,
+                    location,
+                    f"{what} has a lone surrogate (U+{ord(value[at]):04X} at character {at}), which is not valid "
+                    "Unicode and cannot be tokenized or stored: fix the record's encoding at the source",
+                    doc_id=printable(doc_id),
+                    snippet=printable(value[max(0, at - 60) : at + 60]),
+                )
         return Document(
-            id=doc_id, text=text, title=None if title is None else str(title), metadata=metadata, location=location
+            id=doc_id, text=text, title=title, metadata=metadata, location=location
         )
 
 
@@ -330,3 +347,25 @@ def _snippet(record: Any, limit: int = 200) -> str:
 
 def _text_snippet(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _lone_surrogate(value: str) -> int:
+    """Index of the first lone surrogate in ``value`` (a JSON ``"\\ud800"`` escape), or -1."""
+    if value.isascii():
+        return -1
+    found = _SURROGATE.search(value)
+    return -1 if found is None else found.start()
+
+
+def printable(value: str | None) -> str | None:
+    """``value`` with its lone surrogates written as escapes, safe to encode as UTF-8.
+
+    Surrogates that stand for undecodable bytes (how Python decodes a file name that is not UTF-8)
+    are written as those bytes (``"caf\\xe9.txt"``), others as code points (``"\\ud800"``).
+    """
+    if value is None or _lone_surrogate(value) < 0:
+        return value
+    try:
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate outside U+DC80..U+DCFF: not an escaped byte
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")

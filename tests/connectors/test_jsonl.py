@@ -299,3 +299,27 @@ def test_a_duplicate_id_in_a_shard_keeps_the_first_and_quarantines_the_others(tm
         (f"byte {starts[3]}", f"duplicate id 'x' (first seen at byte {starts[1]}): kept the first", "x"),
         (f"byte {starts[4]}", f"duplicate id 'x' (first seen at byte {starts[1]}): kept the first", "x"),
     ]
+
+
+def test_a_lone_surrogate_in_id_text_title_or_metadata_is_quarantined(tmp_path: Path) -> None:
+    lines = [
+        r'{"id": "a", "text": "fine"}',
+        r'{"id": "b", "text": "broken \ud800 here"}',
+        r'{"id": "c\udc00", "text": "fine text, broken id"}',
+        r'{"id": "d", "text": "fine", "title": "half a pair \udbff"}',
+        r'{"id": "e", "text": "fine", "url": "http://x/\ud83d"}',
+        r'{"id": "f", "text": "a real pair \ud83d\ude00 is fine"}',
+    ]
+    path = tmp_path / "surrogates.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    items = read_all(_connector(str(path), metadata_fields=["url"]))
+    assert [(d.id, d.text) for d in docs_of(items)] == [("a", "fine"), ("f", "a real pair \U0001f600 is fine")]
+    tail = "which is not valid Unicode and cannot be tokenized or stored: fix the record's encoding at the source"
+    assert [(b.doc_id, b.reason) for b in bad_of(items)] == [
+        ("b", f"text has a lone surrogate (U+D800 at character 7), {tail}"),
+        ("c\\udc00", f"id has a lone surrogate (U+DC00 at character 1), {tail}"),
+        ("d", f"title has a lone surrogate (U+DBFF at character 12), {tail}"),
+        ("e", f"metadata field 'url' has a lone surrogate (U+D83D at character 9), {tail}"),
+    ]
+    for bad in bad_of(items):  # a quarantine record is always writable as UTF-8
+        json.dumps([bad.doc_id, bad.snippet, bad.location], ensure_ascii=False).encode("utf-8")

@@ -155,3 +155,19 @@ def test_a_binary_file_of_another_format_is_refused(tmp_path: Path) -> None:
     )
     (tmp_path / "docs.jsonl").write_text('{"id": "1", "text": "JSON is text too"}\n')
     assert len(docs_of(read_all(_connector(str(tmp_path / "docs.jsonl"))))) == 1
+
+
+def test_a_file_name_that_is_not_utf8_is_quarantined_and_the_others_read(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("first file", encoding="utf-8")
+    with open(os.path.join(os.fsencode(tmp_path), b"caf\xe9.txt"), "wb") as f:
+        f.write(b"a file named in Latin-1")
+    (tmp_path / "z.txt").write_text("last file", encoding="utf-8")
+    connector = _connector(str(tmp_path))
+    assert [s.id for s in connector.list_shards()] == ["a.txt+3@" + connector.list_shards()[0].id.split("@")[1]]
+    items = read_all(connector)
+    assert [d.id for d in docs_of(items)] == ["a.txt", "z.txt"]
+    assert [(b.location, b.reason) for b in bad_of(items)] == [
+        ("caf\\xe9.txt", "file name is not valid UTF-8 (caf\\xe9.txt); rename the file (e.g. convmv -f latin1 -t utf8)")
+    ]
+    alone = _connector(str(tmp_path), options={"files_per_shard": 1})
+    assert [s.id for s in alone.list_shards()] == ["a.txt", "caf\\xe9.txt", "z.txt"]

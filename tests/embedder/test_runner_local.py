@@ -364,3 +364,32 @@ def test_a_duplicate_id_in_a_shard_is_quarantined_and_the_job_finishes(tmp_path)
     assert [q["reason"] for q in Checkpoint(str(out)).quarantine()] == [
         f"duplicate id 'd1' (first seen at byte {len(lines[0]) + 1}): kept the first"
     ]
+
+
+def test_lone_surrogates_and_non_utf8_file_names_are_quarantined_not_a_traceback(tmp_path) -> None:
+    import os
+
+    source = tmp_path / "s.jsonl"
+    source.write_text("\n".join([
+        r'{"id": "a", "text": "a fine document about lakes"}',
+        r'{"id": "b", "text": "broken \ud800 text"}',
+        r'{"id": "c\udc00", "text": "broken id"}',
+        r'{"id": "d", "text": "another fine document", "title": "t\udbff"}',
+    ]) + "\n", encoding="utf-8")
+    proc = _cli_run(source, tmp_path / "out", "--format", "jsonl")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(_read(str(tmp_path / "out"), "parquet").column("id").to_pylist()) == ["a#0"]
+    quarantine = Checkpoint(str(tmp_path / "out")).quarantine()
+    assert [(q["doc_id"], q["reason"].split(" (")[0]) for q in quarantine] == [
+        ("b", "text has a lone surrogate"), ("c\\udc00", "id has a lone surrogate"), ("d", "title has a lone surrogate"),
+    ]
+
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "ok.txt").write_text("a fine text file about hills", encoding="utf-8")
+    with open(os.path.join(os.fsencode(folder), b"caf\xe9.txt"), "wb") as f:
+        f.write(b"named in Latin-1")
+    proc = _cli_run(folder, tmp_path / "out-text", "--format", "text")
+    assert proc.returncode == 0, proc.stderr
+    assert _read(str(tmp_path / "out-text"), "parquet").column("doc_id").to_pylist() == ["ok.txt"]
+    assert [q["location"] for q in Checkpoint(str(tmp_path / "out-text")).quarantine()] == ["caf\\xe9.txt"]
