@@ -393,3 +393,20 @@ def test_lone_surrogates_and_non_utf8_file_names_are_quarantined_not_a_traceback
     assert proc.returncode == 0, proc.stderr
     assert _read(str(tmp_path / "out-text"), "parquet").column("doc_id").to_pylist() == ["ok.txt"]
     assert [q["location"] for q in Checkpoint(str(tmp_path / "out-text")).quarantine()] == ["caf\\xe9.txt"]
+
+
+def test_a_text_without_tokens_is_quarantined_with_the_reason(tmp_path) -> None:
+    source = tmp_path / "invisible.jsonl"
+    texts = {"ok1": "a document about glaciers", "zw": "\u200b\u200b\u200b", "ctl": "\x01\x02\x03",
+             "bom": "\ufeff", "ok2": "another document about deserts"}
+    source.write_text("\n".join(json.dumps({"id": k, "text": v}) for k, v in texts.items()) + "\n")
+    out = tmp_path / "out"
+    proc = _cli_run(source, out, "--format", "jsonl")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(_read(str(out), "parquet").column("id").to_pylist()) == ["ok1#0", "ok2#0"]
+    quarantine = Checkpoint(str(out)).quarantine()
+    reason = "text has no tokens for this model's tokenizer (only invisible or control characters?)"
+    assert [(q["doc_id"], q["reason"], q["snippet"]) for q in quarantine] == [
+        ("zw", reason, r"'\u200b\u200b\u200b'"), ("ctl", reason, r"'\x01\x02\x03'"), ("bom", reason, r"'\ufeff'"),
+    ]
+    assert Checkpoint(str(out)).runs()[-1]["documents"] == 2
