@@ -8,7 +8,10 @@ exceptions, so bad input never kills a job.
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+import stat
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -23,6 +26,7 @@ class ConnectorError(ValueError):
     """The source cannot be read at all (wrong path, nothing to read): a usage error."""
 
 
+log = logging.getLogger("embedder.connectors")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 SNIFF_BYTES = 4096
@@ -154,10 +158,15 @@ class Connector(ABC):
     def list_files(self) -> list[tuple[str, int]]:
         """``(path, size)`` of the source's files, sorted; a folder is walked recursively.
 
+        On a local disk only regular files are listed, and of a folder or glob only those inside it
+        once links are resolved (``source.options.follow_links: true`` admits the others): each file
+        left out is named in a warning.
+
         Raises:
             ConnectorError: when the path does not exist or holds no file of this format.
         """
         root = self.root
+        walked = True  # a folder or glob, not one named file: links out of it are left out
         if any(ch in root for ch in "*?["):
             paths = self.fs.glob(root)
         elif self.fs.isdir(root):
@@ -168,10 +177,12 @@ class Connector(ABC):
                 if self._keeps(p) and not any(part.startswith((".", "_")) for part in p[prefix:].split("/")[:-1])
             ]
         elif self.fs.exists(root):
-            paths = [root]
+            paths, walked = [root], False
         else:
             raise ConnectorError(f"source {self.config.uri!r} does not exist: check source.uri / --source")
         paths = sorted(p for p in paths if not self.fs.isdir(p))
+        if self._prefix == "":  # a local disk: FIFOs, devices and links out of the source exist here
+            paths = self._regular_files_inside(paths, walked)
         if not paths:
             wanted = ", ".join(self.suffixes) or "any"
             raise ConnectorError(
@@ -179,6 +190,42 @@ class Connector(ABC):
                 "check source.uri or set source.format"
             )
         return [(p, int(self.fs.size(p) or 0)) for p in paths]
+
+    def _regular_files_inside(self, paths: list[str], walked: bool) -> list[str]:
+        """The local ``paths`` that are regular files and, for a walked folder or glob (``walked``),
+        inside the source root once symbolic links are resolved; each one left out is logged.
+
+        A FIFO would block its reader forever, a device would stream without end, and a link to
+        ``/etc/passwd`` in a folder of notes would be embedded: none is a document of the source.
+        ``source.options.follow_links: true`` admits links that point out of the source root.
+        """
+        follow = self.config.options.get("follow_links", False)
+        if not isinstance(follow, bool):
+            raise ConnectorError(f"source.options.follow_links must be true or false, got {follow!r}")
+        base = self.root.rstrip("/") or "/"
+        if any(ch in base for ch in "*?["):
+            base = base.rsplit("/", 1)[0] or "/"
+        root_real = os.path.realpath(base)
+        kept = []
+        for path in paths:
+            try:
+                mode = os.stat(path).st_mode
+            except OSError:  # a broken link, or gone since listing: reading quarantines it with the reason
+                kept.append(path)
+                continue
+            if not stat.S_ISREG(mode):
+                log.warning("source: skipped %s: not a regular file (a FIFO, socket or device)", path)
+                continue
+            real = os.path.realpath(path)
+            if walked and not follow and os.path.commonpath([root_real, real]) != root_real:
+                log.warning(
+                    "source: skipped %s: a link to %s, outside the source root %s "
+                    "(set source.options.follow_links: true to read it)",
+                    path, real, root_real,
+                )
+                continue
+            kept.append(path)
+        return kept
 
     def check_looks_like(self, path: str, decompressed: bytes | None = None) -> None:
         """Refuses a file whose first bytes show another format than this connector reads.

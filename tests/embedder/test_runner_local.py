@@ -410,3 +410,18 @@ def test_a_text_without_tokens_is_quarantined_with_the_reason(tmp_path) -> None:
         ("zw", reason, r"'\u200b\u200b\u200b'"), ("ctl", reason, r"'\x01\x02\x03'"), ("bom", reason, r"'\ufeff'"),
     ]
     assert Checkpoint(str(out)).runs()[-1]["documents"] == 2
+
+
+def test_a_fifo_and_a_link_to_etc_passwd_in_a_text_folder_are_not_read(tmp_path) -> None:
+    import os
+
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "ok.txt").write_text("a note about the weather", encoding="utf-8")
+    os.mkfifo(folder / "pipe.txt")  # opening it for reading blocks until a writer comes: never
+    os.symlink("/etc/passwd", folder / "passwd.txt")
+    proc = _cli_run(folder, tmp_path / "out", "--format", "text", timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    assert _read(str(tmp_path / "out"), "parquet").column("doc_id").to_pylist() == ["ok.txt"]
+    assert "skipped" in proc.stderr and "pipe.txt: not a regular file" in proc.stderr
+    assert "passwd.txt: a link to /etc/passwd, outside the source root" in proc.stderr
