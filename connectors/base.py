@@ -8,6 +8,10 @@ exceptions, so bad input never kills a job.
 
 from __future__ import annotations
 
+import logging
+import os
+import re
+import stat
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -22,6 +26,9 @@ from embedder.storage import filesystem
 class ConnectorError(UsageError, ValueError):
     """The source cannot be read at all (wrong path, nothing to read): a usage error."""
 
+
+log = logging.getLogger("embedder.connectors")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 SNIFF_BYTES = 4096
 """Bytes read from the start of a source's first file to tell what format it is."""
@@ -152,10 +159,15 @@ class Connector(ABC):
     def list_files(self) -> list[tuple[str, int]]:
         """``(path, size)`` of the source's files, sorted; a folder is walked recursively.
 
+        On a local disk only regular files are listed, and of a folder or glob only those inside it
+        once links are resolved (``source.options.follow_links: true`` admits the others): each file
+        left out is named in a warning.
+
         Raises:
             ConnectorError: when the path does not exist or holds no file of this format.
         """
         root = self.root
+        walked = True  # a folder or glob, not one named file: links out of it are left out
         if any(ch in root for ch in "*?["):
             paths = self.fs.glob(root)
         elif self.fs.isdir(root):
@@ -166,10 +178,12 @@ class Connector(ABC):
                 if self._keeps(p) and not any(part.startswith((".", "_")) for part in p[prefix:].split("/")[:-1])
             ]
         elif self.fs.exists(root):
-            paths = [root]
+            paths, walked = [root], False
         else:
             raise ConnectorError(f"source {self.config.uri!r} does not exist: check source.uri / --source")
         paths = sorted(p for p in paths if not self.fs.isdir(p))
+        if self._prefix == "":  # a local disk: FIFOs, devices and links out of the source exist here
+            paths = self._regular_files_inside(paths, walked)
         if not paths:
             wanted = ", ".join(self.suffixes) or "any"
             raise ConnectorError(
@@ -177,6 +191,42 @@ class Connector(ABC):
                 "check source.uri or set source.format"
             )
         return [(p, int(self.fs.size(p) or 0)) for p in paths]
+
+    def _regular_files_inside(self, paths: list[str], walked: bool) -> list[str]:
+        """The local ``paths`` that are regular files and, for a walked folder or glob (``walked``),
+        inside the source root once symbolic links are resolved; each one left out is logged.
+
+        A FIFO would block its reader forever, a device would stream without end, and a link to
+        ``/etc/passwd`` in a folder of notes would be embedded: none is a document of the source.
+        ``source.options.follow_links: true`` admits links that point out of the source root.
+        """
+        follow = self.config.options.get("follow_links", False)
+        if not isinstance(follow, bool):
+            raise ConnectorError(f"source.options.follow_links must be true or false, got {follow!r}")
+        base = self.root.rstrip("/") or "/"
+        if any(ch in base for ch in "*?["):
+            base = base.rsplit("/", 1)[0] or "/"
+        root_real = os.path.realpath(base)
+        kept = []
+        for path in paths:
+            try:
+                mode = os.stat(path).st_mode
+            except OSError:  # a broken link, or gone since listing: reading quarantines it with the reason
+                kept.append(path)
+                continue
+            if not stat.S_ISREG(mode):
+                log.warning("source: skipped %s: not a regular file (a FIFO, socket or device)", path)
+                continue
+            real = os.path.realpath(path)
+            if walked and not follow and os.path.commonpath([root_real, real]) != root_real:
+                log.warning(
+                    "source: skipped %s: a link to %s, outside the source root %s "
+                    "(set source.options.follow_links: true to read it)",
+                    path, real, root_real,
+                )
+                continue
+            kept.append(path)
+        return kept
 
     def check_looks_like(self, path: str, decompressed: bytes | None = None) -> None:
         """Refuses a file whose first bytes show another format than this connector reads.
@@ -251,13 +301,35 @@ class Connector(ABC):
         )
 
     def documents(self, shard: Shard) -> Iterator[Document | BadRecord | UnchangedDocument]:
-        """``read_shard`` with the error policy applied: a failure mid-shard keeps what was read
-        and quarantines the rest with the reason."""
+        """``read_shard`` with the error policy applied.
+
+        A failure mid-shard keeps what was read and quarantines the rest with the reason. A document
+        whose id an earlier document of the same shard already had is quarantined ("duplicate id
+        ... kept the first"): chunk ids are ``doc_id#chunk_index``, so two documents with one id
+        would give colliding chunks and a shard that never completes. Ids are remembered per shard
+        only (a shard is bounded by ``source.shard_size_mb``); duplicates across shards are not
+        detected here (see the README).
+        """
         produced = 0
+        first_seen: dict[str, str] = {}  # id → where its first document was read
         try:
             for item in self.read_shard(shard):
                 if isinstance(item, Document):
                     produced += 1
+                    location = item.location or f"document {produced}"
+                    first = first_seen.get(item.id)
+                    if first is None:
+                        first_seen[item.id] = location
+                    else:
+                        produced -= 1
+                        yield BadRecord(
+                            shard.id,
+                            location,
+                            f"duplicate id {item.id!r} (first seen at {first}): kept the first",
+                            doc_id=item.id,
+                            snippet=_text_snippet(item.text),
+                        )
+                        continue
                 yield item
         except Exception as err:  # the policy: any failure of a shard becomes a quarantine record
             yield BadRecord(
@@ -292,7 +364,23 @@ class Connector(ABC):
             return BadRecord(shard.id, location, "empty or whitespace-only text", doc_id=doc_id)
         title = record.get(cfg.title_field) if cfg.title_field else None
         metadata = {name: record.get(name) for name in cfg.metadata_fields}
-        return Document(id=doc_id, text=text, title=None if title is None else str(title), metadata=metadata)
+        title = None if title is None else str(title)
+        checked = [("id", doc_id), ("text", text), ("title", title)]
+        checked += [(f"metadata field {name!r}", value) for name, value in metadata.items()]
+        for what, value in checked:
+            at = _lone_surrogate(value) if isinstance(value, str) else -1
+            if at >= 0:
+                return BadRecord(
+                    shard.id,
+                    location,
+                    f"{what} has a lone surrogate (U+{ord(value[at]):04X} at character {at}), which is not valid "
+                    "Unicode and cannot be tokenized or stored: fix the record's encoding at the source",
+                    doc_id=printable(doc_id),
+                    snippet=printable(value[max(0, at - 60) : at + 60]),
+                )
+        return Document(
+            id=doc_id, text=text, title=title, metadata=metadata, location=location
+        )
 
 
 def _fields(record: Mapping[str, Any], limit: int = 20) -> list[str]:
@@ -303,3 +391,29 @@ def _fields(record: Mapping[str, Any], limit: int = 20) -> list[str]:
 def _snippet(record: Any, limit: int = 200) -> str:
     text = repr(record)
     return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _text_snippet(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _lone_surrogate(value: str) -> int:
+    """Index of the first lone surrogate in ``value`` (a JSON ``"\\ud800"`` escape), or -1."""
+    if value.isascii():
+        return -1
+    found = _SURROGATE.search(value)
+    return -1 if found is None else found.start()
+
+
+def printable(value: str | None) -> str | None:
+    """``value`` with its lone surrogates written as escapes, safe to encode as UTF-8.
+
+    Surrogates that stand for undecodable bytes (how Python decodes a file name that is not UTF-8)
+    are written as those bytes (``"caf\\xe9.txt"``), others as code points (``"\\ud800"``).
+    """
+    if value is None or _lone_surrogate(value) < 0:
+        return value
+    try:
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate outside U+DC80..U+DCFF: not an escaped byte
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -14,8 +14,8 @@ So a bad line is reported at ``"byte N"`` (its first byte, counted in the decomp
 ``.gz``/``.zst``; ``tail -c +$((N+1)) FILE | head -1`` prints it), and a record without the
 configured id field (or with a null id) gets the stable synthetic id ``"<relative path>@<N>"``.
 
-Bad input never stops the shard: malformed JSON, a line that is not an object, invalid UTF-8 and
-records without usable text each become a ``BadRecord`` and reading goes on with the next line. A
+Bad input never stops the shard: malformed JSON, JSON nested too deep for the parser, a line that is
+not an object, invalid UTF-8 and records without usable text each become a ``BadRecord`` and reading goes on with the next line. A
 damaged compressed stream keeps every complete line before the damage and ends with one
 ``BadRecord`` naming it.
 """
@@ -136,6 +136,14 @@ class JsonlConnector(Connector):
                     shard.id,
                     location,
                     f"malformed JSON: {err.msg} at column {err.colno}",
+                    snippet=_snippet(raw),
+                )
+                continue
+            except RecursionError:  # e.g. "[[[[..." 1,000 deep: the parser's stack, not the shard, gives up
+                yield BadRecord(
+                    shard.id,
+                    location,
+                    "JSON nested too deep to parse (the parser's recursion limit); flatten the record",
                     snippet=_snippet(raw),
                 )
                 continue

@@ -16,7 +16,8 @@ relative path; a group's id is ``"<first relative path>+<number of files>@<hash 
 list>"``, so it stays the same while the folder does, and changes when a file joins or leaves it.
 
 Bad input: a file that is not valid UTF-8, empty or whitespace-only, or unreadable (e.g. deleted
-between listing and reading) is a ``BadRecord`` naming the file; the other files of the shard are
+between listing and reading), and a file whose name is not valid UTF-8 (written with ``\\xNN``
+escapes in its shard id and record), is a ``BadRecord`` naming the file; the other files of the shard are
 still read.
 """
 
@@ -26,7 +27,7 @@ import hashlib
 from collections.abc import Iterator
 from pathlib import PurePosixPath
 
-from connectors.base import Connector, ConnectorError
+from connectors.base import Connector, ConnectorError, printable
 from connectors.registry import register_connector
 from embedder.records import BadRecord, Document, Shard
 
@@ -76,11 +77,12 @@ class TextConnector(Connector):
         return shards
 
     def _shard(self, paths: list[str], size: int) -> Shard:
-        first = self.relative(paths[0])
+        first = printable(self.relative(paths[0]))
         if len(paths) == 1:
             shard_id = first
         else:
-            digest = hashlib.sha1("\n".join(self.relative(p) for p in paths).encode("utf-8")).hexdigest()[:12]
+            names = "\n".join(printable(self.relative(p)) for p in paths)
+            digest = hashlib.sha1(names.encode("utf-8")).hexdigest()[:12]
             shard_id = f"{first}+{len(paths)}@{digest}"
         return Shard(shard_id, self.url(paths[0]), 0, -1, size, extra=(("files", tuple(paths)),))
 
@@ -88,6 +90,15 @@ class TextConnector(Connector):
         cfg = self.config
         for path in shard.get("files", ()):
             rel = self.relative(path)
+            shown = printable(rel)
+            if shown != rel:  # the OS gave bytes that are not UTF-8: no id or column can hold the name
+                yield BadRecord(
+                    shard.id,
+                    shown,
+                    f"file name is not valid UTF-8 ({shown}); rename the file (e.g. convmv -f latin1 -t utf8)",
+                    doc_id=shown,
+                )
+                continue
             try:
                 data = self.fs.cat_file(path)
             except OSError as err:  # missing (deleted since listing), a folder, no permission...

@@ -840,7 +840,7 @@ class _ShardReader:
             "url": self._url(title),
             "_sections": clean.sections,
         }
-        return Document(id=page_id, text=clean.text, title=title, metadata=metadata)
+        return Document(id=page_id, text=clean.text, title=title, metadata=metadata, location=location)
 
     def _url(self, title: str) -> str | None:
         if not self.base_url:

@@ -54,12 +54,15 @@ class Document:
         metadata: Passthrough fields. Keys starting with ``_`` are for the pipeline itself
             (e.g. ``_sections``: a list of ``(char_offset, heading)`` pairs) and are never
             written as columns.
+        location: Where in its shard it was read (``"byte 17"``, ``"row 3"``), for quarantine
+            records that point back at it (a later duplicate of its id); not part of equality.
     """
 
     id: str
     text: str
     title: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    location: str = field(default="", compare=False, repr=False)
 
 
 @dataclass(slots=True, frozen=True)

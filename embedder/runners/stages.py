@@ -231,7 +231,9 @@ def read_and_chunk(connector: Connector, chunker: Chunker, shard: Shard) -> Iter
     """Reads one shard and yields blocks of chunks, then one ``ShardEnd`` with its counts.
 
     Documents are tokenized in blocks (one batched tokenizer call each); bad records are collected
-    for the shard's quarantine.
+    for the shard's quarantine. A document that gives no chunk (its text has no token for this
+    model's tokenizer: zero-width spaces, control characters, a lone BOM) is one of them, so every
+    document read is either embedded or quarantined.
     """
     end = ShardEnd(shard.id)
     block: list[Document] = []
@@ -242,6 +244,19 @@ def read_and_chunk(connector: Connector, chunker: Chunker, shard: Shard) -> Iter
         chunks = chunker.chunk(block, shard_id=shard.id)
         end.chunks += len(chunks)
         end.tokens += sum(len(c.token_ids) for c in chunks)
+        chunked = {c.doc_id for c in chunks}
+        for doc in block:
+            if doc.id not in chunked:
+                end.documents -= 1
+                end.bad_records.append(
+                    BadRecord(
+                        shard.id,
+                        doc.location or f"document {doc.id}",
+                        "text has no tokens for this model's tokenizer (only invisible or control characters?)",
+                        doc_id=doc.id,
+                        snippet=ascii(doc.text[:100]),
+                    )
+                )
         return chunks
 
     for item in connector.documents(shard):

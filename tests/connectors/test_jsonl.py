@@ -262,3 +262,64 @@ def test_sniffing_keeps_compressed_and_imperfect_jsonl_readable(tmp_path: Path) 
         items = read_all(_connector(str(tmp_path / name)))
         assert len(docs_of(items)) == 20, name
     assert len(bad_of(read_all(_connector(str(tmp_path / "c.jsonl"))))) == 1
+
+
+def test_a_line_nested_too_deep_is_one_bad_record_and_the_next_lines_are_read(tmp_path: Path) -> None:
+    good = [json.dumps({"id": f"g{i}", "text": f"good {i}"}) for i in range(60)]
+    deep_array = "[" * 1000 + "]" * 1000
+    deep_object = '{"id": "deep", "text": "t", "meta": ' + '{"a": ' * 1000 + "1" + "}" * 1001
+    lines = [*good[:3], deep_array, *good[3:30], deep_object, *good[30:]]
+    path = tmp_path / "deep.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    items = read_all(_connector(str(path)))
+    assert [d.id for d in docs_of(items)] == [f"g{i}" for i in range(60)]
+    bad = bad_of(items)
+    starts = [sum(len(line) + 1 for line in lines[:k]) for k in range(len(lines))]
+    assert [(b.location, b.reason) for b in bad] == [
+        (f"byte {starts[3]}", "JSON nested too deep to parse (the parser's recursion limit); flatten the record"),
+        (f"byte {starts[31]}", "JSON nested too deep to parse (the parser's recursion limit); flatten the record"),
+    ]
+
+
+def test_a_duplicate_id_in_a_shard_keeps_the_first_and_quarantines_the_others(tmp_path: Path) -> None:
+    lines = [
+        json.dumps({"id": "a", "text": "first a"}),
+        json.dumps({"id": "x", "text": "the first x"}),
+        json.dumps({"id": "b", "text": "b"}),
+        json.dumps({"id": "x", "text": "a second x"}),
+        json.dumps({"id": "x", "text": "a third x"}),
+        json.dumps({"id": "c", "text": "c"}),
+    ]
+    path = tmp_path / "dups.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    items = read_all(_connector(str(path)))
+    assert [(d.id, d.text) for d in docs_of(items)] == [("a", "first a"), ("x", "the first x"), ("b", "b"), ("c", "c")]
+    starts = [sum(len(line) + 1 for line in lines[:k]) for k in range(len(lines))]
+    assert [(b.location, b.reason, b.doc_id) for b in bad_of(items)] == [
+        (f"byte {starts[3]}", f"duplicate id 'x' (first seen at byte {starts[1]}): kept the first", "x"),
+        (f"byte {starts[4]}", f"duplicate id 'x' (first seen at byte {starts[1]}): kept the first", "x"),
+    ]
+
+
+def test_a_lone_surrogate_in_id_text_title_or_metadata_is_quarantined(tmp_path: Path) -> None:
+    lines = [
+        r'{"id": "a", "text": "fine"}',
+        r'{"id": "b", "text": "broken \ud800 here"}',
+        r'{"id": "c\udc00", "text": "fine text, broken id"}',
+        r'{"id": "d", "text": "fine", "title": "half a pair \udbff"}',
+        r'{"id": "e", "text": "fine", "url": "http://x/\ud83d"}',
+        r'{"id": "f", "text": "a real pair \ud83d\ude00 is fine"}',
+    ]
+    path = tmp_path / "surrogates.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    items = read_all(_connector(str(path), metadata_fields=["url"]))
+    assert [(d.id, d.text) for d in docs_of(items)] == [("a", "fine"), ("f", "a real pair \U0001f600 is fine")]
+    tail = "which is not valid Unicode and cannot be tokenized or stored: fix the record's encoding at the source"
+    assert [(b.doc_id, b.reason) for b in bad_of(items)] == [
+        ("b", f"text has a lone surrogate (U+D800 at character 7), {tail}"),
+        ("c\\udc00", f"id has a lone surrogate (U+DC00 at character 1), {tail}"),
+        ("d", f"title has a lone surrogate (U+DBFF at character 12), {tail}"),
+        ("e", f"metadata field 'url' has a lone surrogate (U+D83D at character 9), {tail}"),
+    ]
+    for bad in bad_of(items):  # a quarantine record is always writable as UTF-8
+        json.dumps([bad.doc_id, bad.snippet, bad.location], ensure_ascii=False).encode("utf-8")

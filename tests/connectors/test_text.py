@@ -155,3 +155,39 @@ def test_a_binary_file_of_another_format_is_refused(tmp_path: Path) -> None:
     )
     (tmp_path / "docs.jsonl").write_text('{"id": "1", "text": "JSON is text too"}\n')
     assert len(docs_of(read_all(_connector(str(tmp_path / "docs.jsonl"))))) == 1
+
+
+def test_a_file_name_that_is_not_utf8_is_quarantined_and_the_others_read(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("first file", encoding="utf-8")
+    with open(os.path.join(os.fsencode(tmp_path), b"caf\xe9.txt"), "wb") as f:
+        f.write(b"a file named in Latin-1")
+    (tmp_path / "z.txt").write_text("last file", encoding="utf-8")
+    connector = _connector(str(tmp_path))
+    assert [s.id for s in connector.list_shards()] == ["a.txt+3@" + connector.list_shards()[0].id.split("@")[1]]
+    items = read_all(connector)
+    assert [d.id for d in docs_of(items)] == ["a.txt", "z.txt"]
+    assert [(b.location, b.reason) for b in bad_of(items)] == [
+        ("caf\\xe9.txt", "file name is not valid UTF-8 (caf\\xe9.txt); rename the file (e.g. convmv -f latin1 -t utf8)")
+    ]
+    alone = _connector(str(tmp_path), options={"files_per_shard": 1})
+    assert [s.id for s in alone.list_shards()] == ["a.txt", "caf\\xe9.txt", "z.txt"]
+
+
+def test_fifos_are_skipped_and_links_out_of_the_root_need_follow_links(tmp_path: Path, caplog) -> None:
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text("inside", encoding="utf-8")
+    (tmp_path / "secret.txt").write_text("outside the source root", encoding="utf-8")
+    os.mkfifo(src / "pipe.txt")
+    os.symlink(tmp_path / "secret.txt", src / "secret-link.txt")
+    os.symlink("../a.txt", src / "sub" / "inner-link.txt")  # a link inside the root is a file of the source
+    with caplog.at_level("WARNING", logger="embedder.connectors"):
+        docs = docs_of(read_all(_connector(str(src))))
+    assert [(d.id, d.text) for d in docs] == [("a.txt", "inside"), ("sub/inner-link.txt", "inside")]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert any(f"skipped {src}/pipe.txt: not a regular file" in w for w in warnings), warnings
+    assert any(f"skipped {src}/secret-link.txt: a link to {tmp_path}/secret.txt" in w for w in warnings), warnings
+    followed = docs_of(read_all(_connector(str(src), options={"follow_links": True})))
+    assert [d.id for d in followed] == ["a.txt", "secret-link.txt", "sub/inner-link.txt"]
+    with pytest.raises(ConnectorError, match="follow_links must be true or false"):
+        _connector(str(src), options={"follow_links": "yes"}).list_shards()

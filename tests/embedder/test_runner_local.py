@@ -350,3 +350,94 @@ def test_two_encoders_give_the_same_output_as_one(tmp_path, corpus_dir) -> None:
     vb = np.asarray(b.column("vector").to_pylist(), dtype=np.float32)
     assert float(np.min(np.sum(va * vb, axis=1))) >= 0.9999
     assert Checkpoint(str(tmp_path / "two")).runs()[-1]["encoders"] == 2
+
+
+def _cli_run(source, out, *args: str, timeout: float = 300):
+    """``embedder run`` in a subprocess (exit code, stderr) with the test job's settings."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "embedder.cli", "run", "--source", str(source), "--output", str(out), "--no-progress",
+           "--model", "all-MiniLM-L6-v2", "--device", "cpu", "--workers", "1", "--sink", "parquet", *args]
+    env = {**os.environ, "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_duplicate_id_in_a_shard_is_quarantined_and_the_job_finishes(tmp_path) -> None:
+    source = tmp_path / "dups.jsonl"
+    lines = [json.dumps({"id": f"d{i}", "text": f"document number {i} about rivers"}) for i in range(5)]
+    lines.insert(3, json.dumps({"id": "d1", "text": "a second document claiming id d1"}))
+    source.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    proc = _cli_run(source, out, "--format", "jsonl")
+    assert proc.returncode == 0, proc.stderr
+    table = _read(str(out), "parquet")
+    assert sorted(table.column("id").to_pylist()) == [f"d{i}#0" for i in range(5)]
+    assert "document number 1 about rivers" in table.column("text").to_pylist()
+    assert [q["reason"] for q in Checkpoint(str(out)).quarantine()] == [
+        f"duplicate id 'd1' (first seen at byte {len(lines[0]) + 1}): kept the first"
+    ]
+
+
+def test_lone_surrogates_and_non_utf8_file_names_are_quarantined_not_a_traceback(tmp_path) -> None:
+    import os
+
+    source = tmp_path / "s.jsonl"
+    source.write_text("\n".join([
+        r'{"id": "a", "text": "a fine document about lakes"}',
+        r'{"id": "b", "text": "broken \ud800 text"}',
+        r'{"id": "c\udc00", "text": "broken id"}',
+        r'{"id": "d", "text": "another fine document", "title": "t\udbff"}',
+    ]) + "\n", encoding="utf-8")
+    proc = _cli_run(source, tmp_path / "out", "--format", "jsonl")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(_read(str(tmp_path / "out"), "parquet").column("id").to_pylist()) == ["a#0"]
+    quarantine = Checkpoint(str(tmp_path / "out")).quarantine()
+    assert [(q["doc_id"], q["reason"].split(" (")[0]) for q in quarantine] == [
+        ("b", "text has a lone surrogate"), ("c\\udc00", "id has a lone surrogate"), ("d", "title has a lone surrogate"),
+    ]
+
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "ok.txt").write_text("a fine text file about hills", encoding="utf-8")
+    with open(os.path.join(os.fsencode(folder), b"caf\xe9.txt"), "wb") as f:
+        f.write(b"named in Latin-1")
+    proc = _cli_run(folder, tmp_path / "out-text", "--format", "text")
+    assert proc.returncode == 0, proc.stderr
+    assert _read(str(tmp_path / "out-text"), "parquet").column("doc_id").to_pylist() == ["ok.txt"]
+    assert [q["location"] for q in Checkpoint(str(tmp_path / "out-text")).quarantine()] == ["caf\\xe9.txt"]
+
+
+def test_a_text_without_tokens_is_quarantined_with_the_reason(tmp_path) -> None:
+    source = tmp_path / "invisible.jsonl"
+    texts = {"ok1": "a document about glaciers", "zw": "\u200b\u200b\u200b", "ctl": "\x01\x02\x03",
+             "bom": "\ufeff", "ok2": "another document about deserts"}
+    source.write_text("\n".join(json.dumps({"id": k, "text": v}) for k, v in texts.items()) + "\n")
+    out = tmp_path / "out"
+    proc = _cli_run(source, out, "--format", "jsonl")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(_read(str(out), "parquet").column("id").to_pylist()) == ["ok1#0", "ok2#0"]
+    quarantine = Checkpoint(str(out)).quarantine()
+    reason = "text has no tokens for this model's tokenizer (only invisible or control characters?)"
+    assert [(q["doc_id"], q["reason"], q["snippet"]) for q in quarantine] == [
+        ("zw", reason, r"'\u200b\u200b\u200b'"), ("ctl", reason, r"'\x01\x02\x03'"), ("bom", reason, r"'\ufeff'"),
+    ]
+    assert Checkpoint(str(out)).runs()[-1]["documents"] == 2
+
+
+def test_a_fifo_and_a_link_to_etc_passwd_in_a_text_folder_are_not_read(tmp_path) -> None:
+    import os
+
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "ok.txt").write_text("a note about the weather", encoding="utf-8")
+    os.mkfifo(folder / "pipe.txt")  # opening it for reading blocks until a writer comes: never
+    os.symlink("/etc/passwd", folder / "passwd.txt")
+    proc = _cli_run(folder, tmp_path / "out", "--format", "text", timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    assert _read(str(tmp_path / "out"), "parquet").column("doc_id").to_pylist() == ["ok.txt"]
+    assert "skipped" in proc.stderr and "pipe.txt: not a regular file" in proc.stderr
+    assert "passwd.txt: a link to /etc/passwd, outside the source root" in proc.stderr
