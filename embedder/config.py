@@ -31,6 +31,7 @@ ModeName = Literal["full", "incremental", "reembed"]
 
 _SECRET_KEY = re.compile(r"key|secret|token|password|passwd|credential|session", re.IGNORECASE)
 REDACTED = "***redacted***"
+_TABLE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
 
 
 class ConfigError(ValueError):
@@ -95,7 +96,7 @@ class OutputConfig(_Section):
 
     uri: str
     sink: SinkName = "auto"
-    table: str = "chunks"
+    table: str = Field("chunks", description="LanceDB table name: letters, digits, '_', '-' and '.'.")
     storage_options: dict[str, Any] = Field(default_factory=dict)
     mode: ModeName = Field(
         "full",
@@ -107,6 +108,18 @@ class OutputConfig(_Section):
         "auto", description="LanceDB: build an ANN index at the end of a run once the table is large enough."
     )
     fts_index: bool = Field(True, description="LanceDB: build a full-text index on text (hybrid search).")
+
+    @field_validator("table")
+    @classmethod
+    def _table_is_a_plain_name(cls, value: str) -> str:
+        """The table becomes paths under the output (``<table>.lance``, staging folders) that a sink
+        writes and deletes: a name with ``/`` or ``..`` would point them outside the output."""
+        if not _TABLE_NAME.fullmatch(value) or ".." in value:
+            raise ValueError(
+                f"invalid table name {value!r}: use a plain name of letters, digits, '_', '-' and '.' "
+                "(no '/', no '..', not starting with '.'), e.g. chunks"
+            )
+        return value
 
 
 class RunnerConfig(_Section):

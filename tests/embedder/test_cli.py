@@ -206,3 +206,26 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, quickstart: Path) 
     assert refused.returncode == 2
     assert "chunking.overlap_tokens" in refused.stderr and "--mode reembed" in refused.stderr
     assert _tree(quickstart) == before  # no lease, no run record, no job file touched
+
+
+def test_a_table_name_outside_the_output_is_refused_before_anything_is_deleted(tmp_path) -> None:
+    """Issue #19 item 2: on an output written before (so ``_embedder/staging/`` exists), a reembed
+    with output.table=../../../victim removed <output>/../victim recursively."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "thesis.tex").write_text("years of work\n")
+    output = tmp_path / "out"
+    first = _cli("run", "--source", "examples/quickstart/docs.jsonl", "--output", str(output), "--no-progress")
+    assert first.returncode == 0, first.stderr
+    assert (output / "_embedder" / "staging").is_dir()
+    proc = _cli(
+        "run", "--source", "examples/quickstart/docs.jsonl", "--output", str(output), "--mode", "reembed",
+        "--set", "output.table=../../../victim", "--no-progress",
+    )
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert proc.stderr.strip() == (
+        "error: invalid job: output.table: Value error, invalid table name '../../../victim': use a plain name of "
+        "letters, digits, '_', '-' and '.' (no '/', no '..', not starting with '.'), e.g. chunks"
+    )
+    assert (victim / "thesis.tex").read_text() == "years of work\n"
+    assert (output / "chunks.lance").is_dir()  # the output is untouched too

@@ -76,3 +76,16 @@ def test_every_shipped_config_is_valid() -> None:
     for path in configs:
         job = load_job(path)
         assert job.source.uri and job.output.uri, path
+
+
+@pytest.mark.parametrize("table", ["../../../victim", "a/b", "..", ".hidden", "/abs", "", "x" * 129, "t\\u"])
+def test_table_must_be_a_plain_name(table) -> None:
+    with pytest.raises(ConfigError) as err:
+        build_job({"source": {"uri": "docs/"}, "output": {"uri": "out/", "table": table}})
+    assert f"invalid table name {table!r}: use a plain name of letters, digits" in str(err.value)
+    assert str(err.value).startswith("invalid job: output.table: ")
+
+
+@pytest.mark.parametrize("table", ["chunks", "wiki_2024-06", "v1.2", "_private"])
+def test_plain_table_names_are_accepted(table) -> None:
+    assert build_job({"source": {"uri": "docs/"}, "output": {"uri": "out/", "table": table}}).output.table == table
