@@ -30,6 +30,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from typing import Any
 
+from embedder.config import redact_values
 from embedder.records import BadRecord
 from embedder.storage import filesystem, join, read_bytes, write_bytes_atomic
 
@@ -163,7 +164,9 @@ class Checkpoint:
     # --- runs ---------------------------------------------------------------------------------
 
     def write_run(self, record: dict[str, Any]) -> None:
-        self._write_json(self._path("runs", f"{record['run_id']}.json"), record)
+        """Stores a run record, signed URLs and connection-string keys redacted (its ``output`` and
+        ``error`` may name them)."""
+        self._write_json(self._path("runs", f"{record['run_id']}.json"), redact_values(record))
 
     def runs(self) -> list[dict[str, Any]]:
         """Run records, oldest first."""
