@@ -18,6 +18,12 @@ Layout::
 A *generation* is one pass over the source. A run resumes the current generation until it is
 complete; an incremental or reembed run then starts a new one. Completion records carry their
 generation, so records of an earlier pass never make a shard of this pass look done.
+
+A state file cut short (a full disk, a copy killed halfway) is handled by what it holds: a
+completion record only says "this shard is done", so a corrupt one is dropped with a warning and
+the shard is redone (its rows are aborted first, so the output stays exact); a run record is
+metrics and is skipped the same way; the generation record cannot be rebuilt from the rest, so it
+is a ``CheckpointError`` naming the file and the way out.
 """
 
 from __future__ import annotations
@@ -25,15 +31,39 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from typing import Any
 
+from embedder.config import ConfigError, redact_values
 from embedder.records import BadRecord
 from embedder.storage import filesystem, join, read_bytes, write_bytes_atomic
 
+log = logging.getLogger("embedder")
+
 STATE_DIR = "_embedder"
+
+
+class CheckpointError(ConfigError):
+    """A state file under ``_embedder/`` that cannot be read, with the file and the fix in the message
+    (a usage-style error: exit 2)."""
+
+
+def _parse_record(raw: bytes, required: tuple[str, ...] = ()) -> dict[str, Any] | None:
+    """The JSON object in ``raw`` when it is one and has the ``required`` keys, else None."""
+    try:
+        record = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(record, dict) or any(key not in record for key in required):
+        return None
+    return record
+
+
+def _damage(raw: bytes) -> str:
+    return "0 bytes" if not raw else f"{len(raw)} bytes that are not a whole record (truncated JSON?)"
 
 
 def shard_key(shard_id: str) -> str:
@@ -82,8 +112,18 @@ class Checkpoint:
 
     def generation(self) -> dict[str, Any] | None:
         """The current generation record (``id``, ``mode``, ``complete``...), or None before any run."""
-        raw = read_bytes(self.fs, self._path("generation.json"))
-        return json.loads(raw) if raw else None
+        path = self._path("generation.json")
+        raw = read_bytes(self.fs, path)
+        if raw is None:
+            return None
+        record = _parse_record(raw, ("id", "mode"))
+        if record is None:
+            raise CheckpointError(
+                f"the generation record {path} is corrupt ({_damage(raw)}); which pass the output is in cannot be "
+                "rebuilt from the other state files. Remove it and embed everything again with --mode reembed "
+                "(the old rows are replaced), or write to a new output"
+            )
+        return record
 
     def write_generation(self, record: dict[str, Any]) -> None:
         self._write_json(self._path("generation.json"), record)
@@ -96,10 +136,17 @@ class Checkpoint:
         for path in self._list("shards"):
             if path.endswith(".json"):
                 raw = read_bytes(self.fs, path)
-                if raw:
-                    record = json.loads(raw)
-                    if generation is None or record.get("generation") == generation:
-                        out[record["shard_id"]] = record
+                if raw is None:
+                    continue
+                record = _parse_record(raw, ("shard_id",))
+                if record is None:  # the shard counts as not done: a run aborts its rows and redoes it
+                    log.warning(
+                        "ignoring the corrupt completion record %s (%s): its shard is embedded again by the next run",
+                        path, _damage(raw),
+                    )
+                    continue
+                if generation is None or record.get("generation") == generation:
+                    out[record["shard_id"]] = record
         return out
 
     def record_completion(self, shard_id: str, info: dict[str, Any]) -> None:
@@ -163,7 +210,9 @@ class Checkpoint:
     # --- runs ---------------------------------------------------------------------------------
 
     def write_run(self, record: dict[str, Any]) -> None:
-        self._write_json(self._path("runs", f"{record['run_id']}.json"), record)
+        """Stores a run record, signed URLs and connection-string keys redacted (its ``output`` and
+        ``error`` may name them)."""
+        self._write_json(self._path("runs", f"{record['run_id']}.json"), redact_values(record))
 
     def runs(self) -> list[dict[str, Any]]:
         """Run records, oldest first."""
@@ -171,6 +220,11 @@ class Checkpoint:
         for path in self._list("runs"):
             if path.endswith(".json"):
                 raw = read_bytes(self.fs, path)
-                if raw:
-                    records.append(json.loads(raw))
+                if raw is None:
+                    continue
+                record = _parse_record(raw)
+                if record is None:
+                    log.warning("ignoring the corrupt run record %s (%s)", path, _damage(raw))
+                    continue
+                records.append(record)
         return sorted(records, key=lambda r: r.get("started_at", 0))

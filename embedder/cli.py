@@ -43,7 +43,9 @@ def _root(
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
+    from embedder.config import redact_text
+
+    typer.echo(f"error: {redact_text(message)}", err=True)  # a message may echo a signed URL
     raise typer.Exit(code)
 
 

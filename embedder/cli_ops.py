@@ -138,6 +138,31 @@ def _sample_rows(index: Any, samples: int, seed: int) -> Any:
     return dataset.take(picks, columns=["id", "text", "vector"]), rows
 
 
+def row_count_problem(checkpoint: Any, rows: int) -> str | None:
+    """Why the output's ``rows`` disagree with its completion records, or None when they agree.
+
+    Checked for a complete full or reembed pass, where every row belongs to a shard of the pass and
+    each shard's record counts its rows (an incremental pass records only the rows it replaced).
+    A difference means rows went missing or came in behind the checkpoint's back: a deleted part
+    file, a table rolled back or written by something else.
+    """
+    generation = checkpoint.generation() or {}
+    if not generation.get("complete") or generation.get("mode") not in ("full", "reembed"):
+        return None
+    records = checkpoint.completed(generation["id"])
+    expected = sum(int(r.get("rows", 0)) for r in records.values())
+    if expected == rows:
+        return None
+    difference = (
+        f"{expected - rows:,} rows missing" if rows < expected else f"{rows - expected:,} rows more than recorded"
+    )
+    return (
+        f"the output holds {rows:,} rows but the completion records of its {len(records):,} shards count "
+        f"{expected:,}: {difference} (a deleted part file, a rolled-back or outside-written table?); "
+        "run again with --mode reembed to rebuild it"
+    )
+
+
 def validate_output(
     output: str, samples: int = VALIDATE_SAMPLES, min_cosine: float | None = None, seed: int = 0
 ) -> dict[str, Any]:
@@ -149,7 +174,8 @@ def validate_output(
 
     Returns:
         A report: ``ok``, ``rows``, ``samples``, ``min_cosine``, ``mean_cosine``, ``threshold``,
-        ``worst`` (lowest cosines) and ``bad_vectors`` (``[id, reason]``).
+        ``worst`` (lowest cosines), ``bad_vectors`` (``[id, reason]``) and ``row_count`` (why the
+        row count disagrees with the completion records, or None: ``row_count_problem``).
     """
     import numpy as np
     import yaml
@@ -163,15 +189,18 @@ def validate_output(
 
     index = open_index(output, embed_query=no_queries)
     provenance = dict(index.provenance)
+    checkpoint = Checkpoint(output)
     if min_cosine is None:
-        job_yaml = Checkpoint(output).load_job_yaml()
+        job_yaml = checkpoint.load_job_yaml()
         job = yaml.safe_load(job_yaml) if job_yaml else {}
         min_cosine = float(((job or {}).get("validation") or {}).get("min_cosine", 0.999))
     table, rows = _sample_rows(index, samples, seed)
     report: dict[str, Any] = {
         "output": output, "model": provenance.get("model"), "rows": rows, "samples": 0,
-        "threshold": min_cosine, "min_cosine": None, "mean_cosine": None, "worst": [], "bad_vectors": [], "ok": True,
+        "threshold": min_cosine, "min_cosine": None, "mean_cosine": None, "worst": [], "bad_vectors": [],
+        "row_count": row_count_problem(checkpoint, rows), "ok": True,
     }
+    report["ok"] = report["row_count"] is None
     if table is None:
         return report
     ids = table.column("id").to_pylist()
@@ -191,7 +220,11 @@ def validate_output(
         samples=len(ids), min_cosine=checked.min_cosine, mean_cosine=checked.mean_cosine,
         worst=[list(w) for w in checked.worst],
     )
-    report["ok"] = not report["bad_vectors"] and (checked.min_cosine is None or checked.min_cosine >= min_cosine)
+    report["ok"] = (
+        report["row_count"] is None
+        and not report["bad_vectors"]
+        and (checked.min_cosine is None or checked.min_cosine >= min_cosine)
+    )
     return report
 
 
@@ -205,8 +238,8 @@ def validate(
 ) -> None:
     """Re-embed a sample of a finished output with SentenceTransformer.encode (fp32) and compare.
 
-    Exit 1 when a sampled vector is NaN/Inf/zero/not unit length, or its cosine to the reference
-    is below the threshold.
+    Exit 1 when a sampled vector is NaN/Inf/zero/not unit length, its cosine to the reference is
+    below the threshold, or the output's row count differs from what its completion records count.
     """
     try:
         if samples < 1:
@@ -224,12 +257,13 @@ def validate(
             else:
                 _print_validation(report)
         if not report["ok"]:
-            reasons = [f"{i}: {why}" for i, why in report["bad_vectors"][:5]]
-            reasons += [f"{i} (cos {c:.4f})" for i, c in report["worst"] if c < report["threshold"]]
-            _fail(
-                f"validation failed for {output}: " + "; ".join(reasons)
-                + ". These vectors do not match the model that the output says wrote them", EXIT_FAILED,
+            vectors = [f"{i}: {why}" for i, why in report["bad_vectors"][:5]]
+            vectors += [f"{i} (cos {c:.4f})" for i, c in report["worst"] if c < report["threshold"]]
+            reasons = ([report["row_count"]] if report["row_count"] else []) + (
+                ["; ".join(vectors) + ". These vectors do not match the model that the output says wrote them"]
+                if vectors else []
             )
+            _fail(f"validation failed for {output}: " + "; ".join(reasons), EXIT_FAILED)
     except BaseException as err:  # noqa: BLE001
         _handle(err)
 
@@ -244,6 +278,7 @@ def _print_validation(report: dict[str, Any]) -> None:
         table.add_row("cosine", f"min {report['min_cosine']:.5f}, mean {report['mean_cosine']:.5f} "
                                 f"(threshold {report['threshold']})")
     table.add_row("bad vectors", str(len(report["bad_vectors"])))
+    table.add_row("row count", report["row_count"] or "matches the completion records")
     _stdout_console().print(table)
 
 

@@ -35,8 +35,27 @@ ContextName = Literal["none", "title", "section"]
 RunnerName = Literal["local", "ray"]
 ModeName = Literal["full", "incremental", "reembed"]
 
-_SECRET_KEY = re.compile(r"key|secret|token|password|passwd|credential|session", re.IGNORECASE)
+_SECRET_KEY = re.compile(
+    r"key|secret|token|password|passwd|credential|session|connection_?string|private|sas|authorization|bearer"
+    r"|cookie|(^|[_-])sig(nature)?$",
+    re.IGNORECASE,
+)
+"""Option names whose values are credentials (``account_key``, ``client_secret``, ``sas_token``...)."""
+_SIGNED_QUERY = re.compile(
+    r"\?(?=[^\s'\"]*?(?<=[?&])(?:(?:sig|signature|x-amz-signature|x-goog-signature|x-amz-security-token"
+    r"|x-amz-credential|x-goog-credential)=|se=[^&\s'\"]*&(?:[^\s'\"]*&)?sp=))[^\s'\"]*",
+    re.IGNORECASE,
+)
+"""The query of a signed URL: S3/GCS presigned (``X-Amz-Signature=``...), Azure SAS (``sig=``,
+``se=...&sp=...``)."""
+_BARE_SAS = re.compile(r"(?:^|(?<=[\s'\"=]))sv=[^\s'\"]*&sig=[^\s'\"]*", re.IGNORECASE)
+"""A SAS token given without its URL (``sv=2022-11-02&ss=b&...&sig=...``)."""
+_CONNECTION_SECRET = re.compile(
+    r"((?:AccountKey|SharedAccessKey|SharedAccessSignature|AccessKey|Password|Pwd)=)[^;\s'\"]+", re.IGNORECASE
+)
+"""The secret parts of an Azure (or ODBC-style) connection string."""
 REDACTED = "***redacted***"
+_TABLE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
 
 
 class ConfigError(UsageError, ValueError):
@@ -106,7 +125,7 @@ class OutputConfig(_Section):
 
     uri: str
     sink: SinkName = "auto"
-    table: str = "chunks"
+    table: str = Field("chunks", description="LanceDB table name: letters, digits, '_', '-' and '.'.")
     storage_options: dict[str, Any] = Field(default_factory=dict)
     mode: ModeName = Field(
         "full",
@@ -123,6 +142,18 @@ class OutputConfig(_Section):
     @classmethod
     def _registered_sink(cls, value: str) -> str:
         return _registered("indexes.registry", "SINKS", value)
+
+    @field_validator("table")
+    @classmethod
+    def _table_is_a_plain_name(cls, value: str) -> str:
+        """The table becomes paths under the output (``<table>.lance``, staging folders) that a sink
+        writes and deletes: a name with ``/`` or ``..`` would point them outside the output."""
+        if not _TABLE_NAME.fullmatch(value) or ".." in value:
+            raise ValueError(
+                f"invalid table name {value!r}: use a plain name of letters, digits, '_', '-' and '.' "
+                "(no '/', no '..', not starting with '.'), e.g. chunks"
+            )
+        return value
 
 
 class RunnerConfig(_Section):
@@ -177,11 +208,13 @@ class Job(_Section):
         return value
 
     def redacted(self) -> dict[str, Any]:
-        """The job as a dict with every credential-like storage option replaced by a placeholder."""
+        """The job as a dict with every credential replaced by a placeholder: storage options named
+        like one or looking like one, and signed URLs or connection strings anywhere (a presigned
+        ``source.uri``)."""
         data = self.model_dump(mode="json")
         for section in ("source", "output"):
             data[section]["storage_options"] = _redact(data[section]["storage_options"])
-        return data
+        return redact_values(data)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.redacted(), sort_keys=False)
@@ -199,14 +232,38 @@ def _registered(module: str, registry: str, value: str) -> str:
     raise ValueError(f"invalid value {value!r}. Valid: {listed}")
 
 
+def redact_text(text: str) -> str:
+    """``text`` with the secrets it may carry replaced by ``REDACTED``: the query of a signed URL
+    (the URL itself stays readable), a bare SAS token, the key of a connection string.
+
+    Example:
+        >>> redact_text("https://acct.blob.core.windows.net/c/a.parquet?sv=2022-11-02&se=2030&sp=r&sig=abc")
+        'https://acct.blob.core.windows.net/c/a.parquet?***redacted***'
+    """
+    text = _SIGNED_QUERY.sub("?" + REDACTED, text)
+    text = _BARE_SAS.sub(REDACTED, text)
+    return _CONNECTION_SECRET.sub(lambda m: m.group(1) + REDACTED, text)
+
+
+def redact_values(value: Any) -> Any:
+    """``value`` (dicts and lists walked) with every string passed through ``redact_text``."""
+    if isinstance(value, dict):
+        return {k: redact_values(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_values(v) for v in value]
+    return redact_text(value) if isinstance(value, str) else value
+
+
 def _redact(value: Any, key: str = "") -> Any:
+    """Storage options with every credential replaced: by name (``_SECRET_KEY``) or by look
+    (``redact_text``: signed URLs, SAS tokens, connection strings)."""
     if isinstance(value, dict):
         return {k: _redact(v, str(k)) for k, v in value.items()}
     if key and _SECRET_KEY.search(key) and value not in (None, "", False):
         return REDACTED
     if isinstance(value, list):
         return [_redact(v) for v in value]
-    return value
+    return redact_text(value) if isinstance(value, str) else value
 
 
 def _section_keys(path: tuple[Any, ...]) -> list[str] | None:

@@ -5,10 +5,15 @@ job on the same output is refused with a message naming the owner. A lease whose
 (the machine died) expires after ``ttl_s`` and the next job takes it over. Creating and taking over
 use create-only writes (``storage.create_exclusive``: hard link locally, ``If-None-Match`` on S3),
 so of two jobs racing for a free or expired lease exactly one wins.
+
+A lease file that cannot be read as a lease (0 bytes, truncated JSON: a disk that filled up, a
+hand edit) holds no owner and no heartbeat: it counts as dead and is taken over with a warning
+naming the file, like an expired one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -71,18 +76,28 @@ class Lease:
         }
 
     def read(self) -> dict[str, Any] | None:
-        """The current lease record, or None."""
+        """The current lease record, or None when there is no lease file.
+
+        A file that is not a lease record (empty, truncated, not a JSON object) reads as an expired
+        record with ``broken`` saying why; its ``owner`` is derived from the bytes, so removing it
+        (``_remove_if_owner``) never removes a lease another job wrote meanwhile.
+        """
         self.fs.invalidate_cache(self.path)
         raw = read_bytes(self.fs, self.path)
-        if not raw:
+        if raw is None:
             return None
         try:
-            return json.loads(raw)
-        except json.JSONDecodeError:
-            return {"owner": "?", "expires_at": 0}
+            record = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("expires_at", 0), (int, float)):
+            return record
+        why = "0 bytes" if not raw else f"{len(raw)} bytes that are not a lease record (truncated JSON?)"
+        return {"owner": f"broken:{hashlib.sha1(raw).hexdigest()}", "expires_at": 0, "broken": why}
 
-    @staticmethod
-    def describe(record: dict[str, Any]) -> str:
+    def describe(self, record: dict[str, Any]) -> str:
+        if record.get("broken"):
+            return f"nobody: the lease file {self.path} is corrupt ({record['broken']})"
         left = record.get("expires_at", 0) - time.time()
         return (
             f"pid {record.get('pid')} on host {record.get('host')} (owner {str(record.get('owner'))[:8]}, "
@@ -99,7 +114,12 @@ class Lease:
             current = self.read()
             if current is not None:
                 expired = current.get("expires_at", 0) < time.time()
-                if force:
+                if current.get("broken"):
+                    log.warning(
+                        "the lease file %s is corrupt (%s); taking the output over as from a dead job",
+                        self.path, current["broken"],
+                    )
+                elif force:
                     log.warning("--force-unlock: removing the lease of %s", self.describe(current))
                 elif not expired:
                     raise LeaseHeld(

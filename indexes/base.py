@@ -17,7 +17,10 @@ whose completion was never recorded.
 
 from __future__ import annotations
 
+import os
+import posixpath
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import pyarrow as pa
@@ -28,13 +31,55 @@ from embedder.config import OutputConfig
 from embedder.errors import UsageError
 from embedder.schema import fingerprint_differences, provenance_of
 
-__all__ = ["STAGING_DIR", "ShardWriter", "Sink", "SinkError", "check_compatible", "check_shard_rows", "shard_key"]
+__all__ = [
+    "STAGING_DIR",
+    "ShardWriter",
+    "Sink",
+    "SinkError",
+    "check_compatible",
+    "check_inside",
+    "check_shard_rows",
+    "shard_key",
+]
 
 STAGING_DIR = "_embedder/staging"
 """Where sinks keep their per-attempt staging state, under the output URI (dataset readers skip it)."""
 
 class SinkError(UsageError, RuntimeError):
     """The output cannot be written (incompatible existing table, unreachable store...)."""
+
+
+def check_inside(root: str, paths: Iterable[str], *, local: bool) -> list[str]:
+    """Refuses any path outside the output before a sink deletes (or creates) it.
+
+    Sinks build paths from the job (the table name) and from their own staging records; either
+    could hold ``..`` or an absolute path. Every path a sink removes passes through here first, so
+    a bad name fails with nothing touched instead of deleting beside the output.
+
+    Args:
+        root: The output's root path, as the sink's filesystem names it.
+        paths: Paths the sink is about to touch.
+        local: Whether ``root`` is on local disk (relative paths are then made absolute). The check
+            is lexical (``..`` and ``.`` resolved), so a symlink the user put inside the output
+            stays theirs to keep.
+
+    Returns:
+        ``paths`` as a list, unchanged.
+
+    Raises:
+        SinkError: naming the first path outside ``root``.
+    """
+    paths = list(paths)
+    normalize = os.path.abspath if local else posixpath.normpath
+    base = normalize(root.rstrip("/") or "/")
+    for path in paths:
+        resolved = normalize(path)
+        if resolved != base and not resolved.startswith(base.rstrip("/") + "/"):
+            raise SinkError(
+                f"refusing to delete {path!r}: it is outside the output {root!r} "
+                "(check output.table, a plain name, and the staging records under _embedder/staging)"
+            )
+    return paths
 
 
 class ShardWriter(ABC):

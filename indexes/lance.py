@@ -60,6 +60,7 @@ from indexes.base import (
     Sink,
     SinkError,
     check_compatible,
+    check_inside,
     check_shard_rows,
     shard_key,
 )
@@ -332,6 +333,7 @@ class LanceSink(Sink):
         self.storage_options = object_store_options(config.uri, config.storage_options)
         self.dataset_uri = join(config.uri, f"{config.table}.lance")
         self._fs, root = filesystem(config.uri, config.storage_options)
+        self._root = root
         self._data_dir = join(root, f"{config.table}.lance", "data")
         self._staging_dir = join(root, STAGING_DIR, config.table)
         self._opened = False
@@ -426,11 +428,16 @@ class LanceSink(Sink):
     # -- incremental passes ----------------------------------------------------------------------
 
     def reset(self) -> None:
-        """Drops the table and everything staged for it; ``open`` then creates it afresh."""
+        """Drops the table and everything staged for it; ``open`` then creates it afresh.
+
+        Both folders are checked to lie inside the output before either is touched.
+        """
+        table_dir = join(self._root, f"{self.config.table}.lance")
+        staging = self._staging_dir
+        check_inside(self._root, [table_dir, staging], local=is_local(self._fs))
         db = connect_database(self.config.uri, self.config.storage_options)
         if table_exists(db, self.config.table):
             db.drop_table(self.config.table)
-        staging = self._staging_dir
         if self._fs.exists(staging):
             self._fs.rm(staging, recursive=True)
         self._opened = False
@@ -478,7 +485,7 @@ class LanceSink(Sink):
             files = json.loads(raw)["files"] if raw else []
             doomed += [join(self._data_dir, name) for name in files if name not in referenced]
             doomed.append(record)
-        _remove_quietly(self._fs, doomed)
+        _remove_quietly(self._fs, self._root, doomed)
 
     def _require_open(self) -> None:
         if not self._opened:
@@ -528,7 +535,7 @@ class LanceShardWriter(ShardWriter):
             )
             self._sink._committed()
         self._done = True
-        _remove_quietly(self._sink._fs, self._records)
+        _remove_quietly(self._sink._fs, self._sink._root, self._records)
         return self._rows
 
     def discard(self) -> None:
@@ -538,7 +545,7 @@ class LanceShardWriter(ShardWriter):
         self._done = True
         self._buffer.clear()
         files = [join(self._sink._data_dir, f.path) for fragment in self._fragments for f in fragment.files]
-        _remove_quietly(self._sink._fs, files + self._records)
+        _remove_quietly(self._sink._fs, self._sink._root, files + self._records)
 
     def _stage(self) -> None:
         from lance.fragment import write_fragments
@@ -565,10 +572,12 @@ def _data_files(dataset: lance.LanceDataset) -> set[str]:
     return {f.path for fragment in dataset.get_fragments() for f in fragment.metadata.files}
 
 
-def _remove_quietly(fs: Any, paths: list[str]) -> None:
-    """Deletes files, ignoring the ones already gone (a cleanup may run twice)."""
+def _remove_quietly(fs: Any, root: str, paths: list[str]) -> None:
+    """Deletes files under the output ``root``, ignoring the ones already gone (a cleanup may run
+    twice); refuses the lot if any lies outside ``root`` (``check_inside``)."""
     if not paths:
         return
+    check_inside(root, paths, local=is_local(fs))
     try:
         fs.rm(paths)
     except FileNotFoundError:

@@ -41,6 +41,7 @@ from indexes.base import (
     Sink,
     SinkError,
     check_compatible,
+    check_inside,
     check_shard_rows,
     shard_key,
 )
@@ -150,7 +151,7 @@ class ParquetSink(Sink):
                 if entry.split(".", 1)[0] in stems
             ]
         if doomed:
-            self.fs.rm(doomed)
+            self.fs.rm(check_inside(self.root, doomed, local=self.local))
         if not self.local:
             self._abort_uploads(names)
 
@@ -174,7 +175,7 @@ class ParquetSink(Sink):
         if self.local and os.path.isdir(self.staging_dir):
             doomed += [join(self.staging_dir, entry) for entry in os.listdir(self.staging_dir)]
         if doomed:
-            self.fs.rm(doomed)
+            self.fs.rm(check_inside(self.root, doomed, local=self.local))
 
     def delete_rows(self, by_shard: dict[str, list[str]]) -> int:
         """Rewrites each affected part file without the given ids (one atomic replace per file)."""
@@ -191,7 +192,7 @@ class ParquetSink(Sink):
                 continue
             deleted += table.num_rows - kept.num_rows
             if kept.num_rows == 0:
-                self.fs.rm(path)
+                self.fs.rm(check_inside(self.root, [path], local=self.local))
                 continue
             kept = kept.replace_schema_metadata(table.schema.metadata)
             if self.local:

@@ -206,3 +206,52 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, quickstart: Path) 
     assert refused.returncode == 2
     assert "chunking.overlap_tokens" in refused.stderr and "--mode reembed" in refused.stderr
     assert _tree(quickstart) == before  # no lease, no run record, no job file touched
+
+
+def test_a_table_name_outside_the_output_is_refused_before_anything_is_deleted(tmp_path) -> None:
+    """Issue #19 item 2: on an output written before (so ``_embedder/staging/`` exists), a reembed
+    with output.table=../../../victim removed <output>/../victim recursively."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "thesis.tex").write_text("years of work\n")
+    output = tmp_path / "out"
+    first = _cli("run", "--source", "examples/quickstart/docs.jsonl", "--output", str(output), "--no-progress")
+    assert first.returncode == 0, first.stderr
+    assert (output / "_embedder" / "staging").is_dir()
+    proc = _cli(
+        "run", "--source", "examples/quickstart/docs.jsonl", "--output", str(output), "--mode", "reembed",
+        "--set", "output.table=../../../victim", "--no-progress",
+    )
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert proc.stderr.strip() == (
+        "error: invalid job: output.table: Value error, invalid table name '../../../victim': use a plain name of "
+        "letters, digits, '_', '-' and '.' (no '/', no '..', not starting with '.'), e.g. chunks"
+    )
+    assert (victim / "thesis.tex").read_text() == "years of work\n"
+    assert (output / "chunks.lance").is_dir()  # the output is untouched too
+
+
+def test_secrets_never_reach_the_saved_job_the_run_record_or_the_error_line(tmp_path) -> None:
+    """Issue #19 item 10, on a real run: source.storage_options carry an Azure connection string and
+    a signed URL (local fsspec ignores them); neither is in _embedder/ afterwards."""
+    output = tmp_path / "out"
+    connection = "DefaultEndpointsProtocol=https;AccountName=acct;AccountKey=c2VjcmV0a2V5==;EndpointSuffix=core.windows.net"
+    signed = "https://acct.blob.core.windows.net/c?sv=2022-11-02&se=2030-01-01&sp=rl&sig=c2lnbmF0dXJl"
+    proc = _cli(
+        "run", "--source", "examples/quickstart/docs.jsonl", "--output", str(output), "--sink", "parquet",
+        "--no-progress", "--set", f"source.storage_options.connection_string={connection}",
+        "--set", f"source.storage_options.mirror={signed}",
+    )
+    assert proc.returncode == 0, proc.stderr
+    state = "".join(p.read_text(errors="replace") for p in (output / "_embedder").rglob("*") if p.is_file())
+    assert "c2VjcmV0a2V5" not in state and "c2lnbmF0dXJl" not in state
+    import yaml
+
+    saved = yaml.safe_load((output / "_embedder" / "job.yaml").read_text())["source"]["storage_options"]
+    assert saved == {"connection_string": "***redacted***", "mirror": "https://acct.blob.core.windows.net/c?***redacted***"}
+
+    missing = "/nonexistent/corpus.jsonl?sv=2022-11-02&sp=r&se=2030-01-01&sig=c2lnbmF0dXJl"
+    proc = _cli("run", "--source", missing, "--format", "jsonl", "--output", str(tmp_path / "o2"), "--no-progress")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().startswith("error: source '/nonexistent/corpus.jsonl?***redacted***' holds no jsonl files")
+    assert "c2lnbmF0dXJl" not in proc.stderr

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import fsspec
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pytest
 
@@ -242,3 +243,58 @@ def test_in_process_rerun_is_idempotent(corpus, references, tmp_path) -> None:
     second = run(build_job(job))
     assert first.state == second.state == "done" and second.rows_written == 0
     _assert_equal_to_reference(str(tmp_path / "out"), "parquet", references["parquet"])
+
+
+def _truncate(path: Path) -> None:
+    """Cuts a state file in half, as a full disk or a copy killed halfway leaves it."""
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+
+
+def test_a_truncated_completion_record_is_dropped_and_its_shard_redone_exactly(corpus, tmp_path) -> None:
+    """Issue #19 item 13: a cut completion record gave a bare JSON error naming no file."""
+    output = str(tmp_path / "out")
+    assert (first := _run_cli(corpus, output, "lance")).returncode == 0, first.stderr
+    before = read_output(output, "lance").sort_by("id")
+    records = sorted(Path(output, "_embedder", "shards").glob("*.json"))
+    victim = next(p for p in records if json.loads(p.read_text())["rows"] > 0)
+    shard_id, rows = json.loads(victim.read_text())["shard_id"], json.loads(victim.read_text())["rows"]
+    _truncate(victim)
+
+    proc = _run_cli(corpus, output, "lance")
+    assert proc.returncode == 0, proc.stderr
+    assert f"ignoring the corrupt completion record {victim} (" in proc.stderr
+    assert "its shard is embedded again by the next run" in proc.stderr
+    assert f"1 embedded, {len(records) - 1} already done" in proc.stdout
+    after = read_output(output, "lance").sort_by("id")
+    ids = after.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == before.num_rows  # the shard's old rows were aborted first
+    assert ids == before.column("id").to_pylist()
+    assert set(after.column("doc_id").to_pylist()) == set(before.column("doc_id").to_pylist())
+    assert after.filter(pc.equal(after.column("shard_id"), shard_id)).num_rows == rows
+    assert json.loads(victim.read_text())["shard_id"] == shard_id  # the record is whole again
+
+
+def test_a_truncated_generation_record_is_one_line_naming_the_file_and_the_fix(corpus, tmp_path) -> None:
+    output = str(tmp_path / "out")
+    assert (first := _run_cli(corpus, output, "parquet")).returncode == 0, first.stderr
+    before = read_output(output, "parquet").sort_by("id").column("id").to_pylist()
+    generation = Path(output, "_embedder", "generation.json")
+    size = len(generation.read_bytes()) // 2
+    _truncate(generation)
+    message = (
+        f"error: the generation record {generation} is corrupt ({size} bytes that are not a whole record "
+        "(truncated JSON?)); which pass the output is in cannot be rebuilt from the other state files. Remove it "
+        "and embed everything again with --mode reembed (the old rows are replaced), or write to a new output"
+    )
+    proc = _run_cli(corpus, output, "parquet")
+    assert (proc.returncode, proc.stderr.strip()) == (2, message)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    status = subprocess.run([sys.executable, "-m", "embedder.cli", "status", output], env=env, capture_output=True, text=True)
+    assert (status.returncode, status.stderr.strip()) == (2, message)
+
+    generation.unlink()  # the fix the message names
+    proc = _run_cli(corpus, output, "parquet", extra=["--mode", "reembed"])
+    assert proc.returncode == 0, proc.stderr
+    ids = read_output(output, "parquet").sort_by("id").column("id").to_pylist()
+    assert ids == before

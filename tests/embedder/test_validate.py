@@ -54,3 +54,36 @@ def test_corrupted_encoder_fails_the_run_with_exit_1(tmp_path) -> None:
     assert "canary check failed" in proc.stderr and "#0 (cos" in proc.stderr
     runs = Checkpoint(str(out)).runs()
     assert runs[-1]["state"] == "failed" and "canary" in json.dumps(runs[-1])
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "embedder.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_validate_fails_naming_the_rows_a_deleted_part_file_took(tmp_path) -> None:
+    """Issue #19 item 13: a deleted part file (its rows gone) passed validate."""
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "out"
+    proc = _cli("run", "--source", str(QUICKSTART), "--output", str(out), "--sink", "parquet", "--no-progress",
+                "--set", "source.shard_size_mb=0.002", "--set", "model.device=cpu")
+    assert proc.returncode == 0, proc.stderr
+    parts = sorted(out.glob("part-*.parquet"))
+    assert len(parts) >= 3
+    ok = _cli("validate", str(out), "-n", "4", "--json")
+    assert ok.returncode == 0, ok.stderr
+    report = json.loads(ok.stdout)
+    assert report.get("row_count") is None and report["ok"] is True
+    total, lost = report["rows"], pq.read_metadata(parts[1]).num_rows
+    shards = len(Checkpoint(str(out)).completed())
+
+    parts[1].unlink()
+    proc = _cli("validate", str(out), "-n", "4")
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert proc.stderr.strip() == (
+        f"error: validation failed for {out}: the output holds {total - lost:,} rows but the completion records of "
+        f"its {shards:,} shards count {total:,}: {lost:,} rows missing (a deleted part file, a rolled-back or "
+        "outside-written table?); run again with --mode reembed to rebuild it"
+    )

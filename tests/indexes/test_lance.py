@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import lance
@@ -269,3 +270,34 @@ def test_old_versions_are_pruned_during_a_long_run(tmp_path) -> None:
         writer.commit()
     assert sink.count_rows() == 80
     assert len(sink.dataset().versions()) <= RETAIN_VERSIONS + 5
+
+
+def test_reset_refuses_a_table_name_that_points_outside_the_output(tmp_path) -> None:
+    """The config refuses such a name; the sink holds the line too (a config built without checks)."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("precious")
+    (tmp_path / "out" / "_embedder" / "staging").mkdir(parents=True)
+    config = OutputConfig.model_construct(**{**OutputConfig(uri=str(tmp_path / "out")).model_dump(), "table": "../../../victim"})
+    sink = LanceSink(config, SCHEMA)
+    with pytest.raises(SinkError) as err:
+        sink.reset()
+    assert str(err.value).startswith(f"refusing to delete '{tmp_path / 'out'}/")
+    assert f"it is outside the output '{tmp_path / 'out'}'" in str(err.value)
+    assert (victim / "keep.txt").read_text() == "precious"
+
+
+def test_abort_refuses_a_staging_record_that_names_a_file_outside_the_output(tmp_path) -> None:
+    uri = str(tmp_path / "db")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    sink = sink_at(uri, stage_bytes=0)
+    dead = sink.begin(SHARD_A)
+    dead.write(rows(SHARD_A, 3, seed=1))
+    del dead  # a dead attempt's staging record, then tampered with
+    (record,) = (tmp_path / "db" / "_embedder" / "staging").rglob("*.json")
+    record.write_text(json.dumps({"shard_id": SHARD_A, "files": ["../../../victim.txt"]}))
+    with pytest.raises(SinkError, match=r"refusing to delete '.*/db/chunks\.lance/data/\.\./\.\./\.\./victim\.txt': it is outside"):
+        sink_at(uri).abort(SHARD_A)
+    assert victim.read_text() == "precious"
+    assert record.exists()  # nothing of the lot was deleted
