@@ -214,6 +214,18 @@ class Checkpoint:
         ``error`` may name them)."""
         self._write_json(self._path("runs", f"{record['run_id']}.json"), redact_values(record))
 
+    def mark_killed_runs(self) -> int:
+        """Marks run records still ``running`` as ``killed``: call it holding the output's lease, when
+        no other run can be alive (a SIGKILLed or crashed run never wrote its end). Returns how many."""
+        killed = 0
+        for record in self.runs():
+            if record.get("state") == "running":
+                record["state"] = "killed"
+                record["error"] = record.get("error") or "the run ended without writing its end (killed or crashed)"
+                self.write_run(record)
+                killed += 1
+        return killed
+
     def runs(self) -> list[dict[str, Any]]:
         """Run records, oldest first."""
         records = []

@@ -419,6 +419,7 @@ class LocalRunner:
         lease = Lease(job.output.uri, job.output.storage_options, job.runner.lease_ttl_s, on_lost=self._lost_lease)
         lease.acquire(force=self.force_unlock)
         checkpoint = Checkpoint(job.output.uri, job.output.storage_options)
+        checkpoint.mark_killed_runs()  # under the lease: a run still "running" is dead
         restore: Callable[[], None] = lambda: None  # noqa: E731
         watcher = None
         started = time.perf_counter()

@@ -298,3 +298,16 @@ def test_a_truncated_generation_record_is_one_line_naming_the_file_and_the_fix(c
     assert proc.returncode == 0, proc.stderr
     ids = read_output(output, "parquet").sort_by("id").column("id").to_pylist()
     assert ids == before
+
+
+def test_history_marks_a_killed_run_killed(corpus, tmp_path) -> None:
+    """A SIGKILLed run never writes its end: the next run (holding the lease, so nothing else is
+    alive) marks its record ``killed`` instead of leaving it ``running`` for ever."""
+    output = str(tmp_path / "out")
+    killed = _run_cli(corpus, output, "parquet", {"EMBEDDER_FAILPOINT": "after_commit@2"})
+    assert killed.returncode == -signal.SIGKILL
+    assert [r["state"] for r in Checkpoint(output).runs()] == ["running"]
+    resumed = _run_cli(corpus, output, "parquet", extra=["--force-unlock"])
+    assert resumed.returncode == 0, resumed.stderr
+    runs = Checkpoint(output).runs()
+    assert [r["state"] for r in runs] == ["killed", "done"] and "killed or crashed" in runs[0]["error"]
