@@ -42,6 +42,12 @@ id or text, a namespace the dump does not declare, each become a ``BadRecord`` a
 start of the bz2 stream holding the page, or the page's own offset in a plain ``.xml``; for a
 single-stream file the compressed block being read; for truncated data, where it ends), and every
 page before the damage is kept. Reading resumes at the next bz2 stream after a corrupt one.
+
+Memory is bounded whatever the compression ratio (a 1 KB bz2 bomb expands to gigabytes): bz2 output
+is taken in pieces of a few MB, and a page larger than ``options.max_page_bytes`` (default 64 MiB)
+is one ``BadRecord`` naming its id and title; its bytes are dropped up to the next ``<page>`` tag,
+where reading goes on (likewise more than that before the first page: the document start is then
+replaced by a synthetic one). A reader holds at most about ``max_page_bytes`` plus a few MB.
 Redirects, pages of other namespaces and skipped disambiguation pages are not errors: they are
 tallied in ``WikipediaConnector.counts`` with the pages and documents read.
 """
@@ -66,7 +72,10 @@ from embedder.records import BadRecord, Document, Shard, UnchangedDocument
 from embedder.storage import filesystem
 
 _READ_BLOCK = 2 << 20  # compressed (or plain XML) bytes per range request
-_FEED_BLOCK = 1 << 18  # compressed bytes per decompress call: bounds its output, and what damage costs
+_FEED_BLOCK = 1 << 18  # compressed bytes per decompress call: bounds what damage costs
+_OUT_BLOCK = 2 << 20  # decompressed bytes per piece: bounds what one call can expand to (a bz2 bomb)
+_MAX_PAGE_BYTES = 64 << 20  # default options.max_page_bytes
+_INDEX_LINE_LIMIT = 1 << 20  # an index line is offset:page_id:title (titles are at most 255 bytes)
 _HEAD_LIMIT = 16 << 20  # how far <siteinfo> is looked for
 _PROBE_BYTES = 4 << 20  # without an index: a second stream must show up here to call a file multistream
 _SCAN_OVERLAP = 16
@@ -80,7 +89,7 @@ _XML_DECLARATION = re.compile(rb"^\s*<\?xml[^>]*?encoding\s*=\s*[\"']([A-Za-z0-9
 _PAGE_ID = re.compile(r"<id>\s*(\d+)\s*</id>")
 _PAGE_TITLE = re.compile(r"<title>([^<]*)</title>")
 
-_OPTIONS = ("namespaces", "skip_disambiguation", "index", "streams_per_shard", "drop_sections")
+_OPTIONS = ("namespaces", "skip_disambiguation", "index", "streams_per_shard", "drop_sections", "max_page_bytes")
 
 
 @dataclass(slots=True, frozen=True)
@@ -187,6 +196,9 @@ class WikipediaConnector(Connector):
         streams_per_shard: Streams per shard, instead of ``source.shard_size_mb`` of compressed bytes.
         drop_sections: Section headings removed with their subsections (default: References,
             External links, See also, Further reading, Notes...; ``[]`` keeps all).
+        max_page_bytes: The largest ``<page>`` read, in decompressed bytes (default 64 MiB; the
+            largest real articles are a few MB). A larger page is skipped with one quarantine
+            record, so a bz2 bomb or a runaway page cannot take the worker's memory.
 
     ``counts`` tallies, per connector instance, what was read: ``pages``, ``documents``,
     ``redirects``, ``other_namespaces``, ``disambiguation``, ``bad``, ``unchanged``.
@@ -240,6 +252,10 @@ class WikipediaConnector(Connector):
         if not isinstance(drop, (list, tuple)) or not all(isinstance(h, str) for h in drop):
             raise ConnectorError(f"wikipedia option 'drop_sections' must be a list of headings, not {drop!r}")
         self.drop_sections = tuple(drop)
+        max_page = options.get("max_page_bytes", _MAX_PAGE_BYTES)
+        if not isinstance(max_page, int) or isinstance(max_page, bool) or max_page < 1:
+            raise ConnectorError(f"wikipedia option 'max_page_bytes' must be a positive integer, not {max_page!r}")
+        self.max_page_bytes = max_page
         self.counts: Counter[str] = Counter()
 
     # --- listing ------------------------------------------------------------------------------
@@ -367,6 +383,14 @@ def _extra(layout: str, encoding: _Encoding, site: _SiteInfo, size: int) -> tupl
     )
 
 
+def _size_text(size: int) -> str:
+    """``67108864`` → ``"64 MiB"``: a byte count as a user wrote it."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if size >= 1 << shift and size % (1 << shift) == 0:
+            return f"{size >> shift} {unit}"
+    return f"{size} bytes"
+
+
 def _shard_encoding(shard: Shard) -> _Encoding:
     codec = shard.get("codec", "utf-8")
     if codec == "utf-8":
@@ -427,12 +451,27 @@ def _bz2_chunks(fs: Any, url: str, start: int, end: int, by_stream: bool = True)
         feed, data = data[:_FEED_BLOCK], data[_FEED_BLOCK:]
         feed_at = data_at
         data_at += len(feed)
+        # At most _OUT_BLOCK bytes per call: a few compressed bytes can expand to gigabytes, so
+        # the output is drained piece by piece until the decompressor needs input again.
+        error: OSError | None = None
         try:
-            out = decompressor.decompress(feed)
+            out = decompressor.decompress(feed, _OUT_BLOCK)
         except OSError as err:
+            error = err
+        while error is None:
+            fed = True  # this stream has started: ending here is a truncation
+            if out:
+                yield _Chunk(out, stream_start if by_stream else feed_at)
+            if decompressor.eof or decompressor.needs_input:
+                break
+            try:
+                out = decompressor.decompress(b"", _OUT_BLOCK)
+            except OSError as err:
+                error = err
+        if error is not None:
             yield _Damage(
                 stream_start,
-                f"corrupt bz2 stream at byte {stream_start} ({err}); its remaining pages are lost, "
+                f"corrupt bz2 stream at byte {stream_start} ({error}); its remaining pages are lost, "
                 "reading resumes at the next stream",
             )
             resume = _scan_stream_starts(fs, url, stream_start + 1, end, verify=False, first_only=True)
@@ -441,9 +480,6 @@ def _bz2_chunks(fs: Any, url: str, start: int, end: int, by_stream: bool = True)
             stream_start = position = resume[0]
             decompressor, fed, data = bz2.BZ2Decompressor(), False, b""
             continue
-        fed = True
-        if out:
-            yield _Chunk(out, stream_start if by_stream else feed_at)
         if decompressor.eof:
             unused = decompressor.unused_data
             stream_start = feed_at + len(feed) - len(unused)
@@ -564,6 +600,11 @@ def _index_offsets(index_url: str, storage_options: dict[str, Any]) -> list[int]
             block = tail + block
             cut = block.rfind(b"\n") + 1
             tail = block[cut:]
+            if len(tail) > _INDEX_LINE_LIMIT:  # not an index (or a bz2 bomb): do not gather it whole
+                raise ConnectorError(
+                    f"the multistream index {index_url!r} has a line longer than {_size_text(_INDEX_LINE_LIMIT)}: "
+                    "it is not an index of 'offset:page_id:title' lines; fix options.index or set it to false"
+                )
             for value in map(int, _INDEX_LINE.findall(block, 0, cut)):
                 if value != last:
                     offsets.append(value)
@@ -643,9 +684,12 @@ class _ShardReader:
     def run(self, source: Iterator[_Chunk | _Damage]) -> Iterator[Document | BadRecord]:
         shard = self.shard
         marker, unit = self.marker, self.encoding.unit
+        limit = self.connector.max_page_bytes
         stop = shard.end if self.layout == "xml" and 0 <= shard.end < self.file_size else None
-        skip_prefix = self.layout == "xml" and shard.start > 0
-        pending = b""  # bytes from the last <page> tag (or the shard start) on
+        # Bytes are dropped up to the next <page> tag: before a plain XML shard's first page (the
+        # previous shard owns them), and after a piece larger than max_page_bytes.
+        dropping = self.layout == "xml" and shard.start > 0
+        pending = bytearray()  # bytes from the last <page> tag (or the shard start) on
         pending_page = False  # pending starts with a <page> tag
         pending_at = shard.start  # the location reported for pending
         origin = 0  # offset of pending[0] in the decompressed stream (for UTF-16 alignment)
@@ -654,20 +698,21 @@ class _ShardReader:
                 # What was read before the damage still counts: the last page of the previous
                 # stream is whole; a page cut by the damage is named in the record.
                 page_id = title = None
-                if pending:
-                    whole = yield from self._piece(pending, pending_at, pending_page, skip_prefix, damaged=True)
+                if pending and not dropping:
+                    whole = yield from self._piece(bytes(pending), pending_at, pending_page, damaged=True)
                     if not whole:
                         page_id, title = self._peek(pending)
                 lost = f"; page {page_id} ({title!r}) was cut by the damage" if page_id else ""
                 self.connector.counts["bad"] += 1
                 yield BadRecord(shard.id, f"byte {item.offset}", item.reason + lost, doc_id=page_id)
-                pending, pending_page, origin, skip_prefix = b"", False, 0, False
+                pending, pending_page, origin, dropping = bytearray(), False, 0, False
                 self.parser = None
                 continue
-            data = pending + item.data if pending else item.data
             base = item.offset - len(pending)
-            cut = 0
             search = max(1 if pending_page else 0, len(pending) - len(marker) + 1)
+            pending += item.data  # appended in place: a long page is not copied once per chunk
+            data = pending
+            cut = 0
             while True:
                 found = data.find(marker, search)
                 if found < 0:
@@ -675,25 +720,62 @@ class _ShardReader:
                 if unit > 1 and (origin + found) % unit:
                     search = found + 1
                     continue
-                if found > cut:
-                    yield from self._piece(data[cut:found], pending_at, pending_page, skip_prefix)
-                skip_prefix = False
+                if dropping:
+                    dropping = False
+                elif found - cut > limit:
+                    yield self._oversized(data, cut, pending_at, pending_page)
+                elif found > cut:
+                    yield from self._piece(bytes(data[cut:found]), pending_at, pending_page)
                 cut, pending_page = found, True
                 pending_at = base + found if item.exact else item.offset
                 if stop is not None and pending_at >= stop:
                     yield from self._finish(at_file_end=False)
                     return
                 search = found + len(marker)
-            pending = data[cut:]
+            if not dropping and len(data) - cut > limit:
+                yield self._oversized(data, cut, pending_at, pending_page)
+                dropping = True
+            if dropping:  # keep only what could be the start of a <page> tag cut by the chunk end
+                cut = max(cut, len(data) - len(marker) + 1)
+                pending_page = False
+            del pending[:cut]
             origin += cut
-        if pending:
-            yield from self._piece(pending, pending_at, pending_page, skip_prefix)
+        if pending and not dropping:
+            yield from self._piece(bytes(pending), pending_at, pending_page)
         # The source is exhausted: a plain XML shard has read to the end of the file; a bz2 shard
-        # holds the end of the document when its range ends the file.
-        yield from self._finish(at_file_end=self.layout == "xml" or shard.end < 0 or shard.end >= self.file_size)
+        # holds the end of the document when its range ends the file (unless it was dropped with
+        # an oversized last page: then the document is closed here).
+        at_end = self.layout == "xml" or shard.end < 0 or shard.end >= self.file_size
+        yield from self._finish(at_file_end=at_end and not dropping)
+
+    def _oversized(self, data: bytearray, cut: int, at: int, is_page: bool) -> BadRecord:
+        """The record for a piece larger than ``max_page_bytes``, whose bytes are then dropped up to
+        the next ``<page>`` tag. The parser carries on at that tag: it has seen nothing of the
+        piece, unless the piece is the document start, which is then replaced by a synthetic one."""
+        self.connector.counts["bad"] += 1
+        size = _size_text(self.connector.max_page_bytes)
+        head = bytes(data[cut : cut + 4096])
+        fix = "raise source.options.max_page_bytes to read it"
+        if not is_page:
+            self.parser, self.wrap_next = None, True
+            return BadRecord(
+                self.shard.id,
+                f"byte {at}",
+                f"more than max_page_bytes ({size}) before the first <page>: skipped; {fix}",
+                snippet=self._snippet(head),
+            )
+        page_id, title = self._peek(head)
+        name = f"page {page_id} ({title!r})" if page_id else "page"
+        return BadRecord(
+            self.shard.id,
+            f"byte {at}",
+            f"{name} larger than max_page_bytes ({size}): skipped; {fix}",
+            doc_id=page_id,
+            snippet=self._snippet(head),
+        )
 
     def _piece(
-        self, piece: bytes, at: int, is_page: bool, skip: bool, damaged: bool = False
+        self, piece: bytes, at: int, is_page: bool, damaged: bool = False
     ) -> Generator[Document | BadRecord, None, bool]:
         """Parses one piece: a whole ``<page>`` element (plus what follows it up to the next one),
         or the bytes before the first page (the document start, or whitespace).
@@ -702,8 +784,6 @@ class _ShardReader:
             Whether the piece parsed whole. A piece cut short by ``damaged`` data is not reported
             here (the damage record names it).
         """
-        if skip:
-            return True
         pages, error = self._feed(piece)
         for page in pages:
             item = self._page_item(page, at)

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import bz2
 import dataclasses
+import json
+import os
 import re
+import resource
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import fsspec
 import pytest
 
+import connectors
 from connectors.base import ConnectorError
 from connectors.registry import CONNECTORS, detect_format
 from connectors.wikipedia import WikipediaConnector
@@ -465,6 +471,117 @@ def test_options_are_validated() -> None:
         _connector("x.xml.bz2", namespaces="0")
     with pytest.raises(ConnectorError, match="streams_per_shard"):
         _connector("x.xml.bz2", streams_per_shard=0)
+    for bad_size in (0, -1, 1.5, "64MB", True):
+        with pytest.raises(ConnectorError, match="'max_page_bytes' must be a positive integer"):
+            _connector("x.xml.bz2", max_page_bytes=bad_size)
+
+
+# --- bombs: a page too large to hold ---------------------------------------------------------
+
+BOMB_TEXT_MB = 300  # decompressed size of the bomb page's text (its bz2 form is a few hundred bytes)
+CHILD_MEMORY_CAP = 1 << 30  # address space of the reading process: a blown bound fails, never swaps
+READ_IN_CHILD = """
+import json, sys
+from connectors.registry import CONNECTORS
+from embedder.config import SourceConfig
+from embedder.records import BadRecord, Document
+
+config = SourceConfig(uri=sys.argv[1], format="wikipedia", options={"max_page_bytes": int(sys.argv[2])})
+connector = CONNECTORS.get("wikipedia")(config)
+docs, bad = [], []
+for shard in connector.list_shards():
+    for item in connector.documents(shard):
+        if isinstance(item, Document):
+            docs.append([item.id, item.title])
+        elif isinstance(item, BadRecord):
+            bad.append([item.location, item.reason, item.doc_id])
+print(json.dumps({"docs": docs, "bad": bad}))
+"""
+GOOD = "'''Good''' text about [[things|stuff]]."
+
+
+def _write_bomb(path: Path, multistream: bool) -> None:
+    """A dump whose page 3 holds ``BOMB_TEXT_MB`` MB of one character, between normal pages (page 4
+    in the bomb's own bz2 stream), written without ever holding the decompressed bytes."""
+    bomb_open, bomb_close = _page(3, "Bomb", "@").split("@")
+    streams = [
+        [SITEINFO],
+        [_page(1, "First", GOOD), _page(2, "Second", GOOD)],
+        [bomb_open, None, bomb_close, _page(4, "Fourth", GOOD)],
+        [_page(5, "Fifth", GOOD)],
+        ["</mediawiki>\n"],
+    ]
+    block = b"a" * (1 << 20)
+    with path.open("wb") as out:
+        compressor = bz2.BZ2Compressor()
+        for stream in streams:
+            for part in stream:
+                if part is None:
+                    for _ in range(BOMB_TEXT_MB):
+                        out.write(compressor.compress(block))
+                else:
+                    out.write(compressor.compress(part.encode("utf-8")))
+            if multistream:
+                out.write(compressor.flush())
+                compressor = bz2.BZ2Compressor()
+        out.write(compressor.flush())
+
+
+def _cap_memory() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (CHILD_MEMORY_CAP, CHILD_MEMORY_CAP))
+    resource.setrlimit(resource.RLIMIT_CPU, (60, 60))
+
+
+@pytest.mark.parametrize("multistream", [False, True], ids=["single-stream", "multistream"])
+def test_bz2_bomb_page_is_quarantined_in_bounded_memory(tmp_path: Path, multistream: bool) -> None:
+    name = "bomb-pages-articles-multistream.xml.bz2" if multistream else "bomb-pages-articles.xml.bz2"
+    dump = tmp_path / name
+    _write_bomb(dump, multistream)
+    assert dump.stat().st_size < 4096  # a bomb: hundreds of MB of page from a few compressed bytes
+    env = {**os.environ, "PYTHONPATH": str(Path(connectors.__file__).parents[1])}
+    with (tmp_path / "out.json").open("w+") as out, (tmp_path / "err.txt").open("w+") as err:
+        child = subprocess.Popen(
+            [sys.executable, "-c", READ_IN_CHILD, str(dump), str(1 << 20)],
+            stdout=out,
+            stderr=err,
+            env=env,
+            preexec_fn=_cap_memory,
+        )
+        _, status, usage = os.wait4(child.pid, 0)  # this child's own peak RSS, not all children's
+        child.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        result, errors = out.read(), err.read()
+    peak_mb = usage.ru_maxrss / 1024  # KiB on Linux
+    assert child.returncode == 0, errors[-2000:]
+    items = json.loads(result)
+    assert peak_mb < 400, f"reading a {BOMB_TEXT_MB} MB page took {peak_mb:.0f} MB of memory"
+    assert items["docs"] == [["1", "First"], ["2", "Second"], ["4", "Fourth"], ["5", "Fifth"]], items["bad"]
+    assert len(items["bad"]) == 1, items["bad"]
+    location, reason, doc_id = items["bad"][0]
+    assert doc_id == "3" and re.fullmatch(r"byte \d+", location)
+    assert reason == (
+        "page 3 ('Bomb') larger than max_page_bytes (1 MiB): skipped; raise source.options.max_page_bytes to read it"
+    )
+
+
+def test_oversized_pages_are_skipped_in_plain_xml_across_shards(tmp_path: Path) -> None:
+    big = "x" * 50_000
+    pages = [_page(1, "First", GOOD), _page(2, "Big", big), _page(3, "Third", GOOD), _page(4, "Bigger", big * 3)]
+    xml = _small_dump(*pages)
+    path = tmp_path / "big.xml"
+    path.write_bytes(xml)
+    offsets = [xml.index(page.encode("utf-8")) + 2 for page in pages]  # each "<page>" tag
+    skipped = "larger than max_page_bytes (40000 bytes): skipped; raise source.options.max_page_bytes to read it"
+    for shard_size_mb in (64.0, 0.01):  # one shard; shards of 10 KB, which the big pages cross
+        connector = _connector(str(path), shard_size_mb=shard_size_mb, max_page_bytes=40_000)
+        items = _read(connector)
+        assert [d.id for d in _docs(items)] == ["1", "3"]
+        assert [(b.doc_id, b.location, b.reason) for b in _bad(items)] == [
+            ("2", f"byte {offsets[1]}", f"page 2 ('Big') {skipped}"),
+            ("4", f"byte {offsets[3]}", f"page 4 ('Bigger') {skipped}"),
+        ]
+    assert [d.id for d in _docs(_read(_connector(str(path), max_page_bytes=1 << 20)))] == ["1", "2", "3", "4"]
 
 
 # --- a file of another format ----------------------------------------------------------------
