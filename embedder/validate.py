@@ -163,14 +163,15 @@ def reference_vectors(
             batch.append(i)
         if batch:
             batches.append(batch)
-    out = np.zeros((len(texts), 0), dtype=np.float32)
+    order = [i for batch in batches for i in batch]
     with _strict_fp32(device):
-        for batch in batches:
-            vectors = model.encode([texts[i] for i in batch], prompt=prompt or None, batch_size=len(batch),
-                                   convert_to_numpy=True)
-            if out.shape[1] == 0:
-                out = np.zeros((len(texts), vectors.shape[1]), dtype=np.float32)
-            out[batch] = vectors
+        parts = [model.encode([texts[i] for i in batch], prompt=prompt or None, batch_size=len(batch),
+                              convert_to_numpy=True) for batch in batches]
+    if not parts:
+        return np.zeros((0, 0), dtype=np.float32)
+    vectors = np.concatenate(parts).astype(np.float32, copy=False)
+    out = np.empty_like(vectors)
+    out[order] = vectors
     return _unit(out)
 
 

@@ -407,9 +407,7 @@ class LocalRunner:
 
     def run(self) -> RunResult:
         from embedder.checkpoint import Checkpoint
-        from embedder.chunking import Chunker
         from embedder.lease import Lease
-        from embedder.schema import output_schema
 
         job = self.job
         result = RunResult(run_id=time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6], output=job.output.uri)
@@ -443,10 +441,7 @@ class LocalRunner:
             result.dtype = str(encoder.provenance().get("dtype"))
             if self.canaries.size:
                 self._preload_reference(encoder)
-            chunker = Chunker.for_encoder(encoder, job.chunking)
-            provenance = {**encoder.provenance(), "chunking": chunker.settings()}
-            schema = output_schema(encoder.dim, job.source.metadata_fields, provenance)
-            sink = sink_registry().SINKS.get(job.output.sink)(job.output, schema)
+            sink = self._sink_for(encoder)
             if generation["mode"] == "reembed" and not generation.get("reset_done"):
                 checkpoint.write_generation(generation)
                 sink.reset()  # the old vectors go: this pass embeds everything with the new model
@@ -519,6 +514,17 @@ class LocalRunner:
                     _remove_if_empty(job.output.uri)  # a refused job leaves no empty output behind
         return result
 
+    def _sink_for(self, encoder: Any) -> Any:
+        """The job's sink (not opened), its schema carrying the encoder's and chunker's provenance:
+        what the run writes with and what ``plan`` checks the stored rows against."""
+        from embedder.chunking import Chunker
+        from embedder.schema import output_schema
+
+        job = self.job
+        provenance = {**encoder.provenance(), "chunking": Chunker.for_encoder(encoder, job.chunking).settings()}
+        schema = output_schema(encoder.dim, job.source.metadata_fields, provenance)
+        return sink_registry().SINKS.get(job.output.sink)(job.output, schema)
+
     def plan(self) -> dict[str, Any]:
         """What ``run`` would do, without doing it: no lease, no file written (``--dry-run``).
 
@@ -528,9 +534,7 @@ class LocalRunner:
         fingerprint.
         """
         from embedder.checkpoint import Checkpoint
-        from embedder.chunking import Chunker
         from embedder.models.encoder import Encoder
-        from embedder.schema import output_schema
         from indexes.base import SinkError, check_compatible
 
         job = self.job
@@ -542,11 +546,8 @@ class LocalRunner:
         readers = LocalRunner._read_parallelism(self)
         shards, shard_bytes = plan_shards(make_connector(job), readers, stored)
         encoder = Encoder.load(job.model)
-        chunker = Chunker.for_encoder(encoder, job.chunking)
-        schema = output_schema(
-            encoder.dim, job.source.metadata_fields, {**encoder.provenance(), "chunking": chunker.settings()}
-        )
-        sink = sink_registry().SINKS.get(job.output.sink)(job.output, schema)
+        sink = self._sink_for(encoder)
+        schema = sink.schema
         mode = generation["mode"]
         existing = None if mode == "reembed" and not generation.get("reset_done") else sink.existing_schema()
         fingerprint = "new output: nothing stored yet" if existing is None else "matches the stored rows"
@@ -836,7 +837,7 @@ class LocalRunner:
                 t0 = time.perf_counter()
                 vectors = corrupt(handle.result())
                 busy[index][1] += time.perf_counter() - t0
-                busy[index][0] += sum(len(c.token_ids) for c in batch.chunks or ())
+                busy[index][0] += batch.num_tokens - batch.num_sequences * encoder.layout.overhead
                 failpoint("mid_encode")
                 put(encoded, (batch, vectors))
 
