@@ -94,6 +94,12 @@ class ModelConfig(_Section):
     trust_remote_code: bool = False
     document_prompt: str | None = Field(None, description="Override the model's document prompt.")
     query_prompt: str | None = Field(None, description="Override the model's query prompt.")
+    task: str | None = Field(
+        None,
+        description="Task instruction of instruction-tuned embedders (Qwen3-Embedding, e5-mistral, gte-Qwen2) for "
+        "queries: fills {task} in the query prompt, or replaces the instruction of an 'Instruct: ...\\nQuery:' "
+        "prompt, else the query prompt becomes 'Instruct: <task>\\nQuery:'. Documents stay raw.",
+    )
     max_seq_length: int | None = Field(None, ge=8, description="Lower the model's own limit.")
     token_budget: int | Literal["auto"] = Field("auto", description="Tokens per packed batch.")
     compile: bool = False
