@@ -53,6 +53,7 @@ from embedder.models.packed_bert import (
     packed_support,
     position_offset,
 )
+from embedder.models.packed_modernbert import PackedModernBertEncoder, is_modernbert, modernbert_support
 from embedder.models.pooling import normalize, pool, token_segments
 from embedder.packing import SequenceLayout, build_batch, plan_batches
 from embedder.records import Chunk, PackedBatch
@@ -238,7 +239,7 @@ class Encoder:
         self.token_granule = 1
         self.architecture = ""
         self._local_dir: str | None = None
-        self._packed_model: PackedBertEncoder | None = None
+        self._packed_model: PackedBertEncoder | PackedModernBertEncoder | None = None
         self._hf_model: Any = None
         self._pad_id = 0
         self._vocab_size = 0
@@ -295,6 +296,10 @@ class Encoder:
         self._vocab_size = int(getattr(model_config, "vocab_size", 0) or 0)
         self._pad_id = int(getattr(model_config, "pad_token_id", None) or 0)
         reason = packed_support(auto_model) if config.packed else "packed: false in the job"
+        # ModernBERT: its own packed forward (packed_modernbert), chosen here and built below.
+        modernbert = config.packed and is_modernbert(auto_model)
+        if modernbert:
+            reason = modernbert_support(auto_model)
         offset = position_offset(auto_model) if reason is None else 0
         self._max_positions = int(getattr(model_config, "max_position_embeddings", 0) or 0)
 
@@ -326,7 +331,17 @@ class Encoder:
 
         for module in spec.post_modules:
             self._post_modules.append(module.to(device=device, dtype=torch.float32).eval())
-        if reason is None:
+        if reason is None and modernbert:
+            try:
+                self._packed_model = PackedModernBertEncoder.from_hf(
+                    auto_model, device, dtype, attention=config.attention, compile=True if config.compile else None
+                )
+            except ValueError as err:  # an explicit model.attention that cannot run here
+                raise ConfigError(str(err)) from None
+            self.packed = True
+            hidden, layers = self._packed_model.hidden_size, self._packed_model.num_layers
+            intermediate = self._packed_model.intermediate_size
+        elif reason is None:
             head_dim = int(model_config.hidden_size) // int(model_config.num_attention_heads)
             try:
                 attention = choose_attention(config.attention, device, dtype, head_dim)
