@@ -89,6 +89,8 @@ def modernbert_support(auto_model: Any) -> str | None:
         return "embeddings do not have the ModernBERT layout"
     if emb.tok_embeddings.embedding_dim != config.hidden_size:
         return "embedding size differs from hidden size"
+    if not len(layers):
+        return "a model without layers"
     try:
         for layer in layers:
             _ = (layer.attn_norm, layer.attn.Wqkv, layer.attn.Wo, layer.mlp_norm, layer.mlp.Wi, layer.mlp.Wo)
@@ -232,6 +234,49 @@ def _post_attention(
     return x + F.linear(act(a) * gate, w2, w2_b)
 
 
+# The compiled regions run from one attention to the next, so a layer's closing residual add fuses
+# with the next layer's attn_norm (and RoPE with the Wqkv output) instead of each being its own pass.
+
+
+def _embed_then_pre(
+    ids: torch.Tensor,
+    table: torch.Tensor,
+    emb_w: torch.Tensor,
+    emb_b: torch.Tensor | None,
+    norm_w: torch.Tensor | None,
+    norm_b: torch.Tensor | None,
+    qkv_w: torch.Tensor,
+    qkv_b: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float,
+    heads: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Embeddings, then layer 0 up to its attention: ``(x, q, k, v)``."""
+    x = _embed(ids, table, emb_w, emb_b, eps)
+    return (x, *_pre_attention(x, norm_w, norm_b, qkv_w, qkv_b, cos, sin, eps, heads))
+
+
+def _post_then_pre(
+    x: torch.Tensor, attn: torch.Tensor, *weights: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rest of layer ``i`` after its attention, then layer ``i + 1`` up to its attention.
+
+    ``weights``: layer i's 8 post-attention tensors, layer i+1's 4 pre-attention tensors, cos, sin,
+    eps, heads, act.
+    """
+    *post, norm_w, norm_b, qkv_w, qkv_b, cos, sin, eps, heads, act = weights
+    x = _post_attention(x, attn, *post, eps, act)
+    return (x, *_pre_attention(x, norm_w, norm_b, qkv_w, qkv_b, cos, sin, eps, heads))
+
+
+def _post_then_final(x: torch.Tensor, attn: torch.Tensor, *weights: Any) -> torch.Tensor:
+    """The last layer after its attention, then ``final_norm`` (``weights``: 8 post tensors, final
+    norm weight and bias, eps, act)."""
+    *post, final_w, final_b, eps, act = weights
+    return _layer_norm(_post_attention(x, attn, *post, eps, act), final_w, final_b, eps)
+
+
 # --- attention backends ---------------------------------------------------------------------------
 
 
@@ -336,13 +381,13 @@ class PackedModernBertEncoder:
             theta: 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=embeddings[0].device) / head_dim))
             for theta in {t for _, t in plan}
         }
-        self._embed: Callable[..., torch.Tensor] = _embed
-        self._pre: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = _pre_attention
-        self._post: Callable[..., torch.Tensor] = _post_attention
+        self._first: Callable[..., tuple[torch.Tensor, ...]] = _embed_then_pre
+        self._between: Callable[..., tuple[torch.Tensor, ...]] = _post_then_pre
+        self._last: Callable[..., torch.Tensor] = _post_then_final
         if compile:
-            self._embed = torch.compile(_embed, dynamic=True, fullgraph=True)
-            self._pre = torch.compile(_pre_attention, dynamic=True, fullgraph=True)
-            self._post = torch.compile(_post_attention, dynamic=True, fullgraph=True)
+            self._first = torch.compile(_embed_then_pre, dynamic=True, fullgraph=True)
+            self._between = torch.compile(_post_then_pre, dynamic=True, fullgraph=True)
+            self._last = torch.compile(_post_then_final, dynamic=True, fullgraph=True)
 
     @classmethod
     def from_hf(
@@ -442,16 +487,20 @@ class PackedModernBertEncoder:
             meta: ``packed_bert.build_attention(..., varlen=self.varlen)`` of the batch.
         """
         batch = self._batch_attention(position_ids, meta)
-        x = self._embed(input_ids, *self.embeddings, self.eps)
-        num_tokens, hidden = x.shape
+        eps, heads, act = self.eps, self.num_heads, self.act
         window_needed = meta.max_seqlen - 1 > self.half_window
-        for (local, theta), layer in zip(self.plan, self.layers):
-            norm_w, norm_b, qkv_w, qkv_b, *rest = layer
-            cos, sin = batch.rope[theta]
-            q, k, v = self._pre(x, norm_w, norm_b, qkv_w, qkv_b, cos, sin, self.eps, self.num_heads)
+        last = len(self.layers) - 1
+        x, q, k, v = self._first(input_ids, *self.embeddings, *self.layers[0][:4], *batch.rope[self.plan[0][1]], eps, heads)
+        num_tokens, hidden = x.shape
+        for i, (local, _) in enumerate(self.plan):
             if local and window_needed:
-                attn = self._local(q, k, v, batch, self.half_window)
+                attn = self._local(q, k, v, batch, self.half_window).reshape(num_tokens, hidden)
             else:
-                attn = self._global(q, k, v, batch, None)
-            x = self._post(x, attn.reshape(num_tokens, hidden), *rest, self.eps, self.act)
-        return _layer_norm(x, *self.final_norm, self.eps)
+                attn = self._global(q, k, v, batch, None).reshape(num_tokens, hidden)
+            post = self.layers[i][4:]
+            if i < last:
+                cos, sin = batch.rope[self.plan[i + 1][1]]
+                x, q, k, v = self._between(x, attn, *post, *self.layers[i + 1][:4], cos, sin, eps, heads, act)
+            else:
+                x = self._last(x, attn, *post, *self.final_norm, eps, act)
+        return x
