@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 from pathlib import Path
@@ -124,6 +125,11 @@ def save_tiny_model(
         src = Path(minilm_path) / name
         if src.exists():
             shutil.copy(src, hf_dir / name)
+    if family == "modernbert":  # as ModernBERT's own tokenizers: no token_type_ids (the model takes none)
+        config_path = hf_dir / "tokenizer_config.json"
+        tokenizer_config = json.loads(config_path.read_text())
+        tokenizer_config["model_input_names"] = ["input_ids", "attention_mask"]
+        config_path.write_text(json.dumps(tokenizer_config, indent=2))
     config = hf_config(family, hidden, layers, heads, max_seq_length, hidden_act, intermediate, **(config_overrides or {}))
     torch.manual_seed(seed)
     model = transformers.AutoModel.from_config(config)
