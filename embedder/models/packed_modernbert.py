@@ -332,7 +332,10 @@ def _flex_block_mask(segments: torch.Tensor, half: int | None) -> Any:
         return (segments[q_idx] == segments[kv_idx]) & ((q_idx - kv_idx).abs() <= half)
 
     mask_mod = same_document if half is None else same_document_in_window
-    return create_block_mask(mask_mod, None, None, num_tokens, num_tokens, device=segments.device)
+    # Compiled on CUDA: evaluated block by block instead of materialising a [T, T] mask.
+    return create_block_mask(
+        mask_mod, None, None, num_tokens, num_tokens, device=segments.device, _compile=segments.is_cuda
+    )
 
 
 class PackedModernBertEncoder:
