@@ -13,6 +13,7 @@ import logging
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -84,6 +85,9 @@ def test_layer_plan_and_support_of_a_modernbert() -> None:
     every_other = _hf_model(global_attn_every_n_layers=2, global_rope_theta=80000.0, local_rope_theta=5000.0)
     assert [local for local, _ in layer_plan(every_other.config)] == [False, True] * 3
     assert {theta for _, theta in layer_plan(every_other.config)} == {80000.0, 5000.0}
+    # Older transformers' config fields (no layer_types / rope_parameters); local theta None: the global one.
+    old_style = SimpleNamespace(num_hidden_layers=4, global_attn_every_n_layers=2, global_rope_theta=1e5, local_rope_theta=None)
+    assert layer_plan(old_style) == [(False, 1e5), (True, 1e5), (False, 1e5), (True, 1e5)]
 
 
 @pytest.mark.parametrize("attention", ["padded", "flex"])
