@@ -4,8 +4,7 @@
 pooling, normalization, prompts and limit), takes the weights into a padding-free forward where the
 family has one (BERT, XLM-RoBERTa and siblings: ``packed_bert``; ModernBERT: ``packed_modernbert``)
 and otherwise falls back to the Hugging Face forward on a padded batch (correct, slower; logged
-once). Vectors match
-``SentenceTransformer.encode(texts, prompt=<document prompt>)``.
+once). Vectors match ``SentenceTransformer.encode(texts, prompt=<document prompt>)``.
 
 On a GPU the runner keeps the device busy by submitting the next batch before reading the last
 one's vectors::
