@@ -47,6 +47,7 @@ def hf_config(
             intermediate_size=intermediate, max_position_embeddings=max_positions, hidden_activation=hidden_act,
             pad_token_id=0, bos_token_id=101, eos_token_id=102, cls_token_id=101, sep_token_id=102,
             global_attn_every_n_layers=3, local_attention=32, global_rope_theta=160000.0, local_rope_theta=10000.0,
+            reference_compile=False,  # transformers versions that torch.compile parts of ModernBERT: keep the reference eager
         )
         fields.update(overrides)
         return transformers.ModernBertConfig(**fields)
