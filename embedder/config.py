@@ -109,11 +109,12 @@ class ModelConfig(_Section):
         description="CUDA fp16/bf16: GELU in tanh form fused into the FFN matmul (~10% faster; differs from "
         "erf by <= 4.7e-4, under bf16/fp16 rounding). auto: on there; false: exact erf GELU.",
     )
-    attention: Literal["auto", "flash4", "varlen", "padded"] = Field(
+    attention: Literal["auto", "flash4", "varlen", "padded", "flex"] = Field(
         "auto",
         description="Attention kernel of the packed forward. varlen: torch's varlen FlashAttention-2 (CUDA "
         "fp16/bf16); padded: SDPA over a padded grid (any device); flash4: FlashAttention-4 (Hopper/Blackwell, "
-        "pip install 'embedder[flash4]'; slower than varlen on an H200 for BERT shapes). auto: varlen, else padded.",
+        "pip install 'embedder[flash4]'; slower than varlen on an H200 for BERT shapes); flex: torch flex_attention "
+        "(ModernBERT only). auto: varlen, else padded.",
     )
 
 

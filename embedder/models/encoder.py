@@ -2,9 +2,9 @@
 
 ``Encoder.load(job.model)`` loads the model through sentence-transformers (so its own config decides
 pooling, normalization, prompts and limit), takes the weights into a padding-free forward where the
-family has one (BERT, XLM-RoBERTa and siblings; see ``packed_bert``) and otherwise falls back to the
-Hugging Face forward on a padded batch (correct, slower; logged once). Vectors match
-``SentenceTransformer.encode(texts, prompt=<document prompt>)``.
+family has one (BERT, XLM-RoBERTa and siblings: ``packed_bert``; ModernBERT: ``packed_modernbert``)
+and otherwise falls back to the Hugging Face forward on a padded batch (correct, slower; logged
+once). Vectors match ``SentenceTransformer.encode(texts, prompt=<document prompt>)``.
 
 On a GPU the runner keeps the device busy by submitting the next batch before reading the last
 one's vectors::
@@ -55,6 +55,7 @@ from embedder.models.packed_bert import (
     position_offset,
 )
 from embedder.models.packed_decoder import DECODER_MODEL_TYPES, PackedDecoderEncoder, decoder_support
+from embedder.models.packed_modernbert import PackedModernBertEncoder, is_modernbert, modernbert_support
 from embedder.models.pooling import normalize, pool, token_segments
 from embedder.packing import SequenceLayout, build_batch, plan_batches
 from embedder.records import Chunk, PackedBatch
@@ -250,7 +251,7 @@ class Encoder:
         self.token_granule = 1
         self.architecture = ""
         self._local_dir: str | None = None
-        self._packed_model: PackedBertEncoder | PackedDecoderEncoder | None = None
+        self._packed_model: PackedBertEncoder | PackedDecoderEncoder | PackedModernBertEncoder | None = None
         self._hf_model: Any = None
         self._pad_id = 0
         self._vocab_size = 0
@@ -350,6 +351,14 @@ class Encoder:
             self._packed_model = PackedBertEncoder.from_hf(
                 auto_model, device, dtype, compile=config.compile, approximate_gelu=approximate_gelu, attention=attention
             )
+        elif family == "modernbert":
+            try:
+                self._packed_model = PackedModernBertEncoder.from_hf(
+                    auto_model, device, dtype, attention=config.attention, compile=True if config.compile else None
+                )
+            except ValueError as err:  # an explicit model.attention that cannot run here
+                raise ConfigError(str(err)) from None
+            glu = True
         elif family == "decoder":
             try:
                 self._packed_model = PackedDecoderEncoder.from_hf(auto_model, device, dtype, attention=config.attention)
@@ -648,9 +657,13 @@ def packed_family(auto_model: Any, max_seq_length: int) -> tuple[str | None, str
 
     The one place that maps a loaded model to a packed implementation: BERT-layout encoders
     (``packed_bert.packed_support``) and Qwen2/Qwen3/Mistral/Llama decoders
-    (``packed_decoder.decoder_support``, which needs the sequence limit to check sliding windows).
+    (``packed_decoder.decoder_support``, which needs the sequence limit to check sliding windows), and
+    ModernBERT (``packed_modernbert.modernbert_support``).
     """
     model_type = getattr(getattr(auto_model, "config", None), "model_type", None)
+    if is_modernbert(auto_model):
+        reason = modernbert_support(auto_model)
+        return ("modernbert", None) if reason is None else (None, reason)
     if model_type in DECODER_MODEL_TYPES:
         reason = decoder_support(auto_model, max_seq_length)
         return ("decoder", None) if reason is None else (None, reason)

@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 from pathlib import Path
@@ -28,12 +29,35 @@ QWEN_SPLIT = (
 
 
 def hf_config(
-    family: str, hidden: int, layers: int, heads: int, max_positions: int, hidden_act: str, intermediate: int | None = None
+    family: str,
+    hidden: int,
+    layers: int,
+    heads: int,
+    max_positions: int,
+    hidden_act: str,
+    intermediate: int | None = None,
+    **overrides: Any,
 ) -> Any:
-    """A transformers config of ``family`` (bert, xlm-roberta or distilbert) and the given shape."""
+    """A transformers config of ``family`` (bert, xlm-roberta, distilbert or modernbert) and the given
+    shape; ``overrides`` are further config fields (ModernBERT: ``local_attention``,
+    ``global_attn_every_n_layers``, biases ...)."""
     import transformers
 
     intermediate = intermediate or 4 * hidden
+    if family == "modernbert":
+        # The MiniLM tokenizer's specials ([CLS] 101, [SEP] 102, [PAD] 0) in ModernBERT's config; its
+        # own defaults otherwise: no biases, global attention every 3rd layer, RoPE theta 160k/10k.
+        fields: dict[str, Any] = dict(
+            vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+            intermediate_size=intermediate, max_position_embeddings=max_positions, hidden_activation=hidden_act,
+            pad_token_id=0, bos_token_id=101, eos_token_id=102, cls_token_id=101, sep_token_id=102,
+            global_attn_every_n_layers=3, local_attention=32, global_rope_theta=160000.0, local_rope_theta=10000.0,
+            reference_compile=False,  # transformers versions that torch.compile parts of ModernBERT: keep the reference eager
+        )
+        fields.update(overrides)
+        return transformers.ModernBertConfig(**fields)
+    if overrides:
+        raise ValueError(f"config overrides are for modernbert, not {family!r}")
     if family == "bert":
         return transformers.BertConfig(
             vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
@@ -238,7 +262,7 @@ def randomize(model: Any, seed: int, spread: float = 0.3) -> None:
     with torch.no_grad():
         for name, param in model.named_parameters():
             noise = torch.randn(param.shape, generator=gen, dtype=param.dtype)
-            if "LayerNorm.weight" in name or "layer_norm.weight" in name or name.endswith("norm.weight"):
+            if "LayerNorm.weight" in name or name.lower().endswith("norm.weight"):  # LayerNorm, *_norm, RMSNorm
                 param.copy_(1.0 + 0.1 * noise)
             else:
                 param.copy_(spread * noise)
@@ -260,11 +284,12 @@ def save_tiny_model(
     seed: int = 0,
     spread: float | None = 0.3,
     intermediate: int | None = None,
+    config_overrides: dict[str, Any] | None = None,
 ) -> str:
     """Builds and saves a random sentence-transformers model; returns its directory.
 
     ``spread`` is the weights' standard deviation (None keeps transformers' own initialisation);
-    ``intermediate`` the FFN width (default ``4 * hidden``).
+    ``intermediate`` the FFN width (default ``4 * hidden``); ``config_overrides`` go to ``hf_config``.
     """
     import torch
     import transformers
@@ -281,7 +306,12 @@ def save_tiny_model(
         src = Path(minilm_path) / name
         if src.exists():
             shutil.copy(src, hf_dir / name)
-    config = hf_config(family, hidden, layers, heads, max_seq_length, hidden_act, intermediate)
+    if family == "modernbert":  # as ModernBERT's own tokenizers: no token_type_ids (the model takes none)
+        config_path = hf_dir / "tokenizer_config.json"
+        tokenizer_config = json.loads(config_path.read_text())
+        tokenizer_config["model_input_names"] = ["input_ids", "attention_mask"]
+        config_path.write_text(json.dumps(tokenizer_config, indent=2))
+    config = hf_config(family, hidden, layers, heads, max_seq_length, hidden_act, intermediate, **(config_overrides or {}))
     torch.manual_seed(seed)
     model = transformers.AutoModel.from_config(config)
     if spread is not None:
