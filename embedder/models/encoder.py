@@ -261,26 +261,42 @@ class Encoder:
         self._slots: list[_PinnedSlot] = []
         self._next_slot = 0
         self._weights_sha256: str | None = None
+        self._fidelity_gate: _FidelityGate | None = None
+        self._fidelity_failure: Exception | None = None
+        self.fidelity: dict[str, Any] | None = None
 
     # --- loading --------------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, config: ModelConfig, *, approximate_gelu: bool | None = None) -> Encoder:
+    def load(
+        cls, config: ModelConfig, *, approximate_gelu: bool | None = None, fidelity_min_cosine: float | None = None
+    ) -> Encoder:
         """Loads the model ``config.name`` and prepares it for ``config.device``/``config.dtype``.
 
         ``approximate_gelu`` (CUDA, fp16/bf16, erf-GELU models; None: ``config.approximate_gelu``,
         whose ``auto`` means yes): GELU in tanh form inside the FFN matmul's epilogue (~10% faster
         for BGE-large; within 4.7e-4 of erf, under the dtype's rounding). False keeps erf exact.
 
+        ``model.dtype: float8``: the packed forward's GEMMs run in FP8 (``embedder.models.fp8``) and
+        a bf16 copy of the model is kept for the *fidelity gate*: the first batch encoded is also
+        encoded in bf16, and any vector below ``fidelity_min_cosine`` (the job's
+        ``validation.min_cosine``; None: its default) raises ``FidelityGateFailed`` — before the
+        caller has any vector to write. The bf16 copy is dropped once the gate has passed.
+
         Raises:
             ModelError: unknown or unloadable model, unsupported pipeline, prompt that does not
                 tokenize apart from the text.
-            ConfigError: device/dtype/max_seq_length settings that cannot work.
+            ConfigError: device/dtype/max_seq_length settings that cannot work (float8 on a machine
+                without FP8 tensor cores, or for a model without a packed forward).
         """
-        from embedder.config import ConfigError
+        from embedder.config import ConfigError, ValidationConfig
 
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
+        fp8 = dtype == getattr(torch, "float8_e4m3fn", None)
+        compute_dtype = torch.bfloat16 if fp8 else dtype
+        if fp8 and config.compile:
+            raise ConfigError("model.compile is not supported with model.dtype float8; set model.compile: false")
         if approximate_gelu is None:
             configured = getattr(config, "approximate_gelu", "auto")
             approximate_gelu = None if configured == "auto" else bool(configured)
@@ -323,6 +339,12 @@ class Encoder:
             limit = config.max_seq_length
         self.max_seq_length = limit
         family, reason = packed_family(auto_model, limit) if config.packed else (None, "packed: false in the job")
+        if fp8 and family != "bert":
+            raise ConfigError(
+                f"model.dtype float8 runs on the packed BERT-layout forward only (BERT, XLM-RoBERTa families), and "
+                f"{spec.architecture} {'has none here (' + reason + ')' if reason else 'runs another family'}; "
+                "use model.dtype bfloat16"
+            )
         offset = position_offset(auto_model) if family == "bert" else 0
         self.layout = sequence_layout(self.tokenizer, self.document_prompt, offset)
         self._layouts[self.document_prompt] = self.layout
@@ -345,12 +367,30 @@ class Encoder:
         if family == "bert":
             head_dim = int(model_config.hidden_size) // int(model_config.num_attention_heads)
             try:
-                attention = choose_attention(config.attention, device, dtype, head_dim)
+                attention = choose_attention(config.attention, device, compute_dtype, head_dim)
             except ValueError as err:  # an explicit model.attention that cannot run here
                 raise ConfigError(str(err)) from None
-            self._packed_model = PackedBertEncoder.from_hf(
-                auto_model, device, dtype, compile=config.compile, approximate_gelu=approximate_gelu, attention=attention
-            )
+            if fp8:
+                from embedder.models.fp8 import emulated, tamper_scales
+
+                try:
+                    self._packed_model = PackedBertEncoder.from_hf(
+                        auto_model, device, compute_dtype, attention=attention, fp8="emulate" if emulated() else True
+                    )
+                except ValueError as err:  # a layer size FP8 GEMMs cannot take
+                    raise ConfigError(str(err)) from None
+                tamper_scales(self._packed_model)
+                reference = PackedBertEncoder.from_hf(
+                    auto_model, device, compute_dtype, approximate_gelu=approximate_gelu, attention=attention
+                )
+                if fidelity_min_cosine is None:
+                    fidelity_min_cosine = float(ValidationConfig.model_fields["min_cosine"].default)
+                self._fidelity_gate = _FidelityGate(reference, fidelity_min_cosine)
+            else:
+                self._packed_model = PackedBertEncoder.from_hf(
+                    auto_model, device, dtype, compile=config.compile, approximate_gelu=approximate_gelu,
+                    attention=attention,
+                )
         elif family == "modernbert":
             try:
                 self._packed_model = PackedModernBertEncoder.from_hf(
@@ -379,7 +419,7 @@ class Encoder:
             intermediate = int(getattr(model_config, "intermediate_size", 4 * hidden) or 4 * hidden)
         self.token_granule = CUDA_TOKEN_GRANULE if device.type == "cuda" else 1
         if config.token_budget == "auto":
-            self.token_budget = auto_token_budget(device, dtype, hidden, layers, intermediate, limit, glu=glu)
+            self.token_budget = auto_token_budget(device, compute_dtype, hidden, layers, intermediate, limit, glu=glu)
         else:
             if config.token_budget < limit:
                 raise ConfigError(
@@ -399,6 +439,7 @@ class Encoder:
             (
                 f"packed {family} ({self._packed_model.attention_backend} attention"
                 f"{'' if getattr(self._packed_model, 'causal', True) else ', bidirectional'}"
+                f"{', FP8 GEMMs (e4m3, rowwise scales), bf16 elsewhere' if fp8 else ''}"
                 f"{', fused tanh-GELU' if self._packed_model.gelu_fused else ''}"
                 f"{', fused add+LayerNorm' if self._packed_model.add_norm_fused else ''})"
             )
@@ -455,6 +496,10 @@ class Encoder:
         if batch.num_sequences == 0:
             return EncodeHandle(np.zeros((0, self.dim), dtype=np.float32))
         self._check(batch)
+        if self._fidelity_failure is not None:
+            raise self._fidelity_failure
+        if self._fidelity_gate is not None:
+            return self._pass_fidelity_gate(batch)
         try:
             return self._submit(batch)
         except torch.OutOfMemoryError:
@@ -472,6 +517,39 @@ class Encoder:
         )
         first, second = split_batch(batch)
         return _ConcatHandle([self.encode_async(first), self.encode_async(second)])
+
+    def _pass_fidelity_gate(self, batch: PackedBatch) -> EncodeHandle:
+        """The FP8 fidelity gate, on the first batch: its vectors in FP8 and in bf16, compared.
+
+        Raises:
+            FidelityGateFailed: a vector below the gate's cosine; every later call raises it again.
+        """
+        from embedder.validate import FidelityGateFailed, check_fidelity
+
+        gate, self._fidelity_gate = self._fidelity_gate, None
+        assert gate is not None
+        fp8_model = self._packed_model
+        vectors = self._submit(batch).result()
+        self._packed_model = gate.reference
+        try:
+            reference = self._submit(batch).result()
+        finally:
+            self._packed_model = fp8_model
+        try:
+            report = check_fidelity(list(batch.chunk_ids), vectors, reference, gate.min_cosine)
+        except FidelityGateFailed as err:
+            self._fidelity_failure = err
+            raise
+        finally:
+            del gate
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # the bf16 copy's memory goes back to the batches
+        self.fidelity = report
+        log.info(
+            "FP8 fidelity gate passed: %d chunk(s) of the first batch, min cos %.5f to bf16 (>= %s)",
+            report["count"], report["min_cosine"], report["threshold"],
+        )
+        return EncodeHandle(vectors)
 
     def encode_texts(self, texts: Sequence[str], prompt: str) -> np.ndarray:
         """Tokenizes, packs and encodes texts with ``prompt``: ``[n, dim]`` float32 in input order.
@@ -669,6 +747,14 @@ def packed_family(auto_model: Any, max_seq_length: int) -> tuple[str | None, str
         return ("decoder", None) if reason is None else (None, reason)
     reason = packed_support(auto_model)
     return ("bert", None) if reason is None else (None, reason)
+
+
+@dataclasses.dataclass(slots=True)
+class _FidelityGate:
+    """What the FP8 fidelity gate needs until it has run: the bf16 forward and the bound."""
+
+    reference: PackedBertEncoder
+    min_cosine: float
 
 
 def _rust_tokenizer(tokenizer_json: str) -> tokenizers.Tokenizer:

@@ -499,11 +499,22 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto`` → bf16 on CUDA, fp32 on CPU; half precision on CPU is a ConfigError."""
+    """``auto`` → bf16 on CUDA, fp32 on CPU; half precision on CPU is a ConfigError.
+
+    ``float8`` → ``torch.float8_e4m3fn``, the dtype of the GEMM operands (the rest runs in bf16), on
+    a GPU with FP8 tensor cores; elsewhere a ConfigError naming that requirement.
+    """
     import torch
 
     from embedder.config import ConfigError
 
+    if dtype in ("float8", "fp8"):
+        from embedder.models.fp8 import fp8_problem
+
+        problem = fp8_problem(device)
+        if problem:
+            raise ConfigError(problem)
+        return torch.float8_e4m3fn
     names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
