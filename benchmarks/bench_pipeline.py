@@ -42,7 +42,7 @@ def main() -> None:
     from benchmarks.bench_encoder import build_model
     from embedder import run
     from embedder.config import build_job
-    from embedder.runners.local import TimelineSampler
+    from embedder.execution.telemetry import TimelineSampler
 
     TimelineSampler.PERIOD_S = 0.25  # a finer timeline than the run record's default, for the steady rate
 

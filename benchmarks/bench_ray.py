@@ -37,7 +37,7 @@ def child(args: argparse.Namespace) -> None:
     """One run, in this process: prints the run record's figures as one JSON line."""
     from embedder import run
     from embedder.config import build_job
-    from embedder.runners.local import TimelineSampler
+    from embedder.execution.telemetry import TimelineSampler
 
     TimelineSampler.PERIOD_S = 0.25  # a finer timeline than the run record's default, for the steady rate
     job = build_job(json.loads(args.job))

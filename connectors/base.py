@@ -127,7 +127,7 @@ class Connector(ABC):
     def __init__(self, config: SourceConfig) -> None:
         self.config = config
         self.known_versions: Mapping[str, str] | None = None
-        self.shard_bytes_override: int | None = None  # the runner's shard plan (embedder.runners.stages)
+        self.shard_bytes_override: int | None = None  # the runner's shard plan (embedder.pipeline.read.plan_shards)
         self.fs, self.root = filesystem(config.uri, config.storage_options)
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         self._prefix = "" if protocol in ("file", "local") else f"{protocol}://"

@@ -23,7 +23,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(api, name)
     if name == "RunResult":
-        from embedder.runners.local import RunResult
+        from embedder.execution.result import RunResult
 
         return RunResult
     raise AttributeError(f"module 'embedder' has no attribute {name!r}")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from embedder.config import Job, build_job, load_job_dict
-from embedder.runners.local import RunResult
+from embedder.execution.result import RunResult
 
 
 def load_job(path: str | Path, overrides: list[str] | None = None) -> Job:

@@ -224,7 +224,7 @@ def _quarantine_line(result: Any) -> str:
     """``"2: empty or whitespace-only text (2); records and reasons in out/_embedder/quarantine/"``."""
     if not result.bad_records:
         return "0"
-    from embedder.runners.stages import top_reasons
+    from embedder.pipeline.commit import top_reasons
 
     reasons = top_reasons(result.quarantine_reasons) if result.quarantine_reasons else ""
     return f"{result.bad_records:,}" + (f": {reasons}" if reasons else "") + f"; records and reasons in {result.quarantine_uri}"

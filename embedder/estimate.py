@@ -389,7 +389,8 @@ def sample_source(
         max_seconds: Time budget, checked between shards.
         keep_chunks: Keep up to this many chunks (for calibration).
     """
-    from embedder.runners.stages import ShardEnd, make_connector, read_and_chunk
+    from embedder.pipeline.read import make_connector, read_and_chunk
+    from embedder.records import ShardEnd
 
     shard_mb = min(job.source.shard_size_mb, SAMPLE_SHARD_MB, max(MIN_SAMPLE_SHARD_MB, sample_mb / SAMPLE_STRATA))
     source = job.source.model_copy(update={"shard_size_mb": shard_mb})
@@ -485,7 +486,7 @@ def estimate(
         throughput_table: Another throughput JSON than the bundled one.
     """
     from embedder.chunking import Chunker
-    from embedder.runners.stages import resolve_job
+    from embedder.execution.job import resolve_job
 
     job = resolve_job(job)
     profile = model_profile(job.model)

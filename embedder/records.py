@@ -1,7 +1,8 @@
 """Records that flow between the stages of a job.
 
 Every stage hands the next one small slotted dataclasses, never dicts-of-anything:
-``Shard`` (a unit of input) → ``Document`` → ``Chunk`` (token ids included) → ``PackedBatch``.
+``Shard`` (a unit of input) → ``Document`` → ``Chunk`` (token ids included) → ``PackedBatch``,
+and ``ShardEnd`` closing each shard's stream of chunks.
 ``BadRecord`` is what a stage emits instead of raising when the input is bad; the runner writes
 it to the quarantine with the shard's commit.
 """
@@ -149,3 +150,17 @@ class PackedBatch:
     @property
     def num_tokens(self) -> int:
         return int(self.cu_seqlens[-1])
+
+
+@dataclass(slots=True)
+class ShardEnd:
+    """The last message of a shard's read+chunk stage: its counts and bad records."""
+
+    shard_id: str
+    documents: int = 0
+    chunks: int = 0
+    tokens: int = 0
+    trimmed_documents: int = 0
+    bad_records: list[BadRecord] = field(default_factory=list)
+    unchanged_doc_ids: list[str] = field(default_factory=list)  # skipped by version (incremental)
+    changes: dict[str, Any] | None = None  # incremental: what the pass saw and replaced (see embedder.incremental)

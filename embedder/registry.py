@@ -61,3 +61,13 @@ class Registry(Generic[T]):
             raise RegistryError(
                 f"Unknown {self.kind} {name!r}. Valid: {', '.join(self.names())}"
             ) from None
+
+
+def connector_registry():  # noqa: ANN201 - the module ``connectors.registry`` (CONNECTORS, detect_format)
+    """The connector registry module (imported on first use: ``embedder`` never imports ``connectors``)."""
+    return importlib.import_module("connectors.registry")
+
+
+def sink_registry():  # noqa: ANN201 - the module ``indexes.registry`` (SINKS, detect_sink)
+    """The sink registry module (imported on first use)."""
+    return importlib.import_module("indexes.registry")

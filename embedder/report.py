@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from embedder.errors import UsageError
-from embedder.runners.stages import LENGTH_BIN
+from embedder.pipeline.commit import LENGTH_BIN
 from embedder.storage import filesystem, join, write_bytes_atomic
 
 REPORT_DIR = "_embedder/report"
@@ -246,7 +246,7 @@ def throughput_intervals(timeline: list[list[float]], min_seconds: float | None 
     than one interval gives one interval over all of it.
     """
     if min_seconds is None:
-        from embedder.runners.local import TimelineSampler
+        from embedder.execution.telemetry import TimelineSampler
 
         min_seconds = TimelineSampler.PERIOD_S
     points = _from_start(timeline)

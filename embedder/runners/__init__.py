@@ -1,7 +1,7 @@
-"""Runners drive the flow connector → chunk → pack → encode → sink → checkpoint.
+"""Schedulers: where a run's stages execute. The run itself (lease, plan, commits, canaries, drain,
+finish) is ``embedder.execution.skeleton.Run``, written once; a scheduler only places the stages of
+``embedder.pipeline`` and streams their events back (``embedder.runners.base.Scheduler``).
 
-``local`` runs it in one process (reader/tokenizer worker processes feeding one encoder); ``ray``
-runs the same stage functions (``embedder.runners.stages``) on Ray Data, CPU stages as tasks and one
-encoder actor per GPU (see docs/ray.md). ``RayRunner`` extends ``LocalRunner``: the run skeleton
-(lease, generations, commits, canaries, drain) is written once.
+``local`` runs them on this machine (reader processes feeding one encoder per device); ``ray`` on a
+Ray cluster, CPU stages as Ray Data tasks and one encoder actor per GPU (see docs/ray.md).
 """

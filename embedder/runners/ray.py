@@ -48,32 +48,27 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
 from embedder.config import ConfigError, Job
-from embedder.failpoints import corrupt, failpoint
-from embedder.records import Chunk, Shard
-from embedder.runners.local import LocalRunner, PipelineStopped, TimelineSampler
-from embedder.runners.stages import (
-    ReadProgress,
-    RunFailed,
-    RunResult,
-    ShardAssembler,
-    ShardEnd,
-    import_plugins,
-    make_connector,
-    plugin_modules,
-    read_and_chunk,
-)
+from embedder.execution.events import IDLE, EncodedBlock, EncoderStats, Event, ShardFinished, ShardStarted
+from embedder.execution.job import import_plugins, plugin_modules
+from embedder.execution.plan import RunPlan
+from embedder.execution.result import RunFailed, RunResult
+from embedder.execution.skeleton import Run
+from embedder.pipeline.change import filter_changes
+from embedder.pipeline.chunk import chunker_for, tokenizer_from_json
+from embedder.pipeline.encode import encode_stream
+from embedder.pipeline.read import make_connector, read_and_chunk
+from embedder.records import Chunk, Shard, ShardEnd
+from embedder.runners.base import Scheduler
 
 if TYPE_CHECKING:
     import tokenizers
 
-    from embedder.chunking import Chunker
     from embedder.incremental import ExistingChunks
     from embedder.packing import SequenceLayout
 
@@ -204,7 +199,7 @@ class EncoderFacts:
 
     @property
     def tokenizer(self) -> tokenizers.Tokenizer:
-        return _tokenizer(self.tokenizer_json)
+        return tokenizer_from_json(self.tokenizer_json)
 
     def provenance(self) -> dict[str, Any]:
         return dict(self.facts)
@@ -225,27 +220,6 @@ def probe_encoder(job_json: str) -> EncoderFacts:
         document_prompt=encoder.document_prompt,
         facts=encoder.provenance(),
     )
-
-
-@lru_cache(maxsize=4)
-def _tokenizer(tokenizer_json: str) -> tokenizers.Tokenizer:
-    """The model's fast tokenizer, truncation and padding off (cached: rebuilding one costs ~0.1 s)."""
-    import tokenizers
-
-    tokenizer = tokenizers.Tokenizer.from_str(tokenizer_json)
-    tokenizer.no_truncation()
-    tokenizer.no_padding()
-    return tokenizer
-
-
-@lru_cache(maxsize=4)
-def _chunker(tokenizer_json: str, max_seq_length: int, overhead: int, chunking_json: str) -> Chunker:
-    """The chunker of ``Chunker.for_encoder``, built in a worker from the encoder's facts."""
-    from embedder.chunking import Chunker
-    from embedder.config import ChunkingConfig
-
-    config = ChunkingConfig.model_validate_json(chunking_json)
-    return Chunker.from_settings(_tokenizer(tokenizer_json), max_seq_length, overhead, config)
 
 
 # --- rows between stages --------------------------------------------------------------------
@@ -344,7 +318,7 @@ def read_shard_rows(
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # a task has one CPU
     import_plugins(plugins)  # connectors the user's own modules register
     job = Job.model_validate_json(job_json)
-    chunker = _chunker(tokenizer_json, max_seq_length, overhead, job.chunking.model_dump_json())
+    chunker = chunker_for(tokenizer_json, max_seq_length, overhead, job.chunking.model_dump_json())
     connector = make_connector(job)
     change_filter = None
     if existing:
@@ -357,19 +331,8 @@ def read_shard_rows(
     fields = job.source.metadata_fields
     for raw in shards.column("shard").to_pylist():
         shard: Shard = pickle.loads(raw)
-        for item in read_and_chunk(connector, chunker, shard):
-            if isinstance(item, ShardEnd):
-                if change_filter is not None:
-                    item.chunks, item.changes = change_filter.finish_shard(
-                        item.shard_id, item.chunks, item.unchanged_doc_ids
-                    )
-                yield end_to_rows(item)
-                continue
-            if change_filter is not None:
-                item = change_filter.filter(item)
-                if not item:
-                    continue
-            yield chunks_to_rows(item, fields)
+        for item in filter_changes(read_and_chunk(connector, chunker, shard), change_filter):
+            yield end_to_rows(item) if isinstance(item, ShardEnd) else chunks_to_rows(item, fields)
 
 
 # --- the device stage: the encoder actor ----------------------------------------------------
@@ -414,20 +377,11 @@ class EncoderActor:
         position = {c.id: i for i, c in enumerate(chunks)}
         order: list[int] = []
         vectors: list[np.ndarray] = []
-        in_flight: list[tuple[Any, Any]] = []
         started = time.perf_counter()
-
-        def complete_one() -> None:
-            batch, handle = in_flight.pop(0)
+        # lazily packed: the device starts on the first batch while the rest are packed
+        for batch, batch_vectors in encode_stream(encoder, itertools.chain(packer.add(chunks), packer.flush())):
             order.extend(position[c.id] for c in batch.chunks)
-            vectors.append(handle.result())
-
-        for batch in itertools.chain(packer.add(chunks), packer.flush()):  # lazily: the device starts early
-            in_flight.append((batch, encoder.encode_async(batch)))
-            if len(in_flight) > 2:
-                complete_one()
-        while in_flight:
-            complete_one()
+            vectors.append(batch_vectors)
         seconds = time.perf_counter() - started
 
         dim = encoder.dim
@@ -458,71 +412,41 @@ class EncoderActor:
 # --- the driver -----------------------------------------------------------------------------
 
 
-class RayRunner(LocalRunner):
-    """Runs a job on a Ray cluster: the one this process is connected to, else the one at
+class RayScheduler(Scheduler):
+    """Runs the stages on a Ray cluster: the one this process is connected to, else the one at
     ``runner.address`` or ``RAY_ADDRESS``, else a local one started for the run (and stopped after).
 
-    The driver holds the lease, lists shards, writes and commits (one writer); Ray runs reading,
-    chunking and encoding. Stopping (SIGTERM, SIGINT, spot notice) drains as the local runner does:
-    shards in flight finish and commit within ``runner.grace_period_s``, then the run ends
-    ``interrupted``.
-
-    Args:
-        job: The job (``auto`` fields are resolved here).
-        on_progress: Called on the driver with the running ``RunResult`` after each block of encoded
-            rows and each commit (the CLI draws its progress bars from it).
-        force_unlock: Remove another job's lease on the output first (with a warning).
+    The driver (the run skeleton) holds the lease, lists shards, writes and commits (one writer); Ray
+    runs reading, chunking and encoding. A drain lets the shards in flight finish and commit (the
+    skeleton's one drain policy); the stream is closed when it ends, which stops the executor.
     """
 
-    def __init__(
-        self,
-        job: Job,
-        on_progress: Callable[[RunResult, int], None] | None = None,
-        force_unlock: bool = False,
-    ) -> None:
-        super().__init__(job, on_progress=on_progress, force_unlock=force_unlock)
+    name = "ray"
+
+    def __init__(self, job: Job, control: Any) -> None:
+        super().__init__(job, control)
         self._connected_here = False
         self.pool: EncoderPool | None = None
         self.encoders_seen: dict[str, float] = {}  # encoder actor id → its encode seconds
 
-    runner_name = "ray"
-
-    def _setup(self) -> None:
+    def setup(self) -> None:
         ray = _import_ray()
         self._connected_here = _connect(ray, self.job.runner.address)
         self.pool = plan_encoder_pool(self.job, ray.cluster_resources())
 
-    def _teardown(self) -> None:
+    def teardown(self) -> None:
         if self._connected_here:
             import ray
 
             ray.shutdown()  # on a shared cluster this also ends the run's actors and tasks
 
-    def _load_encoder(self) -> EncoderFacts:
-        import ray
-
-        return self._probe(ray)
-
-    def _read_parallelism(self) -> int:
-        """Read tasks the cluster runs at once: ``runner.workers``, or its CPUs the encoders leave."""
-        if self.job.runner.workers != "auto":
-            return max(1, int(self.job.runner.workers))
-        import ray
-
-        pool = self.pool
-        reserved = pool.size * pool.num_cpus if pool is not None else 0.0
-        return max(1, int(float(ray.cluster_resources().get("CPU", 1.0)) - reserved))
-
-    def _billed_gpus(self) -> float:
-        """Every encoder actor's GPUs are billed."""
-        pool = self.pool
-        return pool.size * pool.num_gpus if pool is not None and pool.on_gpu else 1.0
-
-    def _probe(self, ray: Any) -> EncoderFacts:
+    def load_encoder(self) -> EncoderFacts:
         """The model's facts, from a one-off task placed like an encoder actor.
 
         On a GPU, ``max_calls=1`` ends its worker after it, so it holds no GPU memory during the run.
         """
+        import ray
+
         pool = self.pool
         assert pool is not None
         options: dict[str, Any] = {"num_gpus": pool.num_gpus, "num_cpus": pool.num_cpus, "max_retries": 2}
@@ -536,6 +460,32 @@ class RayRunner(LocalRunner):
             self.job.model.name, facts.facts.get("dtype"), facts.token_budget,
         )
         return facts
+
+    def read_parallelism(self) -> int:
+        """Read tasks the cluster runs at once: ``runner.workers``, or its CPUs the encoders leave."""
+        if self.job.runner.workers != "auto":
+            return max(1, int(self.job.runner.workers))
+        import ray
+
+        pool = self.pool
+        reserved = pool.size * pool.num_cpus if pool is not None else 0.0
+        return max(1, int(float(ray.cluster_resources().get("CPU", 1.0)) - reserved))
+
+    def billed_gpus(self) -> float:
+        """Every encoder actor's GPUs are billed."""
+        pool = self.pool
+        return pool.size * pool.num_gpus if pool is not None and pool.on_gpu else 1.0
+
+    def stats(self) -> EncoderStats:
+        if self.encoders_seen:
+            log.info(
+                "ray: %d encoder actor(s) encoded for %s s",
+                len(self.encoders_seen), ", ".join(f"{s:.1f}" for s in self.encoders_seen.values()),
+            )
+        return EncoderStats(
+            encoders=self.pool.size if self.pool is not None else len(self.encoders_seen),
+            encode_seconds=sum(self.encoders_seen.values()),
+        )
 
     def _dataset(self, ray: Any, pending: Sequence[Shard], encoder: EncoderFacts, existing: Any = None) -> Any:
         """The Ray Data pipeline: pending shards → chunk rows (CPU tasks) → encoded rows (actors).
@@ -590,136 +540,92 @@ class RayRunner(LocalRunner):
                 max_task_retries=ENCODER_MAX_RESTARTS,
             )
 
-    def _run_pipeline(
-        self,
-        pending: list[Shard],
-        encoder: Any,
-        sink: Any,
-        checkpoint: Any,
-        result: RunResult,
-        generation: str | None = None,
-        change_filter: Any = None,
-    ) -> None:
+    def execute(self, plan: RunPlan) -> Iterator[Event]:
+        """The dataset's output blocks as events; a puller thread, so the skeleton can stop on time."""
         import ray
 
         # Incremental: what the output holds goes to the object store once; read tasks filter with it.
         existing = None
-        if change_filter is not None:
-            existing = ray.put(change_filter.existing)
-            change_filter.existing = ray.get(existing)  # the driver too keeps only the store's copy
-            self._known_versions = None  # the read tasks derive theirs from the stored copy
-        dataset = self._dataset(ray, pending, encoder, existing)
+        if plan.change_filter is not None:
+            existing = ray.put(plan.change_filter.existing)
+            plan.change_filter.existing = ray.get(existing)  # the driver too keeps only the store's copy
+        dataset = self._dataset(ray, plan.pending, plan.encoder, existing)
         blocks: queue.Queue = queue.Queue(maxsize=2)
         failure: list[BaseException] = []
-        pulled_all = threading.Event()
-
-        def pull() -> None:
-            """Ray Data's output stream → ``blocks``; a thread, so the driver can stop on time."""
-            stream = iter(dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2))
-            try:
-                for rows in stream:
-                    while True:
-                        if self._abort.is_set():
-                            raise PipelineStopped
-                        try:
-                            blocks.put(rows, timeout=QUEUE_POLL_S)
-                            break
-                        except queue.Full:
-                            continue
-            except PipelineStopped:
-                pass
-            except BaseException as err:
-                failure.append(err)
-            finally:
-                close = getattr(stream, "close", None)
-                if close is not None:
-                    try:
-                        close()  # ends the streaming executor when the run stops early
-                    except Exception:
-                        log.debug("closing the Ray Data stream failed", exc_info=True)
-                pulled_all.set()
-
-        def on_commit(_result: RunResult) -> None:
-            if self.on_progress:
-                self.on_progress(result, 0)
-
-        assembler = ShardAssembler(
-            pending, sink, checkpoint, result, self._abort, on_commit=on_commit, canaries=self.canaries, background=True
+        pulled_all, halt = threading.Event(), threading.Event()
+        puller = threading.Thread(
+            target=self._pull, args=(dataset, blocks, failure, pulled_all, halt), name="embedder-ray-pull", daemon=True
         )
-        assembler.generation = generation
-        self._read_progress = ReadProgress(result, pending)
-        sampler = TimelineSampler(encoder)
-        in_flight_at_drain: set[str] | None = None
-        puller = threading.Thread(target=pull, name="embedder-ray-pull", daemon=True)
         puller.start()
+        seen: set[str] = set()
         try:
             while True:
-                assembler.check()
-                if self._abort.is_set():
-                    raise RunFailed("stopped: " + ("lease lost" if self._lease_lost else "aborted"))
-                if self._drain.is_set():
-                    unfinished = set(assembler.unfinished)
-                    if in_flight_at_drain is None:
-                        in_flight_at_drain = set(assembler.started) & unfinished
-                    if not in_flight_at_drain & unfinished:
-                        break  # every shard in flight when the drain began has committed
-                    if time.monotonic() > self._drain_deadline:
-                        log.warning(
-                            "grace period over: abandoning %d in-flight shard(s); a rerun redoes them",
-                            len(in_flight_at_drain & unfinished),
-                        )
-                        break
                 try:
                     rows = blocks.get(timeout=QUEUE_POLL_S)
                 except queue.Empty:
                     if pulled_all.is_set() and blocks.empty():
                         if failure:
                             raise RunFailed(f"the Ray pipeline failed: {failure[0]}") from failure[0]
-                        break
+                        return
+                    yield IDLE
                     continue
-                self._take(rows, assembler, result)
-                sampler.sample(result)
-            assembler.wait()  # commits every complete shard still queued for the committer
-            if assembler.unfinished and not self._drain.is_set():
-                raise RunFailed(f"pipeline ended with {len(assembler.unfinished)} shard(s) unfinished")
+                yield from self._events(rows, seen)
         finally:
-            self._abort.set()
-            result.unfinished_shards = sorted(assembler.unfinished)
-            result.interrupted_shards = sorted(s for s in assembler.unfinished if s in assembler.started)
-            assembler.discard_all()
-            sampler.finish(result)
+            halt.set()
             puller.join(timeout=5)
-            result.encoders = self.pool.size if self.pool is not None else len(self.encoders_seen)
-            if self.encoders_seen:
-                log.info(
-                    "ray: %d encoder actor(s) encoded for %s s",
-                    len(self.encoders_seen), ", ".join(f"{s:.1f}" for s in self.encoders_seen.values()),
-                )
 
-    def _take(self, rows: pa.Table, assembler: ShardAssembler, result: RunResult) -> None:
-        """Feeds one block of encoded rows and end rows to the assembler."""
+    def _pull(self, dataset: Any, blocks: queue.Queue, failure: list[BaseException], pulled_all: threading.Event,
+              halt: threading.Event) -> None:
+        """Ray Data's output stream → ``blocks`` (puller thread)."""
+        stream = iter(dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2))
+        try:
+            for rows in stream:
+                while not (halt.is_set() or self.control.abort.is_set()):
+                    try:
+                        blocks.put(rows, timeout=QUEUE_POLL_S)
+                        break
+                    except queue.Full:
+                        continue
+                else:
+                    return
+        except BaseException as err:
+            failure.append(err)
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                try:
+                    close()  # ends the streaming executor when the run stops early
+                except Exception:
+                    log.debug("closing the Ray Data stream failed", exc_info=True)
+            pulled_all.set()
+
+    def _events(self, rows: pa.Table, seen: set[str]) -> Iterator[Event]:
+        """One block of encoded rows and end rows as events (a shard starts when its first rows show)."""
         for actor, seconds in zip(rows.column("encoder").to_pylist(), rows.column("encode_seconds").to_pylist()):
             if actor is not None:
                 self.encoders_seen[actor] = self.encoders_seen.get(actor, 0.0) + (seconds or 0.0)
-                result.encode_seconds += seconds or 0.0
         chunk_rows, end_rows = partition_rows(rows)
-        if chunk_rows.num_rows:
-            chunks = rows_to_chunks(chunk_rows)
-            now = time.time()
-            for chunk in chunks:
-                assembler.started.setdefault(chunk.shard_id, now)  # first rows seen: a shard's duration starts
+        ends = rows_to_ends(end_rows)
+        chunks = rows_to_chunks(chunk_rows) if chunk_rows.num_rows else []
+        now = time.time()
+        for shard_id in dict.fromkeys([*(c.shard_id for c in chunks), *(e.shard_id for e in ends)]):
+            if shard_id not in seen:
+                seen.add(shard_id)
+                yield ShardStarted(shard_id, now)
+        if chunks:
             vectors = chunk_rows.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-            vectors = corrupt(vectors.reshape(len(chunks), -1))
-            failpoint("mid_encode")
-            self._read_progress.chunks(chunks)
-            assembler.add_vectors(chunks, vectors)
-            if self.on_progress:
-                self.on_progress(result, len(chunks))
-        for end in rows_to_ends(end_rows):
-            assembler.started.setdefault(end.shard_id, time.time())
-            failpoint("after_read")
-            self._read_progress.end(end)
-            assembler.end_shard(end)
+            yield EncodedBlock(chunks, vectors.reshape(len(chunks), -1))
+        for end in ends:
+            yield ShardFinished(end)
+
+
+class RayRunner(Run):
+    """A run with the Ray scheduler (``runner.kind: ray``): see ``embedder.execution.skeleton.Run``."""
+
+    def __init__(
+        self, job: Job, on_progress: Callable[[RunResult, int], None] | None = None, force_unlock: bool = False
+    ) -> None:
+        super().__init__(job, RayScheduler, on_progress=on_progress, force_unlock=force_unlock)
 
 
 def _import_ray() -> Any:
@@ -755,4 +661,4 @@ def run_ray(
     return RayRunner(job, on_progress=on_progress, force_unlock=force_unlock).run()
 
 
-__all__ = ["EncoderActor", "EncoderFacts", "EncoderPool", "RayRunner", "plan_encoder_pool", "run_ray"]
+__all__ = ["EncoderActor", "EncoderFacts", "EncoderPool", "RayRunner", "RayScheduler", "plan_encoder_pool", "run_ray"]

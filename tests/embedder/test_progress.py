@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from embedder.execution.result import RunResult
 from embedder.progress import (
     RunProgress,
     eta_seconds,
@@ -24,7 +25,6 @@ from embedder.progress import (
     format_tokens,
     progress_line,
 )
-from embedder.runners.stages import RunResult
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "examples" / "quickstart" / "docs.jsonl"

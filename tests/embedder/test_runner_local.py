@@ -256,8 +256,8 @@ def test_memory_timeline_counts_the_runner_and_its_readers() -> None:
     import sys
     import time
 
-    from embedder.runners.local import TimelineSampler, rss_mb
-    from embedder.runners.stages import RunResult
+    from embedder.execution.result import RunResult
+    from embedder.execution.telemetry import TimelineSampler, rss_mb
 
     child = subprocess.Popen([sys.executable, "-c", "import time; b = bytearray(80_000_000); time.sleep(30)"])
     try:

@@ -27,7 +27,7 @@ import pytest
 from embedder import run
 from embedder.checkpoint import Checkpoint
 from embedder.config import ConfigError, build_job
-from embedder.records import BadRecord, Chunk
+from embedder.records import BadRecord, Chunk, ShardEnd
 from embedder.runners.ray import (
     KILL_ENCODER_ENV,
     RayRunner,
@@ -38,7 +38,6 @@ from embedder.runners.ray import (
     rows_to_chunks,
     rows_to_ends,
 )
-from embedder.runners.stages import ShardEnd
 from tests.embedder.outputs import read_output, wait_lease_expired
 
 REPO = Path(__file__).resolve().parents[2]
@@ -181,8 +180,8 @@ def test_ray_equals_local_on_jsonl(ray_cluster, corpus, local_jsonl, tmp_path) -
     runner = RayRunner(build_job(_job(str(corpus), out, "jsonl", "lance", "ray")))
     result = runner.run()
     assert result.state == "done" and result.runner == "ray"
-    assert runner.pool is not None and runner.pool.size == 2
-    assert len(runner.encoders_seen) >= 2, f"work went to {len(runner.encoders_seen)} encoder actor(s)"
+    assert runner.scheduler.pool is not None and runner.scheduler.pool.size == 2
+    assert len(runner.scheduler.encoders_seen) >= 2, f"work went to {len(runner.scheduler.encoders_seen)} encoder actor(s)"
     table = _read(out, "lance")
     _assert_same_rows(table, local_jsonl)
     assert result.rows_written == result.chunks == table.num_rows
@@ -219,7 +218,7 @@ def test_killed_encoder_actor_loses_and_duplicates_nothing(ray_cluster, corpus, 
     assert marker.exists(), "the test hook never killed an actor"
     assert result.state == "done"
     # the dead actor's calls, its restart's and the other actor's: three actor processes did work
-    assert len(runner.encoders_seen) >= 3
+    assert len(runner.scheduler.encoders_seen) >= 3
     _assert_same_rows(_read(out, "lance"), local_jsonl)
     assert result.rows_written == local_jsonl.num_rows
 
@@ -445,8 +444,8 @@ def test_gpu_encoder_actors_match_local(ray_cluster, wiki_sample, tmp_path) -> N
     local = run(jobs["local"])
     runner = RayRunner(jobs["ray"])
     remote = runner.run()
-    assert runner.pool is not None and runner.pool.on_gpu and runner.pool.size == torch.cuda.device_count()
-    assert len(runner.encoders_seen) >= 2
+    assert runner.scheduler.pool is not None and runner.scheduler.pool.on_gpu and runner.scheduler.pool.size == torch.cuda.device_count()
+    assert len(runner.scheduler.encoders_seen) >= 2
     table, reference = _read(outputs["ray"], "parquet"), _read(outputs["local"], "parquet")
     assert table.column("id").to_pylist() == reference.column("id").to_pylist()
     a = np.asarray(table.column("vector").to_pylist(), dtype=np.float32)
@@ -456,4 +455,4 @@ def test_gpu_encoder_actors_match_local(ray_cluster, wiki_sample, tmp_path) -> N
 
     assert provenance_of(table.schema)["dtype"] == provenance_of(reference.schema)["dtype"] == "bfloat16"
     print(f"tokens/s: local {local.tokens_per_second:,.0f} on 1 GPU; ray {remote.tokens_per_second:,.0f} "
-          f"on {runner.pool.size} GPUs; encode seconds per actor {sorted(runner.encoders_seen.values())}")
+          f"on {runner.scheduler.pool.size} GPUs; encode seconds per actor {sorted(runner.scheduler.encoders_seen.values())}")

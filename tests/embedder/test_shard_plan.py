@@ -9,7 +9,8 @@ import random
 from embedder import run
 from embedder.checkpoint import Checkpoint
 from embedder.config import build_job
-from embedder.runners.stages import MIN_SHARD_BYTES, make_connector, plan_shards, resolve_job
+from embedder.execution.job import resolve_job
+from embedder.pipeline.read import MIN_SHARD_BYTES, make_connector, plan_shards
 from tests.embedder.outputs import read_output
 
 WORDS = "river mountain valley glacier forest desert ocean island harbor bridge castle village".split()
