@@ -441,10 +441,11 @@ class Encoder:
         first, second = split_batch(batch)
         return _ConcatHandle([self.encode_async(first), self.encode_async(second)])
 
-    def encode_texts(self, texts: Sequence[str], prompt: str) -> np.ndarray:
+    def encode_texts(self, texts: Sequence[str], prompt: str, truncated: list[int] | None = None) -> np.ndarray:
         """Tokenizes, packs and encodes texts with ``prompt``: ``[n, dim]`` float32 in input order.
 
-        Texts longer than the limit are truncated, as ``SentenceTransformer.encode`` does.
+        Texts longer than the limit are truncated, as ``SentenceTransformer.encode`` does; their
+        indices are appended to ``truncated`` when it is given.
         """
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not len(texts):
@@ -454,6 +455,8 @@ class Encoder:
         if room < 1:
             raise ModelError(f"prompt {prompt!r} leaves no room for text within {self.max_seq_length} tokens")
         encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        if truncated is not None:
+            truncated.extend(i for i, e in enumerate(encodings) if len(e.ids) > room)
         chunks = [
             Chunk(doc_id=str(i), chunk_index=0, text="", token_ids=np.asarray(e.ids[:room], np.int32), content_hash="")
             for i, e in enumerate(encodings)
