@@ -125,13 +125,23 @@ def spooled(job: Job) -> Iterator[Job]:
     from embedder.in_memory import spool
 
     written = spool(job.source)
+    with _spool_lock:
+        _spool_users[written.path] += 1  # two runs of this process over the same data share one file
     source = job.source.model_copy(update={"uri": written.uri})
     source._data = None  # the runners (and their deep copies of the job) never carry the object
     try:
         yield job.model_copy(update={"source": source})
     finally:
-        with contextlib.suppress(OSError):
-            os.unlink(written.path)
+        with _spool_lock:
+            _spool_users[written.path] -= 1
+            if not _spool_users[written.path]:
+                del _spool_users[written.path]
+                with contextlib.suppress(OSError):
+                    os.unlink(written.path)
+
+
+_spool_users: collections.Counter[str] = collections.Counter()
+_spool_lock = threading.Lock()
 
 
 # --- embed: vectors for a few texts, in this process ----------------------------------------

@@ -212,3 +212,20 @@ def test_resume_after_a_crash_gives_exactly_once_output(tmp_path: Path) -> None:
     vectors = np.asarray(table.column("vector").to_pylist())
     assert cosines(vectors, np.asarray(expected.column("vector").to_pylist())).min() >= 0.9999
     assert len(Checkpoint(str(tmp_path / "db")).completed()) == 10
+
+
+def test_incremental_pass_over_grown_data_embeds_only_what_changed(tmp_path: Path) -> None:
+    import pandas as pd
+
+    output = tmp_path / "db"
+    frame = pd.DataFrame({"id": [f"d{i}" for i in range(10)], "text": [f"text number {i}" for i in range(10)]})
+    assert embedder.run(_job(output, frame)).chunks == 10
+    grown = pd.concat([frame, pd.DataFrame({"id": ["d10", "d11"], "text": ["new one", "new two"]})], ignore_index=True)
+    grown.loc[3, "text"] = "changed text"
+    job = _job(output, grown)
+    job["output"]["mode"] = "incremental"
+    result = embedder.run(job)
+    assert (result.state, result.chunks, result.added, result.updated, result.unchanged) == ("done", 3, 2, 1, 9)
+    table = _rows(output)
+    assert sorted(table.column("doc_id").to_pylist()) == sorted(grown["id"])
+    assert dict(zip(table.column("doc_id").to_pylist(), table.column("text").to_pylist()))["d3"] == "changed text"

@@ -22,7 +22,7 @@ TOPICS = ["rivers", "mountains", "bread", "stars", "bees", "chess", "tides", "vo
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=2, object_store_memory=500_000_000, include_dashboard=False, logging_level="WARNING")
+    ray.init(num_cpus=3, object_store_memory=1_000_000_000, include_dashboard=False, logging_level="WARNING")
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
@@ -30,7 +30,7 @@ def ray_cluster():
 
 
 def _items(n: int = 40) -> list[dict]:
-    return [{"id": i, "text": f"A note about {TOPICS[i % 10]}, number {i}. " + "more words " * (i % 7)} for i in range(n)]
+    return [{"id": i, "text": f"A note about {TOPICS[i % 10]}, number {i}." + " more words" * (i % 7)} for i in range(n)]
 
 
 @pytest.mark.parametrize("batch_format", ["pyarrow", "pandas", "numpy"])
@@ -67,3 +67,25 @@ def test_query_prompt_replaced_column_and_bad_batches() -> None:
         Embed(model="all-MiniLM-L6-v2", device="cpu", text_column="body")({"id": np.arange(2), "text": np.array(["a", "b"])})
     with pytest.raises(embedder.api.EmbedError, match="row 1 of the batch has a NoneType in 'text'"):
         stage({"text": np.array(["a", None], dtype=object)})
+
+
+def test_ray_runner_reads_an_in_memory_source(ray_cluster, tmp_path) -> None:
+    """``runner: ray`` over a DataFrame: the read tasks memory-map the spool file like local readers."""
+    import pandas as pd
+
+    from tests.embedder.outputs import read_output
+
+    items = _items(25)
+    frame = pd.DataFrame({"key": [f"k{item['id']}" for item in items], "text": [item["text"] for item in items]})
+    result = embedder.run(
+        {"source": {"uri": frame, "id_field": "key", "options": {"shard_rows": 10}}, "output": {"uri": str(tmp_path / "db")},
+         "model": {"device": "cpu", "token_budget": 1024}, "runner": {"kind": "ray", "workers": 1, "show_progress": False},
+         "validation": {"canary_samples": 0}}
+    )
+    assert result.state == "done" and result.shards_total == 3
+    table = read_output(str(tmp_path / "db"), "lance").sort_by("doc_id")
+    expected = frame.sort_values("key")
+    assert table.column("doc_id").to_pylist() == expected["key"].tolist()
+    assert table.column("text").to_pylist() == expected["text"].tolist()
+    vectors = np.asarray(table.column("vector").to_pylist(), dtype=np.float32)
+    assert cosines(vectors, embedder.embed(expected["text"].tolist(), device="cpu")).min() >= 0.9999
