@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -98,6 +99,8 @@ class SourceConfig(_Section):
         the config says ``uri: memory://<kind>`` and ``format: memory`` (``embedder.in_memory``
         turns the object into a spool file when the job runs)."""
         data = None
+        if isinstance(value, dict) and isinstance(value.get("uri"), os.PathLike):
+            value = {**value, "uri": os.fspath(value["uri"])}  # a pathlib.Path is a path
         if isinstance(value, dict) and "uri" in value and not isinstance(value["uri"], str):
             data = value["uri"]
         elif not isinstance(value, (dict, BaseModel)):

@@ -262,11 +262,17 @@ def _python_table(columns: Mapping[str, Any], pandas: bool = False) -> pa.Table:
         except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
             listed = [None if v is None or (isinstance(v, float) and v != v) else v  # NaN: pandas' null
                       for v in (values.tolist() if pandas else values)]
-            array = pa.array([None if v is None else json.dumps(v, default=repr) for v in listed], pa.string())
+            array = pa.array([None if v is None else json.dumps(v, default=_unsupported) for v in listed], pa.string())
             field = pa.field(name, pa.string(), metadata={JSON_FIELD_KEY: b"1"})
         arrays.append(array)
         fields.append(field)
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def _unsupported(value: Any) -> dict[str, str]:
+    """A value JSON cannot hold (bytes, an object), spooled as a dict: read back, it is still not a
+    string, so a text or id of that kind is quarantined rather than embedded as its ``repr``."""
+    return {"unsupported_type": type(value).__name__, "repr": repr(value)[:200]}
 
 
 def _fixed_rows(first: pa.RecordBatch, rest: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:

@@ -116,3 +116,18 @@ def test_open_index_embeds_a_list_of_queries(tmp_path: Path, minilm) -> None:
     assert index.embed(queries[0]).shape == (384,)
     assert index.embed([]).shape == (0, 384)
     assert [index.search_vector(v, k=1)[0].doc_id for v in vectors] == ["4", "7", "5"]  # bees, volcanoes, chess
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("dtype", "min_cos"), [("bfloat16", 0.999), ("float16", 0.999), ("float32", FP32_MIN_COS)])
+def test_embed_on_cuda_matches_sentence_transformers_fp32(minilm, dtype: str, min_cos: float) -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    texts = _texts(50) + ["word " * 400]  # one past the limit: truncated like sentence-transformers
+    with pytest.warns(UserWarning, match="truncated"):
+        vectors = embedder.embed(texts, device="cuda", dtype=dtype)
+    assert vectors.dtype == np.float32 and vectors.shape == (51, 384)
+    assert cosines(vectors, minilm.encode(texts, convert_to_numpy=True)).min() >= min_cos
+    encoder = encoder_for("all-MiniLM-L6-v2", device="cuda", dtype=dtype)
+    assert encoder.device.type == "cuda"
