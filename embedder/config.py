@@ -35,8 +35,9 @@ from embedder.errors import UsageError
 
 FormatName = str
 """``auto`` or a connector name of ``connectors.registry.CONNECTORS`` (built-in: jsonl, parquet, text,
-wikipedia, lance; plugins add theirs with ``register_connector``); checked against the registry when
-the job is resolved, so a plugin's name is valid."""
+wikipedia, lance, and memory for in-memory sources given from Python; plugins add theirs with
+``register_connector``); checked against the registry when the job is resolved, so a plugin's name
+is valid."""
 SinkName = str
 """``auto`` or a sink name of ``indexes.registry.SINKS`` (built-in: lance, parquet), checked likewise."""
 DeviceName = Literal["auto", "cpu", "cuda"]
@@ -79,7 +80,10 @@ class _Section(BaseModel):
 class SourceConfig(_Section):
     """Where the corpus is and how to read it."""
 
-    uri: str = Field(description="File, folder, glob or fsspec URL (s3://bucket/prefix/*.jsonl).")
+    uri: str = Field(
+        description="File, folder, glob or fsspec URL (s3://bucket/prefix/*.jsonl); from Python also an "
+        "in-memory object (see _in_memory)."
+    )
     format: FormatName = "auto"
     id_field: str = "id"
     text_field: str = "text"
