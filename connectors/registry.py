@@ -20,6 +20,7 @@ CONNECTORS: Registry[Connector] = Registry(
         "text": "connectors.text",
         "wikipedia": "connectors.wikipedia",
         "lance": "connectors.lance",
+        "memory": "connectors.memory",
     },
 )
 register_connector = CONNECTORS.register

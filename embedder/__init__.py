@@ -1,8 +1,8 @@
 """embedder: embed whole corpora with BGE/E5-class models, padding-free, resumable.
 
-Public API (imported lazily so ``embedder --help`` starts fast)::
+Public API (imported lazily so ``import embedder`` and ``embedder --help`` start fast)::
 
-    from embedder import Job, run, open_index
+    from embedder import Job, embed, run, open_index
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["Job", "RunResult", "load_job", "open_index", "run", "__version__"]
+__all__ = ["Job", "RunResult", "embed", "load_job", "open_index", "run", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -18,7 +18,7 @@ def __getattr__(name: str) -> Any:
         from embedder.config import Job
 
         return Job
-    if name in ("run", "open_index", "load_job"):
+    if name in ("run", "open_index", "load_job", "embed"):
         from embedder import api
 
         return getattr(api, name)

@@ -14,19 +14,30 @@ Example:
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 
 from embedder.errors import UsageError
 
 FormatName = str
 """``auto`` or a connector name of ``connectors.registry.CONNECTORS`` (built-in: jsonl, parquet, text,
-wikipedia, lance; plugins add theirs with ``register_connector``); checked against the registry when
-the job is resolved, so a plugin's name is valid."""
+wikipedia, lance, and memory for in-memory sources given from Python; plugins add theirs with
+``register_connector``); checked against the registry when the job is resolved, so a plugin's name
+is valid."""
 SinkName = str
 """``auto`` or a sink name of ``indexes.registry.SINKS`` (built-in: lance, parquet), checked likewise."""
 DeviceName = Literal["auto", "cpu", "cuda"]
@@ -70,7 +81,10 @@ class _Section(BaseModel):
 class SourceConfig(_Section):
     """Where the corpus is and how to read it."""
 
-    uri: str = Field(description="File, folder, glob or fsspec URL (s3://bucket/prefix/*.jsonl).")
+    uri: str = Field(
+        description="File, folder, glob or fsspec URL (s3://bucket/prefix/*.jsonl); from Python also an "
+        "in-memory object (see _in_memory)."
+    )
     format: FormatName = "auto"
     id_field: str = "id"
     text_field: str = "text"
@@ -79,6 +93,40 @@ class SourceConfig(_Section):
     shard_size_mb: float = Field(64.0, gt=0, description="Target input bytes per shard.")
     options: dict[str, Any] = Field(default_factory=dict, description="Connector-specific options.")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec storage options.")
+    _data: Any = PrivateAttr(default=None)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _in_memory(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> SourceConfig:
+        """Accepts an in-memory object (a list of strings or dicts, a pandas DataFrame, a pyarrow
+        Table or RecordBatchReader, a ``datasets.Dataset``...) as the source itself or as its ``uri``
+        (``{"uri": df, "text_field": "body"}``). The object is kept beside the config, never in it:
+        the config says ``uri: memory://<kind>`` and ``format: memory`` (``embedder.in_memory``
+        turns the object into a spool file when the job runs)."""
+        data = None
+        if isinstance(value, dict) and isinstance(value.get("uri"), os.PathLike):
+            value = {**value, "uri": os.fspath(value["uri"])}  # a pathlib.Path is a path
+        if isinstance(value, dict) and "uri" in value and not isinstance(value["uri"], str):
+            data = value["uri"]
+        elif not isinstance(value, (dict, BaseModel)):
+            data = value
+        if data is None:
+            return handler(value)
+        kind = in_memory_kind(data)
+        fields = dict(value) if isinstance(value, dict) else {}
+        if fields.get("format", "auto") not in ("auto", "memory"):
+            raise ValueError(
+                f"source.format {fields['format']!r} reads files; an in-memory {kind} source is read with "
+                "format 'memory' (leave source.format unset)"
+            )
+        config = handler({**fields, "uri": f"memory://{kind}", "format": "memory"})
+        config._data = data
+        return config
+
+    @property
+    def data(self) -> Any:
+        """The in-memory object this source reads (None for a path or URL)."""
+        return self._data
 
     @field_validator("format")
     @classmethod
@@ -236,6 +284,33 @@ class Job(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.redacted(), sort_keys=False)
+
+
+IN_MEMORY_KINDS = (
+    "a list of strings or of dicts, a pandas DataFrame, a pyarrow Table, RecordBatch or RecordBatchReader, "
+    "a datasets.Dataset, or any object with __arrow_c_stream__ (polars, DuckDB)"
+)
+
+
+def in_memory_kind(data: Any) -> str:
+    """What an in-memory source is (``"pandas.DataFrame"``, ``"list"``...), by type alone (nothing
+    heavy is imported here).
+
+    Raises:
+        ValueError: ``data`` is not a kind of in-memory source embedder reads (the message lists them).
+    """
+    cls = type(data)
+    module = cls.__module__.split(".", 1)[0]
+    kind = cls.__name__ if module == "builtins" else f"{module}.{cls.__name__}"
+    if isinstance(data, (list, tuple)):
+        return "list"
+    if kind in ("pandas.DataFrame", "pyarrow.Table", "pyarrow.RecordBatch", "pyarrow.RecordBatchReader", "datasets.Dataset"):
+        return kind
+    if kind == "datasets.DatasetDict":
+        raise ValueError(f"source is a datasets.DatasetDict with splits {list(data)}: pass one split, e.g. ds['train']")
+    if hasattr(data, "__arrow_c_stream__"):
+        return kind
+    raise ValueError(f"source must be a path or URL string, or an in-memory object ({IN_MEMORY_KINDS}); got {kind}")
 
 
 def _registered(module: str, registry: str, value: str) -> str:

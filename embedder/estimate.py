@@ -170,11 +170,9 @@ def model_profile(config: ModelConfig) -> ModelProfile:
     hf_tokenizer = AutoTokenizer.from_pretrained(str(transformer_dir), trust_remote_code=config.trust_remote_code)
     lower = bool(st_config.get("do_lower_case", False))
     tokenizer_json = fast_tokenizer_json(SimpleNamespace(tokenizer=hf_tokenizer, do_lower_case=lower))
-    import tokenizers
+    from embedder.pipeline.chunk import tokenizer_from_json
 
-    tokenizer = tokenizers.Tokenizer.from_str(tokenizer_json)
-    tokenizer.no_truncation()
-    tokenizer.no_padding()
+    tokenizer = tokenizer_from_json(tokenizer_json)
 
     max_positions = int(hf_config.get("max_position_embeddings") or 0)
     limit = st_config.get("max_seq_length")
@@ -298,6 +296,7 @@ def calibrate(job: Job, chunks: list[Chunk], tokens: int = CALIBRATION_TOKENS) -
 
     from embedder.models.encoder import Encoder
     from embedder.packing import TokenBudgetPacker
+    from embedder.pipeline.encode import encode_stream
 
     if not torch.cuda.is_available():
         raise EstimateError("--calibrate needs a CUDA GPU; without one the estimate uses the measured throughput table")
@@ -310,15 +309,7 @@ def calibrate(job: Job, chunks: list[Chunk], tokens: int = CALIBRATION_TOKENS) -
     batches = [b for _ in range(repeats) for b in packer.add(chunks)] + list(packer.flush())
 
     def run(selection: list[Any]) -> int:
-        in_flight, done = [], 0
-        for batch in selection:
-            in_flight.append(encoder.encode_async(batch))
-            if len(in_flight) >= 2:
-                in_flight.pop(0).result()
-            done += batch.num_tokens
-        for handle in in_flight:
-            handle.result()
-        return done
+        return sum(batch.num_tokens for batch, _ in encode_stream(encoder, selection))
 
     run(batches[: max(2, len(batches) // 10)])  # warm-up: kernels, allocator, autotuning
     torch.cuda.synchronize()

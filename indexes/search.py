@@ -37,7 +37,7 @@ from __future__ import annotations
 import difflib
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -186,15 +186,26 @@ class Index(ABC):
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         return SearchError(f"unknown column {name!r} in --filter{hint}; columns: {', '.join(columns)}")
 
-    def embed(self, query: str) -> np.ndarray:
-        """The query's vector, checked against the index's dimension."""
-        vector = np.asarray(self._embed_query(query), dtype=np.float32).reshape(-1)
-        if vector.shape[0] != self.dim:
+    def embed(self, query: str | Sequence[str]) -> np.ndarray:
+        """The query's vector (``[dim]``), or one vector per query of a list (``[n, dim]``), with the
+        index's model and query prompt, checked against the index's dimension."""
+        if isinstance(query, str):
+            vectors = np.asarray(self._embed_query(query), dtype=np.float32).reshape(1, -1)
+        else:
+            queries = list(query)
+            embed_many = getattr(self._embed_query, "embed_many", None)
+            if not queries:
+                vectors = np.zeros((0, self.dim), dtype=np.float32)
+            elif embed_many is not None:
+                vectors = np.asarray(embed_many(queries), dtype=np.float32).reshape(len(queries), -1)
+            else:
+                vectors = np.stack([np.asarray(self._embed_query(q), dtype=np.float32).reshape(-1) for q in queries])
+        if vectors.shape[1] != self.dim:
             raise SearchError(
-                f"the query vector has {vector.shape[0]} dims but {self.uri} holds {self.dim}-dim vectors "
+                f"the query vector has {vectors.shape[1]} dims but {self.uri} holds {self.dim}-dim vectors "
                 f"of {self.provenance.get('model', 'an unknown model')!r}; embed queries with that model"
             )
-        return vector
+        return vectors[0] if isinstance(query, str) else vectors
 
     @abstractmethod
     def search_vector(self, vector: np.ndarray, k: int = 5, filter: str | None = None) -> list[Hit]:
@@ -506,21 +517,22 @@ def _top(scores: np.ndarray, k: int) -> np.ndarray:
 
 
 def _encoder_query_embedder(provenance: Mapping[str, Any]) -> QueryEmbedder:
-    """Embeds queries with the model that wrote the index; the model loads on the first query."""
+    """Embeds queries with the model that wrote the index; the model loads on the first query (and
+    is shared with ``embedder.embed``'s cache: ``embedder.api.encoder_for``). ``embed_many``
+    embeds a list of queries in packed batches."""
     model = provenance.get("model")
-    encoder: Any = None
 
-    def embed(query: str) -> np.ndarray:
-        nonlocal encoder
+    def embed_many(queries: list[str]) -> np.ndarray:
         if not model:
             raise SearchError("the index records no model in its provenance; pass embed_query= to open_index")
-        if encoder is None:
-            from embedder.config import ModelConfig
-            from embedder.models.encoder import Encoder
+        from embedder.api import encoder_for
 
-            encoder = Encoder.load(ModelConfig(name=model, device="cpu"))
-        return np.asarray(encoder.encode_queries([query])[0], dtype=np.float32)
+        return np.asarray(encoder_for(model, device="cpu").encode_queries(queries), dtype=np.float32)
 
+    def embed(query: str) -> np.ndarray:
+        return embed_many([query])[0]
+
+    embed.embed_many = embed_many  # type: ignore[attr-defined]
     return embed
 
 

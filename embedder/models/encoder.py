@@ -321,7 +321,9 @@ class Encoder:
             self.query_prompt = task_query_prompt(self.query_prompt, config.task)
 
         self.tokenizer_json = fast_tokenizer_json(transformer)
-        self.tokenizer = _rust_tokenizer(self.tokenizer_json)
+        from embedder.pipeline.chunk import tokenizer_from_json
+
+        self.tokenizer = tokenizer_from_json(self.tokenizer_json)
         model_config = auto_model.config
         self._vocab_size = int(getattr(model_config, "vocab_size", 0) or 0)
         self._pad_id = int(getattr(model_config, "pad_token_id", None) or 0)
@@ -551,12 +553,13 @@ class Encoder:
         )
         return EncodeHandle(vectors)
 
-    def encode_texts(self, texts: Sequence[str], prompt: str) -> np.ndarray:
+    def encode_texts(self, texts: Sequence[str], prompt: str, truncated: list[int] | None = None) -> np.ndarray:
         """Tokenizes, packs and encodes texts with ``prompt``: ``[n, dim]`` float32 in input order.
 
         Texts longer than the limit are truncated, as ``SentenceTransformer.encode`` does. A prompt
         that does not tokenize apart from the text (see ``layout.prompt_token_ids``) is tokenized
-        together with each text, exactly as sentence-transformers does.
+        together with each text, exactly as sentence-transformers does. The indices of truncated texts
+        are appended to ``truncated`` when it is given.
         """
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not len(texts):
@@ -576,19 +579,18 @@ class Encoder:
             raise ModelError(f"prompt {prompt!r} leaves no room for text within {self.max_seq_length} tokens")
         inputs = [prompt + t for t in texts] if joint else list(texts)
         encodings = self.tokenizer.encode_batch(inputs, add_special_tokens=False)
+        if truncated is not None:
+            truncated.extend(i for i, e in enumerate(encodings) if len(e.ids) > room)
         chunks = [
             Chunk(doc_id=str(i), chunk_index=0, text="", token_ids=np.asarray(e.ids[:room], np.int32), content_hash="")
             for i, e in enumerate(encodings)
         ]
         lengths = np.fromiter((len(c.token_ids) for c in chunks), np.int64, len(chunks)) + layout.overhead
-        in_flight: list[tuple[np.ndarray, EncodeHandle]] = []
-        for group in plan_batches(lengths, self.token_budget):
-            in_flight.append((group, self.encode_async(build_batch([chunks[i] for i in group], layout))))
-            if len(in_flight) > 2:
-                done, handle = in_flight.pop(0)
-                out[done] = handle.result()
-        for done, handle in in_flight:
-            out[done] = handle.result()
+        from embedder.pipeline.encode import encode_stream
+
+        batches = (build_batch([chunks[i] for i in group], layout) for group in plan_batches(lengths, self.token_budget))
+        for batch, vectors in encode_stream(self, batches):
+            out[[int(c.doc_id) for c in batch.chunks]] = vectors
         return out
 
     def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
@@ -755,15 +757,6 @@ class _FidelityGate:
 
     reference: PackedBertEncoder
     min_cosine: float
-
-
-def _rust_tokenizer(tokenizer_json: str) -> tokenizers.Tokenizer:
-    import tokenizers
-
-    tok = tokenizers.Tokenizer.from_str(tokenizer_json)
-    tok.no_truncation()
-    tok.no_padding()
-    return tok
 
 
 def _check_layout_matches_model_tokenizer(

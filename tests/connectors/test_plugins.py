@@ -63,5 +63,5 @@ def test_an_unknown_format_names_the_registered_ones(tmp_path) -> None:
                            "--output", str(tmp_path / "out"), "--format", "csv"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
-    assert "source.format" in proc.stderr and "Valid: 'auto', 'jsonl', 'lance', 'parquet', 'text' or 'wikipedia'" in proc.stderr
+    assert "source.format" in proc.stderr and "Valid: 'auto', 'jsonl', 'lance', 'memory', 'parquet', 'text' or 'wikipedia'" in proc.stderr
     assert not (tmp_path / "out").exists()
