@@ -64,8 +64,14 @@ def with_vector_dtype(schema: pa.Schema, vector_dtype: str) -> pa.Schema:
             f"output.vector_dtype int8 stores unit vectors in [-1, 1], but {provenance.get('model')!r} does not "
             "normalize its vectors; use output.vector_dtype float16 or binary"
         )
-    provenance["vector_dtype"] = vector_dtype
-    provenance["quantization"] = quantization_params(vector_dtype)
+    # float32 is recorded by its absence (``FINGERPRINT_DEFAULTS``), so float32 outputs keep the
+    # provenance they had before the option existed.
+    for key in ("vector_dtype", "quantization"):
+        provenance.pop(key, None)
+    if vector_dtype != "float32":
+        provenance["vector_dtype"] = vector_dtype
+    if quantization_params(vector_dtype) is not None:
+        provenance["quantization"] = quantization_params(vector_dtype)
     dim = int(provenance.get("dim") or schema.field("vector").type.list_size)
     metadata_fields = [f.name for f in schema if f.name not in BASE_COLUMNS]
     rebuilt = output_schema(dim, metadata_fields, provenance)

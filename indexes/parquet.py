@@ -299,9 +299,10 @@ def _column_encodings(schema: pa.Schema) -> dict[str, Any]:
     # an INT32 (4 bytes); a dictionary of at most 256 values packs them back into <= 8 bits each
     # (int8 of unit vectors: ~0.7 byte a value after zstd), measured in bench_vector_dtypes.py.
     small_ints = pa.types.is_integer(schema.field("vector").type.value_type)
+    values = "vector.list.element"  # Parquet's path of the list's values: options keyed "vector" miss them
     return {
-        "compression": {**dict.fromkeys(names, "zstd"), "vector": "zstd" if small_ints else "none"},
-        "use_dictionary": [name for name in names if name not in unique] + (["vector"] if small_ints else []),
+        "compression": {**dict.fromkeys(names, "zstd"), values: "zstd" if small_ints else "none"},
+        "use_dictionary": [name for name in names if name not in unique] + ([values] if small_ints else []),
         "write_statistics": names,
     }
 

@@ -409,9 +409,10 @@ class Encoder:
             "query_prompt": self.query_prompt,
             "max_seq_length": self.max_seq_length,
             "dim": self.dim,
-            "truncate_dim": self.truncate_dim,
             "dtype": str(self.dtype).removeprefix("torch."),
             "embedder_version": __version__,
+            # absent: the model's full width (embedder.schema.FINGERPRINT_DEFAULTS)
+            **({"truncate_dim": self.truncate_dim} if self.truncate_dim is not None else {}),
         }
 
     def layout_for(self, prompt: str) -> SequenceLayout:
