@@ -51,6 +51,34 @@ class ChunkStats:
     trimmed_documents: int = 0
 
 
+def _word_start_rules(tokenizer: tokenizers.Tokenizer) -> tuple[np.ndarray | None, bool]:
+    """How a window may start on this tokenizer, so its text re-tokenizes to the same ids.
+
+    WordPiece and byte-level BPE (Qwen, GPT-2) split text into words before the model runs, and
+    their word ids mark where windows may start. SentencePiece-style tokenizers (Llama, Mistral:
+    spaces become ``▁``, with or without a pre-tokenizer) often see the whole text as one "word";
+    there a window may start at any token beginning with ``▁``. Returns that per-id table (None
+    when word ids suffice) and whether a window's text drops its leading space because the tokenizer
+    prepends the ``▁`` itself (the legacy ``Prepend("▁")`` normalizer), found with a probe.
+    """
+    vocab = tokenizer.get_vocab()
+    starts = np.zeros(max(vocab.values(), default=-1) + 1, dtype=bool)
+    for token, i in vocab.items():
+        starts[i] = token.startswith("\u2581")
+    probe = "hello world and more words"
+    enc = tokenizer.encode(probe, add_special_tokens=False)
+    if not starts.any() or len(set(enc.word_ids)) > 1:
+        return None, False
+    ids = enc.ids
+    k = next((i for i in range(1, len(ids)) if starts[ids[i]]), None)
+    if k is None:
+        return starts, False
+    rest = probe[enc.offsets[k][0] :]
+    as_is = tokenizer.encode(rest, add_special_tokens=False).ids == ids[k:]
+    stripped = tokenizer.encode(rest[1:], add_special_tokens=False).ids == ids[k:] if rest.startswith(" ") else False
+    return starts, (not as_is) and stripped
+
+
 class Chunker:
     """Cuts documents into token windows.
 
@@ -87,6 +115,7 @@ class Chunker:
         self.max_document_chars = max_document_chars
         self.stats = ChunkStats()
         self._prefix_cache: dict[str, np.ndarray] = {}
+        self._word_start, self._drop_leading_space = _word_start_rules(tokenizer)
 
     @classmethod
     def for_encoder(cls, encoder: Encoder, config: ChunkingConfig) -> Chunker:
@@ -174,6 +203,8 @@ class Chunker:
         starts_word = np.empty(n + 1, dtype=bool)
         starts_word[0] = True
         starts_word[1:n] = word_ids[1:] != word_ids[:-1]
+        if self._word_start is not None:  # SentencePiece-style: no pre-tokenizer words, "▁" starts one
+            starts_word[1:n] |= self._word_start[np.minimum(ids[1:], len(self._word_start) - 1)]
         starts_word[n] = True
         boundaries = np.flatnonzero(starts_word)  # sorted token indices where a cut is allowed, incl. n
 
@@ -197,6 +228,8 @@ class Chunker:
             else:
                 end = n
             char_start, char_end = char_span(start)[0], char_span(end - 1)[1]
+            if self._drop_leading_space and start > 0 and text[char_start] == " " and char_end - char_start > 1:
+                char_start += 1  # the tokenizer puts this space back itself (a prepended "▁")
             window_text = text[char_start:char_end]
             window_ids = ids[start:end]
             if prefix_ids is not None:

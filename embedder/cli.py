@@ -145,7 +145,7 @@ def run(
     mode: str = typer.Option(None, "--mode", help="full | incremental | reembed (see README: incremental runs)."),
     workers: int = typer.Option(None, "--workers", help="Reader/tokenizer processes."),
     device: str = typer.Option(None, "--device", help="auto | cpu | cuda."),
-    dtype: str = typer.Option(None, "--dtype", help="auto | float32 | float16 | bfloat16."),
+    dtype: str = typer.Option(None, "--dtype", help="auto | float32 | float16 | bfloat16 | float8 (alias fp8: FP8 GEMMs, GPUs of compute capability >= 8.9)."),
     set_: list[str] = typer.Option([], "--set", help="Override any key: --set chunking.max_tokens=256 (repeatable)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
     gpu_hourly_usd: float = typer.Option(None, "--gpu-hourly-usd", help="GPU price per hour: prints $ per 1M tokens."),

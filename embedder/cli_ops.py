@@ -92,12 +92,15 @@ def _print_estimate(result: Any) -> None:
         ("chunks", f"{result.chunks:,} (mean {result.mean_chunk_tokens:.0f} tokens, limit {result.max_seq_length})"),
         ("tokens", f"{result.tokens:,} ({result.sequence_tokens:,} with specials and prompt)"),
         ("counts", basis),
-        ("throughput", f"{result.tokens_per_second:,.0f} tokens/s" + (" (EXTRAPOLATED)" if result.extrapolated else "")),
+        ("throughput", f"{result.tokens_per_second:,.0f} tokens/s" + (" (EXTRAPOLATED)" if result.extrapolated else "")
+         + (" (PROJECTED, not measured)" if result.projected else "")
+         + (" in float8" if result.dtype in ("float8", "fp8") else "")),
         ("  from", result.throughput_source),
         ("GPU time", f"{result.gpu_hours:,.2f} GPU-hours" if result.gpu_hours >= 0.1
          else f"{result.gpu_hours * 3600:,.1f} GPU-seconds"),
         ("cost", "— (give --gpu-hourly-usd)" if result.usd is None
-         else f"${result.usd:,.{2 if result.usd >= 1 else 4}f} at ${result.gpu_hourly_usd:g}/h"),
+         else f"${result.usd:,.{2 if result.usd >= 1 else 4}f} at ${result.gpu_hourly_usd:g}/h"
+         f" = ${result.usd_per_million_tokens:.4f} per 1M tokens"),
     ]
     for key, value in rows:
         table.add_row(key, value)

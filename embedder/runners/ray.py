@@ -396,7 +396,8 @@ class EncoderActor:
         from embedder.models.encoder import Encoder
 
         torch.set_num_threads(max(1, int(num_cpus)))
-        self.encoder = Encoder.load(Job.model_validate_json(job_json).model)
+        job = Job.model_validate_json(job_json)
+        self.encoder = Encoder.load(job.model, fidelity_min_cosine=job.validation.min_cosine)
         self.actor_id = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.calls = 0
         self.kill_hook = kill_hook

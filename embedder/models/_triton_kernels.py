@@ -1,0 +1,100 @@
+"""The Triton kernels behind ``embedder.models.kernels`` (imported only when Triton is there).
+
+Each program handles ``ROWS`` whole rows (``BLOCK`` is the row's power-of-two width), so a row's
+statistics — LayerNorm's mean and variance, quantization's amax — come from registers, with no
+second pass over memory.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+SQRT_HALF = tl.constexpr(0.7071067811865476)
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+
+ACT_NONE = tl.constexpr(0)
+ACT_GELU_ERF = tl.constexpr(1)
+ACT_GELU_TANH = tl.constexpr(2)
+ACT_RELU = tl.constexpr(3)
+
+
+@triton.jit
+def _round_to_e4m3(v):
+    # Rounds fp32 values in [-448, 448] to the nearest e4m3 value, ties to even, in fp32 — so the
+    # cast that follows is exact. The hardware cast rounds the same way; Triton's interpreter does
+    # not (it drops the carry into the exponent: 124.3 becomes 64), and this keeps the CPU tests
+    # on the very code the GPU runs. Normal range (>= 2^-6): keep 3 of fp32's 23 mantissa bits.
+    bits = v.to(tl.int32, bitcast=True)
+    bits = (bits + (0x7FFFF + ((bits >> 20) & 1))) & -1048576  # -1048576 == ~0xFFFFF
+    normal = bits.to(tl.float32, bitcast=True)
+    # Subnormal range: multiples of 2^-9, rounded by fp32 addition at that magnitude (1.5 * 2^14),
+    # on |v| with the sign put back (so -1e-5 is -0, as the hardware cast gives).
+    magnitude = tl.abs(v)
+    subnormal = (magnitude + 24576.0) - 24576.0
+    subnormal = tl.where(v < 0, -subnormal, subnormal)
+    return tl.where(magnitude < 0.015625, subnormal, normal)
+
+
+@triton.jit
+def _store_rowwise_e4m3(y, q_ptr, scale_ptr, rows, row_ok, offsets, mask):
+    # embedder.models.fp8.quantize_rows of the fp32 values in y (masked columns hold 0):
+    # scale = max(amax, floor) / 448; q = clamp(y * (448 / max(amax, floor)), ±448) in e4m3.
+    amax = tl.maximum(tl.max(tl.abs(y), axis=1), 1e-12)  # AMAX_FLOOR
+    # IEEE-rounded divisions (a plain "/" is an approximate division on the GPU), 448 = E4M3_MAX.
+    inv = tl.math.div_rn(tl.full(amax.shape, 448.0, tl.float32), amax)
+    q = _round_to_e4m3(tl.clamp(y * inv[:, None], -448.0, 448.0))
+    tl.store(q_ptr + offsets, q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(scale_ptr + rows, tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), mask=row_ok)
+
+
+@triton.jit
+def add_layer_norm_kernel(
+    h_ptr, x_ptr, w_ptr, b_ptr, out_ptr, q_ptr, scale_ptr, n_rows, n_cols, eps,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr, QUANT: tl.constexpr,
+):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK)
+    row_ok = rows < n_rows
+    col_ok = cols < n_cols
+    mask = row_ok[:, None] & col_ok[None, :]
+    offsets = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+    s = tl.load(h_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    s += tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(s, axis=1) / n_cols
+    centred = tl.where(mask, s - mean[:, None], 0.0)
+    var = tl.sum(centred * centred, axis=1) / n_cols
+    rstd = 1.0 / tl.sqrt(var + eps)
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    y = (centred * rstd[:, None] * w[None, :] + b[None, :]).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offsets, y, mask=mask)
+    if QUANT:  # the FP8 copy of exactly the values written above, with its per-row scales
+        _store_rowwise_e4m3(tl.where(mask, y.to(tl.float32), 0.0), q_ptr, scale_ptr, rows, row_ok, offsets, mask)
+
+
+@triton.jit
+def activation_quantize_kernel(
+    x_ptr, q_ptr, scale_ptr, n_rows, n_cols,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr, ACT: tl.constexpr,
+):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK)
+    row_ok = rows < n_rows
+    mask = row_ok[:, None] & (cols < n_cols)[None, :]
+    offsets = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
+    if ACT != ACT_NONE:
+        v = x.to(tl.float32)
+        if ACT == ACT_GELU_ERF:
+            v = 0.5 * v * (1.0 + tl.math.erf(v * SQRT_HALF))
+        elif ACT == ACT_GELU_TANH:
+            # tanh(z) = 2 sigmoid(2z) - 1, written so it cannot overflow for large |z|
+            z = SQRT_2_OVER_PI * (v + 0.044715 * v * v * v)
+            v = v * tl.sigmoid(2.0 * z)
+        else:
+            v = tl.maximum(v, 0.0)
+        # quantized from fp32: the activated tensor is never rounded to bf16, nor written
+        _store_rowwise_e4m3(tl.where(mask, v, 0.0), q_ptr, scale_ptr, rows, row_ok, offsets, mask)
+    else:
+        _store_rowwise_e4m3(tl.where(mask, x.to(tl.float32), 0.0), q_ptr, scale_ptr, rows, row_ok, offsets, mask)

@@ -1,0 +1,331 @@
+"""Padding-free forward of decoder-style embedding models (Qwen2, Qwen3, Mistral, Llama).
+
+Qwen3-Embedding, gte-Qwen2, e5-mistral and their siblings are decoder stacks read out at the last
+token. Like ``packed_bert``, the forward takes a whole packed batch — flat ``input_ids`` and
+``position_ids`` of ``T`` tokens and ``cu_seqlens`` — with no padding and no mask, and the weights
+are taken once from the loaded Hugging Face model: q/k/v fused into one matrix, gate and up fused
+into one matrix, everything cast to the run's dtype. Each layer is exactly the Hugging Face math::
+
+    h = RMSNorm(x);  q, k, v = h Wqkv (+ b)      # grouped-query: fewer k/v heads than q heads
+    q, k = RMSNorm_head(q), RMSNorm_head(k)      # Qwen3 only (q_norm / k_norm over head_dim)
+    q, k = RoPE(q, k, position_ids)              # per-sequence positions from the packing
+    x = x + attention(q, k, v) Wo
+    x = x + (act(h Wgate) * h Wup) Wdown,  h = RMSNorm(x)
+    ... final RMSNorm
+
+RoPE is computed from the packed ``position_ids`` with the model's own inverse frequencies and
+attention scaling (read from its rotary module, so ``rope_theta`` and the static scalings
+``linear``, ``llama3`` and ``yarn`` are exactly the model's). Scalings that depend on the sequence
+length at run time (``dynamic``, ``longrope``) are refused with the reason: the model then runs on
+the padded fallback.
+
+Attention is causal, as the models were trained, unless the config turns the causal mask off:
+transformers' own switch ``is_causal: false`` in ``config.json`` (what its mask builder honours,
+e.g. for gte-Qwen2-style bidirectional embedders) makes it bidirectional here too. Models with
+custom modeling code (``trust_remote_code``) are not packed: their attention cannot be read off
+the config. Backends (``attention=``, the job's ``model.attention``):
+
+* ``varlen`` — CUDA fp16/bf16: ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention-2 inside
+  PyTorch) on the packed tokens, causal and with grouped-query heads where the installed torch
+  takes those arguments (checked with ``inspect.signature``: torch 2.10 has ``is_causal``, later
+  ones ``window_size=(-1, 0)`` and ``enable_gqa``; without ``enable_gqa`` k/v heads are repeated).
+* ``padded`` — anywhere (CPU, fp32): q/k/v scattered into a ``[n, L]`` grid, SDPA with a causal
+  and key mask, gathered back.
+
+Sliding-window attention (Mistral's ``sliding_window``, Qwen's ``use_sliding_window``) is exact as
+full causal attention when the window is at least the sequence limit; a shorter window is refused.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from embedder.models.packed_bert import PackedAttention, choose_attention
+
+log = logging.getLogger(__name__)
+
+DECODER_MODEL_TYPES = ("qwen2", "qwen3", "mistral", "llama")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+"""RoPE variants whose inverse frequencies do not change with the sequence length."""
+
+
+def rope_type(config: Any) -> str:
+    """The config's RoPE type (transformers 5 ``rope_parameters``, or the older ``rope_scaling``)."""
+    for attr in ("rope_parameters", "rope_scaling"):
+        params = getattr(config, attr, None)
+        if isinstance(params, dict) and params:
+            if "full_attention" in params and isinstance(params["full_attention"], dict):
+                params = params["full_attention"]
+            return str(params.get("rope_type") or params.get("type") or "default")
+    return "default"
+
+
+def is_bidirectional(config: Any) -> bool:
+    """True when the config turns the causal mask off (transformers' ``is_causal: false``)."""
+    return getattr(config, "is_causal", True) is False
+
+
+def decoder_support(auto_model: Any, max_seq_length: int) -> str | None:
+    """Why ``auto_model`` cannot run on the packed decoder forward, or None when it can.
+
+    Accepted: transformers' own Qwen2/Qwen3/Mistral/Llama base models (the layout below), a static
+    RoPE type, and sliding windows (if any) no shorter than ``max_seq_length``.
+    """
+    config = getattr(auto_model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in DECODER_MODEL_TYPES:
+        return f"model type {model_type!r} has no packed implementation"
+    if not type(auto_model).__module__.startswith("transformers."):
+        return f"custom modeling code ({type(auto_model).__module__}) whose attention cannot be read off the config"
+    layers = getattr(auto_model, "layers", None)
+    if layers is None or not hasattr(auto_model, "embed_tokens") or not hasattr(auto_model, "norm"):
+        return "not a decoder base model (embed_tokens, layers, norm)"
+    kind = rope_type(config)
+    if kind not in ROPE_TYPES:
+        return f"RoPE scaling {kind!r} is not implemented (packed: {', '.join(ROPE_TYPES)})"
+    rotary = getattr(auto_model, "rotary_emb", None)
+    if rotary is None or not hasattr(rotary, "inv_freq"):
+        return "no rotary embedding module with inv_freq"
+    try:
+        for layer in layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            _ = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, layer.input_layernorm)
+            _ = (mlp.gate_proj, mlp.up_proj, mlp.down_proj, layer.post_attention_layernorm)
+            window = getattr(attn, "sliding_window", None)
+            if window is None and model_type == "mistral":
+                window = getattr(config, "sliding_window", None)
+            if window is not None and int(window) < max_seq_length:
+                return (
+                    f"sliding-window attention of {window} tokens is shorter than the sequence limit {max_seq_length} "
+                    f"(set model.max_seq_length to at most {window} to run it packed)"
+                )
+    except AttributeError:
+        return "layers do not have the Llama/Qwen decoder layout"
+    if getattr(config, "hidden_act", "silu") not in ("silu", "swish", "gelu", "gelu_pytorch_tanh"):
+        return f"activation {config.hidden_act!r} is not implemented"
+    return None
+
+
+@functools.cache
+def _varlen_options() -> tuple[frozenset[str], Any]:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters), varlen_attn
+
+
+def _attend_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: PackedAttention, causal: bool) -> torch.Tensor:
+    params, varlen_attn = _varlen_options()
+    kwargs: dict[str, Any] = {}
+    if causal:
+        if "window_size" in params:  # torch >= 2.11
+            kwargs["window_size"] = (-1, 0)
+        else:  # torch 2.10
+            kwargs["is_causal"] = True
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    cu = meta.cu_seqlens
+    return varlen_attn(q, k, v, cu, cu, meta.max_seqlen, meta.max_seqlen, **kwargs)
+
+
+def _attend_padded(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: PackedAttention, mask: torch.Tensor
+) -> torch.Tensor:
+    n, length = meta.num_sequences, meta.max_seqlen
+
+    def grid(t: torch.Tensor) -> torch.Tensor:
+        g = t.new_zeros(n * length, t.shape[1], t.shape[2])
+        g.index_copy_(0, meta.pad_index, t)
+        return g.view(n, length, t.shape[1], t.shape[2]).transpose(1, 2)  # [n, heads, L, d]
+
+    out = F.scaled_dot_product_attention(grid(q), grid(k), grid(v), attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+    return out.transpose(1, 2).reshape(n * length, q.shape[1], q.shape[2])[meta.pad_index]
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Hugging Face's RMSNorm: normalised in fp32, cast back, then scaled."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class PackedDecoderEncoder:
+    """The padding-free stack of a Qwen2/Qwen3/Mistral/Llama model, weights in the run's dtype.
+
+    Example:
+        >>> packed = PackedDecoderEncoder.from_hf(st_model[0].auto_model, torch.device("cuda"), torch.bfloat16)
+        >>> meta = build_attention(cu_seqlens, segments, max_seqlen, num_tokens, packed.varlen)
+        >>> hidden = packed(input_ids, position_ids, meta)  # [num_tokens, hidden_size]
+    """
+
+    gelu_fused = False
+    add_norm_fused = False
+
+    def __init__(
+        self,
+        embed: torch.Tensor,
+        layers: list[tuple[torch.Tensor | None, ...]],
+        final_norm: torch.Tensor,
+        inv_freq: torch.Tensor,
+        rope_scale: float,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        eps: float,
+        act: Any,
+        attention: str,
+        causal: bool,
+    ) -> None:
+        if attention not in ("varlen", "padded"):
+            raise ValueError(f"the packed decoder runs varlen or padded attention, not {attention!r}")
+        self.embed = embed
+        self.layers = layers
+        self.final_norm = final_norm
+        self.inv_freq = inv_freq
+        self.rope_scale = rope_scale
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.eps = eps
+        self.act = act
+        self.attention_backend = attention
+        self.causal = causal
+
+    @classmethod
+    def from_hf(
+        cls, auto_model: Any, device: torch.device, dtype: torch.dtype, attention: str = "auto"
+    ) -> PackedDecoderEncoder:
+        """Takes the weights of a loaded decoder base model (see ``decoder_support``).
+
+        ``attention``: ``auto`` (varlen where it can run, else padded), ``varlen`` or ``padded``.
+
+        Raises:
+            ValueError: an explicitly requested attention backend cannot run here.
+        """
+        from transformers.activations import ACT2FN
+
+        config = auto_model.config
+        num_heads = int(config.num_attention_heads)
+        num_kv_heads = int(getattr(config, "num_key_value_heads", None) or num_heads)
+        head_dim = int(getattr(config, "head_dim", None) or int(config.hidden_size) // num_heads)
+        if attention == "flash4":
+            raise ValueError("model.attention=flash4 is implemented for BERT-layout models only; use auto or varlen")
+        backend = choose_attention(attention, device, dtype, head_dim)
+
+        def take(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.detach().to(device=device, dtype=dtype).contiguous()
+
+        def cat(*parts: torch.Tensor | None) -> torch.Tensor | None:
+            return None if any(p is None for p in parts) else take(torch.cat(parts, dim=0))
+
+        layers = []
+        for layer in auto_model.layers:
+            a, m = layer.self_attn, layer.mlp
+            q_norm, k_norm = getattr(a, "q_norm", None), getattr(a, "k_norm", None)
+            layers.append(
+                (
+                    take(layer.input_layernorm.weight),
+                    cat(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight),
+                    cat(a.q_proj.bias, a.k_proj.bias, a.v_proj.bias),
+                    None if q_norm is None else take(q_norm.weight),
+                    None if k_norm is None else take(k_norm.weight),
+                    take(a.o_proj.weight),
+                    take(a.o_proj.bias),
+                    take(layer.post_attention_layernorm.weight),
+                    cat(m.gate_proj.weight, m.up_proj.weight),
+                    cat(m.gate_proj.bias, m.up_proj.bias),
+                    take(m.down_proj.weight),
+                    take(m.down_proj.bias),
+                )
+            )
+        rotary = auto_model.rotary_emb
+        eps = float(getattr(config, "rms_norm_eps", 1e-6))
+        return cls(
+            embed=take(auto_model.embed_tokens.weight),
+            layers=layers,
+            final_norm=take(auto_model.norm.weight),
+            inv_freq=rotary.inv_freq.detach().to(device=device, dtype=torch.float32),
+            rope_scale=float(getattr(rotary, "attention_scaling", 1.0)),
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            eps=eps,
+            act=ACT2FN[config.hidden_act],
+            attention=backend,
+            causal=not is_bidirectional(config),
+        )
+
+    @property
+    def varlen(self) -> bool:
+        """Whether attention runs on the packed tokens directly (no padded grid metadata needed)."""
+        return self.attention_backend != "padded"
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.embed.shape[1])
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def intermediate_size(self) -> int:
+        return int(self.layers[0][8].shape[0]) // 2 if self.layers else 0
+
+    def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids.float().unsqueeze(1) * self.inv_freq.unsqueeze(0)  # [T, d/2], fp32 as HF
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.rope_scale).to(dtype).unsqueeze(1)  # [T, 1, d]
+        sin = (emb.sin() * self.rope_scale).to(dtype).unsqueeze(1)
+        return cos, sin
+
+    def _padded_mask(self, meta: PackedAttention) -> torch.Tensor:
+        mask = meta.key_mask  # [n, 1, 1, L]
+        if self.causal:
+            length = meta.max_seqlen
+            tril = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
+            mask = mask & tril.view(1, 1, length, length)
+        return mask
+
+    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, meta: PackedAttention) -> torch.Tensor:
+        """Token states ``[T, hidden]`` of a packed batch (ids on the device, int32 or int64)."""
+        x = F.embedding(input_ids, self.embed)
+        num_tokens = x.shape[0]
+        heads, kv_heads, d = self.num_heads, self.num_kv_heads, self.head_dim
+        cos, sin = self._rope(position_ids, x.dtype)
+        mask = None if self.varlen else self._padded_mask(meta)
+        q_width, kv_width = heads * d, kv_heads * d
+        eps = self.eps
+        for ln1, qkv_w, qkv_b, q_norm, k_norm, o_w, o_b, ln2, gu_w, gu_b, down_w, down_b in self.layers:
+            h = _rms_norm(x, ln1, eps)
+            qkv = F.linear(h, qkv_w, qkv_b)
+            q = qkv[:, :q_width].view(num_tokens, heads, d)
+            k = qkv[:, q_width : q_width + kv_width].view(num_tokens, kv_heads, d)
+            v = qkv[:, q_width + kv_width :].view(num_tokens, kv_heads, d)
+            if q_norm is not None:
+                q, k = _rms_norm(q, q_norm, eps), _rms_norm(k, k_norm, eps)
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            if mask is None:
+                attn = _attend_varlen(q, k, v.contiguous(), meta, self.causal)
+            else:
+                attn = _attend_padded(q, k, v, meta, mask)
+            x = x + F.linear(attn.reshape(num_tokens, q_width), o_w, o_b)
+            h = _rms_norm(x, ln2, eps)
+            gate, up = F.linear(h, gu_w, gu_b).chunk(2, dim=-1)
+            x = x + F.linear(self.act(gate) * up, down_w, down_b)
+        return _rms_norm(x, self.final_norm, eps)

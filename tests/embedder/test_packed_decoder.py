@@ -1,0 +1,244 @@
+"""Decoder embedding models (Qwen3, Qwen2, Mistral, Llama) through the packed forward against
+sentence-transformers: tiny random models with last-token pooling and small trained BPE tokenizers,
+same vectors (cos ≥ 0.9999 in fp32) on batches mixing very different lengths up to the limit, with
+and without the query prompt, and no fallback in the log; their chunks re-tokenize to the ids
+embedded; the job-level task instruction; a whole run into Parquet."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import bpe_tokenizer, cosines, save_tiny_decoder, training_texts  # noqa: E402
+
+from embedder.chunking import Chunker  # noqa: E402
+from embedder.config import ChunkingConfig, ModelConfig  # noqa: E402
+from embedder.models.encoder import Encoder, auto_token_budget, packed_family  # noqa: E402
+from embedder.models.loader import task_query_prompt  # noqa: E402
+from embedder.models.packed_decoder import PackedDecoderEncoder, decoder_support  # noqa: E402
+from embedder.records import Document  # noqa: E402
+
+FP32_MIN_COS = 0.9999
+QWEN3_QUERY = "Instruct: Given a question, retrieve passages that answer it\nQuery:"
+E5_QUERY = "Instruct: Given a question, retrieve passages that answer it\nQuery: "
+
+DECODERS = {
+    # Qwen3-Embedding-like: q/k norms, head_dim larger than hidden/heads, GQA, EOS appended, left padding.
+    "qwen3-eos": dict(family="qwen3", head_dim=32, prompts={"query": QWEN3_QUERY, "document": ""}),
+    # e5-mistral-like: <s> ... </s>, a sliding window no shorter than the limit, prompt with a trailing space.
+    "mistral-e5": dict(family="mistral", sliding_window=4096, prompts={"query": E5_QUERY}),
+    # Llama with biases, llama3 RoPE scaling and the older SentencePiece conversion (BOS only).
+    "llama-legacy": dict(
+        family="llama",
+        tokenizer_style="llama-legacy",
+        attention_bias=True,
+        mlp_bias=True,
+        rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+        },
+    ),
+    # gte-Qwen2-like: bidirectional (is_causal: false), q/k/v biases, no special tokens at all.
+    "qwen2-bidirectional": dict(family="qwen2", is_causal=False, rope_theta=1_000_000.0, prompts={"query": E5_QUERY}),
+}
+
+
+@pytest.fixture(scope="module")
+def decoder_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("tiny-decoders")
+    return {name: save_tiny_decoder(root / name, seed=i, **kw) for i, (name, kw) in enumerate(DECODERS.items())}
+
+
+def _reference(path: str):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(path, device="cpu")
+
+
+def _texts_up_to(encoder: Encoder, count: int, seed: int = 0) -> list[str]:
+    """Texts of 1 token to past the limit (truncated there), mixed, cut from the training corpus."""
+    corpus = " ".join(training_texts())
+    enc = encoder.tokenizer.encode(corpus, add_special_tokens=False)
+    room = encoder.max_seq_length - encoder.layout.overhead
+    rng = np.random.default_rng(seed)
+    lengths = [1, 2, room - 1, room, room + 40, *rng.integers(3, room, size=count - 5).tolist()]
+    texts = []
+    for n in lengths:
+        start = int(rng.integers(0, len(enc.ids) - n - 1))
+        a, b = enc.offsets[start][0], enc.offsets[start + n - 1][1]
+        texts.append(corpus[a:b].strip() or "x")
+    return texts
+
+
+@pytest.mark.parametrize("name", list(DECODERS))
+def test_decoders_run_packed_and_match_sentence_transformers(
+    decoder_dirs: dict[str, str], name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="embedder.models.encoder"):
+        encoder = Encoder.load(ModelConfig(name=decoder_dirs[name], token_budget=1024))
+    assert encoder.packed and encoder.pooling == "lasttoken"
+    assert not [r for r in caplog.records if "padded Hugging Face forward" in r.getMessage()]
+    assert any("packed decoder" in r.getMessage() for r in caplog.records)
+    reference = _reference(decoder_dirs[name])
+    texts = _texts_up_to(encoder, 24, seed=len(name))
+    for prompt in {encoder.document_prompt, encoder.query_prompt}:
+        ours = encoder.encode_texts(texts, prompt)
+        theirs = reference.encode(texts, prompt=prompt, batch_size=7, convert_to_numpy=True)
+        cos = cosines(ours, theirs)
+        assert cos.min() >= FP32_MIN_COS, (prompt, cos.min(), int(cos.argmin()))
+
+
+def test_special_tokens_follow_each_tokenizer(decoder_dirs: dict[str, str]) -> None:
+    """Qwen3: EOS appended; e5-mistral: <s> and </s>; Llama: <s> only; gte-Qwen2-like: none."""
+    expected = {
+        "qwen3-eos": ([], ["<|endoftext|>"]),
+        "mistral-e5": (["<s>"], ["</s>"]),
+        "llama-legacy": (["<s>"], []),
+        "qwen2-bidirectional": ([], []),
+    }
+    for name, (prefix, suffix) in expected.items():
+        encoder = Encoder.load(ModelConfig(name=decoder_dirs[name]))
+        tok = encoder.tokenizer
+        assert [tok.id_to_token(int(i)) for i in encoder.layout.prefix_ids] == prefix, name
+        assert [tok.id_to_token(int(i)) for i in encoder.layout.suffix_ids] == suffix, name
+
+
+def test_packed_states_equal_each_sequence_run_alone_and_bidirectional_sees_the_future(
+    decoder_dirs: dict[str, str],
+) -> None:
+    """Token by token against the HF model run on each sequence alone; a causal model's first
+    token ignores what follows, the bidirectional one's does not."""
+    from sentence_transformers import SentenceTransformer
+
+    from embedder.models.packed_bert import build_attention
+    from embedder.models.pooling import token_segments
+
+    for name in ("qwen3-eos", "qwen2-bidirectional"):
+        model = SentenceTransformer(decoder_dirs[name], device="cpu")[0].auto_model.eval()
+        packed = PackedDecoderEncoder.from_hf(model, torch.device("cpu"), torch.float32)
+        assert packed.causal == (name != "qwen2-bidirectional")
+        lengths = [1, 200, 7, 64, 2]
+        rng = np.random.default_rng(3)
+        ids = torch.from_numpy(rng.integers(5, model.config.vocab_size, size=sum(lengths)))
+        cu = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+        positions = torch.cat([torch.arange(n) for n in lengths])
+        meta = build_attention(cu, token_segments(cu, int(cu[-1])), max(lengths), int(cu[-1]), varlen=False)
+        with torch.inference_mode():
+            states = packed(ids, positions, meta)
+            for i, n in enumerate(lengths):
+                start = int(cu[i])
+                alone = model(input_ids=ids[start : start + n].unsqueeze(0)).last_hidden_state[0]
+                torch.testing.assert_close(states[start : start + n], alone, atol=3e-5, rtol=1e-4)
+            seq = ids[cu[1] : cu[2]]
+            first_full = model(input_ids=seq.unsqueeze(0)).last_hidden_state[0, 0]
+            first_alone = model(input_ids=seq[:1].unsqueeze(0)).last_hidden_state[0, 0]
+        assert torch.allclose(first_full, first_alone, atol=1e-5) == packed.causal, name
+
+
+def test_families_dispatch_to_one_packed_implementation_or_say_why(decoder_dirs: dict[str, str]) -> None:
+    import transformers
+    from tiny_models import decoder_config
+
+    model = transformers.AutoModel.from_config(decoder_config("qwen3", 32, 1, 2, 64, 100))
+    assert packed_family(model, 64) == ("decoder", None)
+    dynamic = transformers.AutoModel.from_config(
+        decoder_config("llama", 32, 1, 2, 64, 100, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4})
+    )
+    family, reason = packed_family(dynamic, 64)
+    assert family is None and "RoPE scaling 'dynamic'" in reason
+    window = transformers.AutoModel.from_config(decoder_config("mistral", 32, 1, 2, 256, 100, sliding_window=128))
+    assert "sliding-window attention of 128 tokens" in decoder_support(window, 256)
+    assert decoder_support(window, 128) is None
+
+
+def test_prompt_that_merges_with_the_text_is_tokenized_with_it(decoder_dirs: dict[str, str]) -> None:
+    """Byte-level BPE merges Qwen3's "Query:" with the query's first word: the query is
+    tokenized as one string, as sentence-transformers does, and the ids are exactly its ids."""
+    encoder = Encoder.load(ModelConfig(name=decoder_dirs["qwen3-eos"]))
+    from embedder.models.loader import ModelError
+
+    with pytest.raises(ModelError):
+        encoder.layout_for(QWEN3_QUERY)
+    reference = _reference(decoder_dirs["qwen3-eos"])
+    queries = ["how do I feed a sourdough starter?", "What is compost?", "42 reasons"]
+    ours = encoder.encode_queries(queries)
+    theirs = reference.encode(queries, prompt=QWEN3_QUERY, convert_to_numpy=True)
+    assert cosines(ours, theirs).min() >= FP32_MIN_COS
+
+
+def test_task_instruction_builds_the_query_prompt(decoder_dirs: dict[str, str]) -> None:
+    assert task_query_prompt(QWEN3_QUERY, "Find recipes") == "Instruct: Find recipes\nQuery:"
+    assert task_query_prompt(E5_QUERY, "Find recipes") == "Instruct: Find recipes\nQuery: "
+    assert task_query_prompt("Task: {task} | q: ", "Find recipes") == "Task: Find recipes | q: "
+    assert task_query_prompt("", "Find recipes") == "Instruct: Find recipes\nQuery:"
+    encoder = Encoder.load(ModelConfig(name=decoder_dirs["qwen3-eos"], task="Find bread recipes"))
+    assert encoder.query_prompt == "Instruct: Find bread recipes\nQuery:"
+    assert encoder.document_prompt == ""
+    reference = _reference(decoder_dirs["qwen3-eos"])
+    queries = ["sourdough starter", "rye loaf"]
+    theirs = reference.encode(queries, prompt="Instruct: Find bread recipes\nQuery:", convert_to_numpy=True)
+    assert cosines(encoder.encode_queries(queries), theirs).min() >= FP32_MIN_COS
+
+
+@pytest.mark.parametrize("style", ["qwen3", "mistral", "llama-legacy"])
+def test_bpe_chunks_retokenize_to_the_ids_embedded(style: str) -> None:
+    """Chunk text recovered from offsets re-tokenizes to exactly the chunk's ids, for byte-level BPE
+    and both SentencePiece-style conversions (the whole text one "word", a prepended ``▁``)."""
+    import tokenizers
+
+    hf = bpe_tokenizer(style, training_texts())
+    tok = tokenizers.Tokenizer.from_str(hf.backend_tokenizer.to_str())
+    tok.no_truncation()
+    tok.no_padding()
+    text = "  ".join(training_texts()[:8]) + " Ünïcödé wörds — naïve café, 2024-12-02.\n\nThe end"
+    for max_tokens in (16, 40, 100):
+        chunker = Chunker.from_settings(tok, max_tokens + 2, 2, ChunkingConfig(max_tokens=max_tokens + 2, overlap_tokens=4))
+        chunks = chunker.chunk([Document(id="d", text=text)])
+        assert len(chunks) > 2
+        for chunk in chunks:
+            assert len(chunk.token_ids) <= max_tokens
+            assert tok.encode(chunk.text, add_special_tokens=False).ids == chunk.token_ids.tolist(), chunk.text
+        covered = "".join(c.text for c in chunks)
+        assert covered.split() == text.split() or chunker.overlap_tokens  # overlapping windows repeat words
+
+
+def test_long_chunks_get_a_budget_of_at_least_one_chunk() -> None:
+    """A 32k-token chunk always fits a batch, on CPU too; on CUDA the budget follows free memory."""
+    assert auto_token_budget(torch.device("cpu"), torch.float32, 4096, 32, 14336, 32768, glu=True) >= 32768
+
+
+def test_decoder_through_the_whole_pipeline_into_parquet(decoder_dirs: dict[str, str], tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from embedder import Job, run
+
+    source = tmp_path / "docs.jsonl"
+    texts = training_texts()[:12]
+    with source.open("w") as fh:
+        for i, text in enumerate(texts):
+            fh.write(json.dumps({"id": f"doc{i}", "text": " ".join([text] * (1 + i % 4))}) + "\n")
+    out = tmp_path / "out"
+    job = Job.model_validate({
+        "source": {"uri": str(source), "format": "jsonl"},
+        "output": {"uri": str(out), "sink": "parquet"},
+        "model": {"name": decoder_dirs["qwen3-eos"]},
+        "chunking": {"max_tokens": 128},
+        "runner": {"workers": 1},
+        "validation": {"canary_samples": 4},
+    })
+    run(job)
+    table = pq.read_table(str(out), columns=["id", "doc_id", "text", "vector"]).to_pylist()
+    assert {r["doc_id"] for r in table} == {f"doc{i}" for i in range(len(texts))}
+    assert len({r["id"] for r in table}) == len(table)
+    reference = _reference(decoder_dirs["qwen3-eos"])
+    theirs = reference.encode([r["text"] for r in table], convert_to_numpy=True)
+    ours = np.asarray([r["vector"] for r in table], dtype=np.float32)
+    assert cosines(ours, theirs).min() >= FP32_MIN_COS

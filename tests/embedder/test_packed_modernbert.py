@@ -1,0 +1,190 @@
+"""The packed ModernBERT forward against transformers and sentence-transformers (CPU, fp32).
+
+Tiny random-weight ModernBERTs (6 layers: global attention in layers 0 and 3, a sliding window of
+±16 tokens elsewhere, RoPE 160k/10k, no biases, GeGLU) with sequences up to 160 tokens, five times
+the window: packing, per-sequence RoPE positions, the window and the layer types all show up as a
+low cosine when wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import cosines, hf_config, randomize, save_tiny_model, texts_of_lengths  # noqa: E402
+
+from embedder.config import ConfigError, ModelConfig  # noqa: E402
+from embedder.models.encoder import Encoder  # noqa: E402
+from embedder.models.packed_bert import build_attention  # noqa: E402
+from embedder.models.packed_modernbert import (  # noqa: E402
+    PackedModernBertEncoder,
+    layer_plan,
+    modernbert_support,
+)
+from embedder.models.pooling import token_segments  # noqa: E402
+
+FP32_MIN_COS = 0.9999
+MAX_LEN = 160
+WINDOW = 32  # local_attention: each token sees ±16
+SHAPE = dict(hidden=64, layers=6, heads=4, intermediate=96)
+
+MODELS = {
+    # gte-modernbert-base: CLS pooling, no prompts.
+    "gte-modernbert-like-cls": dict(pooling="cls"),
+    # modernbert-embed: mean pooling, search_query / search_document prompts.
+    "modernbert-embed-like-mean": dict(
+        pooling="mean", prompts={"query": "search_query: ", "document": "search_document: "}
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def modernbert_dirs(tmp_path_factory: pytest.TempPathFactory, minilm_path: str) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("tiny-modernbert")
+    return {
+        name: save_tiny_model(
+            root / name, minilm_path, family="modernbert", max_seq_length=MAX_LEN, seed=10 + i,
+            config_overrides={"local_attention": WINDOW}, **SHAPE, **kw,
+        )
+        for i, (name, kw) in enumerate(MODELS.items())
+    }
+
+
+def _hf_model(seed: int = 0, **overrides):
+    import transformers
+
+    config = hf_config("modernbert", 64, 6, 4, MAX_LEN, "gelu", 96, local_attention=WINDOW, **overrides)
+    model = transformers.AutoModel.from_config(config, attn_implementation="sdpa")
+    randomize(model, seed)
+    return model.eval()
+
+
+def _mixed_lengths(encoder: Encoder, prompt: str) -> list[int]:
+    """Own-token lengths from 1 (3 with the specials) to the exact limit, most longer than the window."""
+    room = encoder.max_seq_length - encoder.layout_for(prompt).overhead
+    rng = np.random.default_rng(7)
+    return sorted({1, 2, 5, WINDOW // 2, WINDOW, room - 1, room, *rng.integers(1, room, size=14).tolist()})
+
+
+def test_layer_plan_and_support_of_a_modernbert() -> None:
+    model = _hf_model(global_attn_every_n_layers=3)
+    assert modernbert_support(model) is None
+    assert layer_plan(model.config) == [
+        (False, 160000.0), (True, 10000.0), (True, 10000.0), (False, 160000.0), (True, 10000.0), (True, 10000.0),
+    ]
+    every_other = _hf_model(global_attn_every_n_layers=2, global_rope_theta=80000.0, local_rope_theta=5000.0)
+    assert [local for local, _ in layer_plan(every_other.config)] == [False, True] * 3
+    assert {theta for _, theta in layer_plan(every_other.config)} == {80000.0, 5000.0}
+    # Older transformers' config fields (no layer_types / rope_parameters); local theta None: the global one.
+    old_style = SimpleNamespace(num_hidden_layers=4, global_attn_every_n_layers=2, global_rope_theta=1e5, local_rope_theta=None)
+    assert layer_plan(old_style) == [(False, 1e5), (True, 1e5), (False, 1e5), (True, 1e5)]
+
+
+@pytest.mark.parametrize("attention", ["padded", "flex"])
+@pytest.mark.parametrize("biases", [False, True])
+def test_packed_token_states_equal_each_sequence_run_alone(attention: str, biases: bool) -> None:
+    """No token attends across a sequence boundary or outside its window; RoPE restarts per sequence."""
+    overrides = dict(attention_bias=True, mlp_bias=True, norm_bias=True) if biases else {}
+    model = _hf_model(seed=1, **overrides)
+    packed = PackedModernBertEncoder.from_hf(model, torch.device("cpu"), torch.float32, attention=attention)
+    assert packed.attention_backend == attention and not packed.compiled
+    lengths = [1, MAX_LEN, 7, 50, 2, 130, WINDOW // 2 + 1, 33]
+    rng = np.random.default_rng(0)
+    ids = torch.from_numpy(rng.integers(1000, 30000, size=sum(lengths)))
+    cu = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    meta = build_attention(cu, token_segments(cu, int(cu[-1])), max(lengths), int(cu[-1]), packed.varlen)
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # flex_attention on CPU without compile
+        states = packed(ids, positions, meta)
+        for i, n in enumerate(lengths):
+            start = int(cu[i])
+            alone = model(input_ids=ids[start : start + n].unsqueeze(0)).last_hidden_state[0]
+            torch.testing.assert_close(states[start : start + n], alone, atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_modernbert_models_match_sentence_transformers_packed(
+    modernbert_dirs: dict[str, str], name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    path = modernbert_dirs[name]
+    with caplog.at_level(logging.INFO, logger="embedder.models.encoder"):
+        encoder = Encoder.load(ModelConfig(name=path, token_budget=1024))
+    assert not [r for r in caplog.records if "padded Hugging Face forward" in r.getMessage()]
+    assert encoder.packed and isinstance(encoder._packed_model, PackedModernBertEncoder)
+    assert encoder.architecture == "ModernBertModel" and encoder.max_seq_length == MAX_LEN
+    assert encoder.pooling == MODELS[name]["pooling"]
+    prompts = MODELS[name].get("prompts", {})
+    assert (encoder.document_prompt, encoder.query_prompt) == (prompts.get("document", ""), prompts.get("query", ""))
+
+    reference = SentenceTransformer(path, device="cpu")
+    lengths = _mixed_lengths(encoder, encoder.document_prompt)
+    assert max(lengths) + encoder.layout.overhead == MAX_LEN and min(lengths) + encoder.layout.overhead <= 3 + len(
+        encoder.layout.prompt_ids
+    )
+    texts = texts_of_lengths(encoder.tokenizer, lengths, seed=2)
+    ours = encoder.encode_texts(texts, encoder.document_prompt)
+    theirs = reference.encode(texts, prompt=encoder.document_prompt or None, batch_size=8)
+    assert cosines(ours, theirs).min() >= FP32_MIN_COS
+
+    queries = texts_of_lengths(encoder.tokenizer, _mixed_lengths(encoder, encoder.query_prompt), seed=3)
+    ours_q = encoder.encode_queries(queries)
+    theirs_q = reference.encode(queries, prompt=encoder.query_prompt or None, batch_size=8)
+    assert cosines(ours_q, theirs_q).min() >= FP32_MIN_COS
+
+
+def test_modernbert_asked_for_a_bert_only_attention_is_a_config_error(modernbert_dirs: dict[str, str]) -> None:
+    path = modernbert_dirs["gte-modernbert-like-cls"]
+    with pytest.raises(ConfigError, match="ModernBERT runs with attention auto, varlen, flex, padded"):
+        Encoder.load(ModelConfig(name=path, attention="flash4"))
+    with pytest.raises(ConfigError, match="varlen attention needs CUDA"):
+        Encoder.load(ModelConfig(name=path, attention="varlen"))
+
+
+def test_modernbert_through_the_pipeline(modernbert_dirs: dict[str, str], tmp_path: Path, minilm_path: str) -> None:
+    """``embedder.run``: JSONL in, Parquet out; every chunk's id present once, vectors as ST's."""
+    import tokenizers
+    from sentence_transformers import SentenceTransformer
+
+    from embedder import run
+    from embedder.config import build_job
+    from tests.embedder.outputs import read_output
+
+    path = modernbert_dirs["modernbert-embed-like-mean"]
+    tok = tokenizers.Tokenizer.from_file(f"{minilm_path}/tokenizer.json")
+    tok.no_truncation()
+    tok.no_padding()
+    lengths = [3, 40, 120, 157, 400, 9]  # 400: chunked in several windows-long chunks
+    source = tmp_path / "docs.jsonl"
+    with open(source, "w", encoding="utf-8") as f:
+        for i, text in enumerate(texts_of_lengths(tok, lengths, seed=4)):
+            f.write(json.dumps({"id": f"doc{i}", "text": text}) + "\n")
+    out = str(tmp_path / "out")
+    result = run(build_job({
+        "source": {"uri": str(source), "format": "jsonl"},
+        "output": {"uri": out, "sink": "parquet"},
+        "model": {"name": path, "device": "cpu"},
+        "chunking": {"max_tokens": 150},
+        "runner": {"workers": 1, "show_progress": False},
+    }))
+    table = read_output(out, "parquet").sort_by("id")
+    ids = table.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == result.chunks
+    assert {i.split("#")[0] for i in ids} == {f"doc{i}" for i in range(len(lengths))}
+    assert sum(i.startswith("doc4#") for i in ids) >= 3
+    reference = SentenceTransformer(path, device="cpu").encode(
+        table.column("text").to_pylist(), prompt="search_document: ", batch_size=8
+    )
+    assert cosines(np.asarray(table.column("vector").to_pylist()), reference).min() >= FP32_MIN_COS
