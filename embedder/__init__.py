@@ -13,6 +13,16 @@ __version__ = "0.1.0"
 __all__ = ["Job", "RunResult", "embed", "load_job", "open_index", "run", "__version__"]
 
 
+def _install_lancedb_hook() -> None:
+    """LanceDB-native text search: the ``embedder`` embedding function, registered lazily."""
+    from embedder.lancedb_hook import install
+
+    install()
+
+
+_install_lancedb_hook()
+
+
 def __getattr__(name: str) -> Any:
     if name == "Job":
         from embedder.config import Job

@@ -45,6 +45,7 @@ DtypeName = Literal["auto", "float32", "float16", "bfloat16", "float8"]
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp8": "float8"}
 ContextName = Literal["none", "title", "section"]
 RunnerName = Literal["local", "ray"]
+VectorDtypeName = Literal["float32", "float16", "int8", "binary"]
 ModeName = Literal["full", "incremental", "reembed"]
 
 _SECRET_KEY = re.compile(
@@ -155,6 +156,12 @@ class ModelConfig(_Section):
         "prompt, else the query prompt becomes 'Instruct: <task>\\nQuery:'. Documents stay raw.",
     )
     max_seq_length: int | None = Field(None, ge=8, description="Lower the model's own limit.")
+    truncate_dim: int | None = Field(
+        None,
+        ge=1,
+        description="Matryoshka: keep the first k dimensions of each vector (re-normalized when the model "
+        "normalizes), as SentenceTransformer(..., truncate_dim=k). At most the model's dimension.",
+    )
     token_budget: int | Literal["auto"] = Field("auto", description="Tokens per packed batch.")
     compile: bool = False
     packed: bool = Field(True, description="Use the padding-free forward where the family has one.")
@@ -203,6 +210,12 @@ class OutputConfig(_Section):
         "auto", description="LanceDB: build an ANN index at the end of a run once the table is large enough."
     )
     fts_index: bool = Field(True, description="LanceDB: build a full-text index on text (hybrid search).")
+    vector_dtype: VectorDtypeName = Field(
+        "float32",
+        description="How vectors are stored: float32; float16 (half the bytes); int8 (a quarter: values of "
+        "normalized vectors times 127, the scale kept in the schema); binary (1/32: sign bits packed 8 a byte, "
+        "searched by Hamming distance).",
+    )
 
     @field_validator("sink")
     @classmethod

@@ -19,11 +19,16 @@ BASE_COLUMNS = ("id", "doc_id", "chunk_index", "text", "title", "content_hash", 
 
 
 def output_schema(dim: int, metadata_fields: Sequence[str] = (), provenance: dict[str, Any] | None = None) -> pa.Schema:
-    """The output schema for vectors of ``dim`` floats.
+    """The output schema for vectors of ``dim`` dimensions.
 
+    The vector column's type follows ``provenance["vector_dtype"]`` (float32 when absent; see
+    ``embedder.quantize``): ``float16``, ``int8``, or ``dim / 8`` bytes of packed bits for ``binary``.
     Passthrough metadata columns are stored as strings (JSON for non-string values), so a column's
     type never depends on which shard was written first.
     """
+    from embedder.quantize import stored_width, value_type
+
+    dtype = (provenance or {}).get("vector_dtype") or "float32"
     fields = [
         pa.field("id", pa.string(), nullable=False),
         pa.field("doc_id", pa.string(), nullable=False),
@@ -32,7 +37,7 @@ def output_schema(dim: int, metadata_fields: Sequence[str] = (), provenance: dic
         pa.field("title", pa.string()),
         pa.field("content_hash", pa.string(), nullable=False),
         pa.field("shard_id", pa.string(), nullable=False),
-        pa.field("vector", pa.list_(pa.float32(), dim)),
+        pa.field("vector", pa.list_(value_type(dtype), stored_width(dim, dtype))),
     ]
     for name in metadata_fields:
         if name in BASE_COLUMNS:
@@ -40,6 +45,52 @@ def output_schema(dim: int, metadata_fields: Sequence[str] = (), provenance: dic
         fields.append(pa.field(name, pa.string()))
     meta = {PROVENANCE_KEY: json.dumps(provenance or {}, sort_keys=True).encode()}
     return pa.schema(fields, metadata=meta)
+
+
+def with_vector_dtype(schema: pa.Schema, vector_dtype: str) -> pa.Schema:
+    """``schema`` storing its vectors as ``vector_dtype``: the vector column's type, and the provenance's
+    ``vector_dtype`` and ``quantization`` (the parameters queries and resumed runs must reuse).
+
+    Raises:
+        ConfigError: ``int8`` for a model that does not normalize its vectors (its fixed range
+            [-1, 1] holds only unit vectors).
+    """
+    from embedder.config import ConfigError
+    from embedder.quantize import quantization_params
+
+    provenance = provenance_of(schema)
+    if vector_dtype == "int8" and provenance.get("normalize") is False:
+        raise ConfigError(
+            f"output.vector_dtype int8 stores unit vectors in [-1, 1], but {provenance.get('model')!r} does not "
+            "normalize its vectors; use output.vector_dtype float16 or binary"
+        )
+    # float32 is recorded by its absence (``FINGERPRINT_DEFAULTS``), so float32 outputs keep the
+    # provenance they had before the option existed.
+    for key in ("vector_dtype", "quantization"):
+        provenance.pop(key, None)
+    if vector_dtype != "float32":
+        provenance["vector_dtype"] = vector_dtype
+    if quantization_params(vector_dtype) is not None:
+        provenance["quantization"] = quantization_params(vector_dtype)
+    dim = int(provenance.get("dim") or schema.field("vector").type.list_size)
+    metadata_fields = [f.name for f in schema if f.name not in BASE_COLUMNS]
+    rebuilt = output_schema(dim, metadata_fields, provenance)
+    extra = {k: v for k, v in (schema.metadata or {}).items() if k != PROVENANCE_KEY}
+    return rebuilt.with_metadata({**extra, **rebuilt.metadata})
+
+
+def vector_dtype_of(schema: pa.Schema) -> str:
+    """How a schema stores its vectors (``float32`` for outputs written before the option existed)."""
+    return str(provenance_of(schema).get("vector_dtype") or "float32")
+
+
+def vector_dim_of(schema: pa.Schema) -> int:
+    """The vectors' dimension (``dim`` of the provenance; for binary not the stored byte count)."""
+    dim = provenance_of(schema).get("dim")
+    if dim:
+        return int(dim)
+    width = schema.field("vector").type.list_size
+    return 8 * width if vector_dtype_of(schema) == "binary" else width
 
 
 def provenance_of(schema: pa.Schema) -> dict[str, Any]:
@@ -113,10 +164,21 @@ def _metadata_value(value: Any) -> str | None:
 
 
 def chunks_to_table(chunks: Sequence[Chunk], vectors: np.ndarray, schema: pa.Schema) -> pa.Table:
-    """Builds output rows for chunks and their vectors (``[n, dim]`` float32, same order)."""
+    """Builds output rows for chunks and their vectors (``[n, dim]`` float32, same order), stored in
+    the schema's vector dtype with the quantization its provenance records."""
+    from embedder.quantize import quantize
+
     n = len(chunks)
-    dim = schema.field("vector").type.list_size
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(n, dim)
+    provenance = provenance_of(schema)
+    dtype = str(provenance.get("vector_dtype") or "float32")
+    vector_type = schema.field("vector").type
+    width = vector_type.list_size
+    if dtype == "float32":
+        stored = np.ascontiguousarray(vectors, dtype=np.float32).reshape(n, width)
+    else:
+        dim = int(provenance.get("dim") or width)
+        raw = np.asarray(vectors, dtype=np.float32).reshape(n, dim)
+        stored = np.ascontiguousarray(quantize(raw, dtype, provenance.get("quantization")))
     columns: dict[str, pa.Array] = {
         "id": pa.array([c.id for c in chunks], pa.string()),
         "doc_id": pa.array([c.doc_id for c in chunks], pa.string()),
@@ -125,7 +187,7 @@ def chunks_to_table(chunks: Sequence[Chunk], vectors: np.ndarray, schema: pa.Sch
         "title": pa.array([c.title for c in chunks], pa.string()),
         "content_hash": pa.array([c.content_hash for c in chunks], pa.string()),
         "shard_id": pa.array([c.shard_id for c in chunks], pa.string()),
-        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim),
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(stored.reshape(-1), vector_type.value_type), width),
     }
     for field in schema:
         if field.name not in columns:

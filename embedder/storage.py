@@ -30,9 +30,36 @@ def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple
     try:
         return url_to_fs(uri, **(storage_options or {}))
     except ImportError as err:
-        protocol = uri.split("://", 1)[0]
-        package = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}.get(protocol, protocol)
-        raise StorageError(f"reading {protocol}:// needs {package}: pip install 'embedder[s3]' or pip install {package}") from err
+        raise StorageError(missing_backend_message(uri.split("://", 1)[0], err)) from err
+
+
+BACKEND_EXTRAS: dict[str, tuple[str, str]] = {
+    "s3": ("s3fs", "s3"),
+    "s3a": ("s3fs", "s3"),
+    "gs": ("gcsfs", "gcs"),
+    "gcs": ("gcsfs", "gcs"),
+    "az": ("adlfs", "azure"),
+    "abfs": ("adlfs", "azure"),
+    "abfss": ("adlfs", "azure"),
+    "adl": ("adlfs", "azure"),
+    "hf": ("huggingface_hub", "hf"),
+}
+"""fsspec protocol -> (the package that implements it, the ``embedder[...]`` extra that installs it)."""
+
+
+def missing_backend_message(protocol: str, err: BaseException | None = None) -> str:
+    """What to install for a protocol whose fsspec backend is missing: the extra that provides it.
+
+    Example:
+        >>> missing_backend_message("gs")
+        "reading gs:// needs gcsfs: pip install 'embedder[gcs]' (or pip install gcsfs)"
+    """
+    known = BACKEND_EXTRAS.get(protocol)
+    if known is None:
+        detail = f" ({err})" if err is not None else ""
+        return f"reading {protocol}:// needs an fsspec backend that is not installed{detail}"
+    package, extra = known
+    return f"reading {protocol}:// needs {package}: pip install 'embedder[{extra}]' (or pip install {package})"
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:

@@ -224,11 +224,21 @@ def _unit(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.maximum(norms, 1e-12)
 
 
+def truncated(reference: np.ndarray, dim: int) -> np.ndarray:
+    """Unit reference vectors cut to their first ``dim`` dimensions and made unit again: what
+    ``SentenceTransformer(..., truncate_dim=dim)`` then normalizing gives (Matryoshka)."""
+    return _unit(np.ascontiguousarray(reference[:, :dim]))
+
+
 def compare(ids: list[str], vectors: np.ndarray, reference: np.ndarray) -> CanaryReport:
-    """Cosines between ``vectors`` and ``reference`` (row by row)."""
+    """Cosines between ``vectors`` and ``reference`` (row by row); a reference wider than the vectors
+    (a job with ``model.truncate_dim``) is cut to their width first (``truncated``)."""
     if not ids:
         return CanaryReport()
-    cos = np.sum(_unit(np.asarray(vectors, dtype=np.float32)) * reference, axis=1)
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if reference.shape[1] > vectors.shape[1]:
+        reference = truncated(reference, vectors.shape[1])
+    cos = np.sum(_unit(vectors) * reference, axis=1)
     order = np.argsort(cos)
     return CanaryReport(
         count=len(ids),

@@ -29,11 +29,18 @@ import pyarrow.compute as pc
 from embedder.checkpoint import shard_key
 from embedder.config import OutputConfig
 from embedder.errors import UsageError
-from embedder.schema import fingerprint_differences, provenance_of
+from embedder.schema import (
+    PROVENANCE_KEY,
+    fingerprint_differences,
+    provenance_of,
+    vector_dim_of,
+    with_vector_dtype,
+)
 
 __all__ = [
     "STAGING_DIR",
     "ShardWriter",
+    "adopt_quantization",
     "Sink",
     "SinkError",
     "check_compatible",
@@ -103,14 +110,15 @@ class Sink(ABC):
 
     Args:
         config: The job's ``output`` section.
-        schema: The output schema (``embedder.schema.output_schema``), provenance included.
+        schema: The output schema (``embedder.schema.output_schema``), provenance included; its vector
+            column is stored as ``config.vector_dtype`` (``embedder.schema.with_vector_dtype``).
     """
 
     name: ClassVar[str] = ""
 
     def __init__(self, config: OutputConfig, schema: pa.Schema) -> None:
         self.config = config
-        self.schema = schema
+        self.schema = with_vector_dtype(schema, getattr(config, "vector_dtype", "float32"))
 
     @abstractmethod
     def open(self) -> None:
@@ -174,11 +182,14 @@ def check_compatible(existing: pa.Schema, wanted: pa.Schema, location: str) -> N
             reembed``, or a new output).
     """
     differences = []
-    old_dim = _vector_dim(existing)
-    new_dim = _vector_dim(wanted)
+    found = fingerprint_differences(provenance_of(existing), provenance_of(wanted))
+    old_dim = vector_dim_of(existing) if existing.get_field_index("vector") >= 0 else None
+    new_dim = vector_dim_of(wanted)
     if old_dim != new_dim:
         differences.append(f"vector dim: {old_dim} stored, {new_dim} in this job")
-    for key, old, new in fingerprint_differences(provenance_of(existing), provenance_of(wanted)):
+    elif _vector_dim(existing) != _vector_dim(wanted) and not any(key == "vector_dtype" for key, _, _ in found):
+        differences.append(f"vector column: {existing.field('vector').type} stored, {wanted.field('vector').type} in this job")
+    for key, old, new in found:
         if key == "dim" and old_dim != new_dim:
             continue
         differences.append(f"{key}: {old!r} stored, {new!r} in this job")
@@ -191,6 +202,19 @@ def check_compatible(existing: pa.Schema, wanted: pa.Schema, location: str) -> N
             "this job's settings (--mode reembed, or output.mode: reembed: the old rows are replaced), "
             "or write to a new output (--output NEW_URI)."
         )
+
+
+def adopt_quantization(existing: pa.Schema, wanted: pa.Schema) -> pa.Schema:
+    """``wanted`` with the quantization parameters the existing rows were stored with (checked
+    compatible first), so a resumed run writes its rows exactly as the first pass did."""
+    import json
+
+    stored = provenance_of(existing).get("quantization")
+    provenance = provenance_of(wanted)
+    if not stored or provenance.get("quantization") == stored:
+        return wanted
+    provenance["quantization"] = stored
+    return wanted.with_metadata({**(wanted.metadata or {}), PROVENANCE_KEY: json.dumps(provenance, sort_keys=True).encode()})
 
 
 def _vector_dim(schema: pa.Schema) -> int | None:

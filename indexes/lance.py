@@ -59,6 +59,7 @@ from indexes.base import (
     ShardWriter,
     Sink,
     SinkError,
+    adopt_quantization,
     check_compatible,
     check_inside,
     check_shard_rows,
@@ -103,8 +104,11 @@ PQ_NPROBE_FRACTION, PQ_MIN_NPROBES, PQ_REFINE_FACTOR = 0.02, 20, 10
 """IVF_PQ queries scan 2% of the partitions (at least 20) and re-rank 10x ``k`` candidates exactly."""
 
 VECTOR_INDEX_NAME, TEXT_INDEX_NAME = "vector_idx", "text_idx"
-VectorIndexKind = Literal["IVF_HNSW_SQ", "IVF_PQ"]
-_LANCE_INDEX_TYPES = {"IvfHnswSq": "IVF_HNSW_SQ", "IVF_HNSW_SQ": "IVF_HNSW_SQ", "IvfPq": "IVF_PQ", "IVF_PQ": "IVF_PQ"}
+VectorIndexKind = Literal["IVF_HNSW_SQ", "IVF_PQ", "IVF_FLAT"]
+_LANCE_INDEX_TYPES = {
+    "IvfHnswSq": "IVF_HNSW_SQ", "IVF_HNSW_SQ": "IVF_HNSW_SQ", "IvfPq": "IVF_PQ", "IVF_PQ": "IVF_PQ",
+    "IvfFlat": "IVF_FLAT", "IVF_FLAT": "IVF_FLAT",
+}
 
 def connect_database(uri: str, storage_options: Mapping[str, Any] | None = None) -> lancedb.DBConnection:
     """Connects to the LanceDB database at ``uri`` (local path or object store URL)."""
@@ -152,7 +156,7 @@ class VectorIndexPlan:
     """The vector index a table of a given size gets, and how queries should use it.
 
     Attributes:
-        kind: ``IVF_HNSW_SQ`` or ``IVF_PQ``.
+        kind: ``IVF_HNSW_SQ`` or ``IVF_PQ`` (float vectors, cosine), ``IVF_FLAT`` (binary vectors, Hamming).
         num_partitions: IVF partitions (k-means centroids).
         num_sub_vectors: PQ sub-vectors (``IVF_PQ`` only).
         nprobes: Partitions a query scans.
@@ -185,13 +189,21 @@ def vector_index_for(kind: VectorIndexKind, rows: int, dim: int) -> VectorIndexP
         return VectorIndexPlan("IVF_HNSW_SQ", partitions, nprobes=partitions)
     partitions = max(1, round(math.sqrt(rows)))
     nprobes = min(partitions, max(PQ_MIN_NPROBES, math.ceil(partitions * PQ_NPROBE_FRACTION)))
+    if kind == "IVF_FLAT":
+        return VectorIndexPlan("IVF_FLAT", partitions, nprobes=nprobes)
     return VectorIndexPlan("IVF_PQ", partitions, pq_sub_vectors(dim), nprobes, PQ_REFINE_FACTOR)
 
 
 def plan_vector_index(
-    rows: int, dim: int, min_rows: int | None = None, pq_min_rows: int | None = None
+    rows: int, dim: int, min_rows: int | None = None, pq_min_rows: int | None = None, vector_dtype: str = "float32"
 ) -> VectorIndexPlan | None:
     """The vector index for a table of ``rows`` vectors of ``dim``, or None when it needs none.
+
+    By ``vector_dtype`` (``output.vector_dtype``): float32 and float16 as below; ``binary``:
+    ``IVF_FLAT`` with the Hamming metric (the only index Lance builds over packed bits: exact
+    distances within the probed partitions, ``sqrt(rows)`` partitions, 2% probed); ``int8``: none
+    (Lance indexes and searches only float and packed-bit vectors, so int8 outputs are searched
+    exactly by ``embedder search``).
 
     * ``rows < min_rows`` (default ``INDEX_MIN_ROWS``): none; exact search is fast enough.
     * up to ``pq_min_rows`` (default ``PQ_MIN_ROWS``): ``IVF_HNSW_SQ``, a partition per
@@ -206,8 +218,10 @@ def plan_vector_index(
     """
     min_rows = _env_int("EMBEDDER_INDEX_MIN_ROWS", INDEX_MIN_ROWS) if min_rows is None else min_rows
     pq_min_rows = _env_int("EMBEDDER_PQ_MIN_ROWS", PQ_MIN_ROWS) if pq_min_rows is None else pq_min_rows
-    if rows <= 0 or rows < min_rows:
+    if rows <= 0 or rows < min_rows or vector_dtype == "int8":
         return None
+    if vector_dtype == "binary":
+        return vector_index_for("IVF_FLAT", rows, dim)
     return vector_index_for("IVF_PQ" if rows >= pq_min_rows else "IVF_HNSW_SQ", rows, dim)
 
 
@@ -239,7 +253,9 @@ def build_indexes(
     Returns:
         What was done, e.g. ``{"vector": "built IVF_HNSW_SQ", "text": "updated", "seconds": 1.2}``.
     """
-    from lancedb.index import FTS, IvfHnswSq, IvfPq
+    from lancedb.index import FTS, IvfFlat, IvfHnswSq, IvfPq
+
+    from embedder.schema import vector_dim_of, vector_dtype_of
 
     started = time.perf_counter()
     done: dict[str, Any] = {}
@@ -249,8 +265,11 @@ def build_indexes(
     existing = {idx.name: idx for idx in table.list_indices()}
     refresh: list[str] = []
     if vector:
-        dim = table.schema.field("vector").type.list_size
-        plan = plan_vector_index(rows, dim, min_rows, pq_min_rows)
+        schema = table.schema
+        vector_dtype = vector_dtype_of(schema)
+        plan = plan_vector_index(rows, vector_dim_of(schema), min_rows, pq_min_rows, vector_dtype)
+        if vector_dtype == "int8" and plan_vector_index(rows, vector_dim_of(schema), min_rows, pq_min_rows):
+            done["vector"] = "none: Lance has no vector index over int8 vectors (exact search)"
         old = existing.get(VECTOR_INDEX_NAME)
         if plan is not None:
             old_stats = table.index_stats(VECTOR_INDEX_NAME) if old is not None else None
@@ -260,8 +279,10 @@ def build_indexes(
                     refresh.append(VECTOR_INDEX_NAME)
                     done["vector"] = f"updated {plan.kind}"
             else:
-                if plan.kind == "IVF_PQ":
-                    config: Any = IvfPq(
+                if plan.kind == "IVF_FLAT":
+                    config: Any = IvfFlat(distance_type="hamming", num_partitions=plan.num_partitions)
+                elif plan.kind == "IVF_PQ":
+                    config = IvfPq(
                         distance_type="cosine", num_partitions=plan.num_partitions, num_sub_vectors=plan.num_sub_vectors
                     )
                 else:
@@ -323,6 +344,9 @@ class LanceSink(Sink):
         fts_index: bool | None = None,
     ) -> None:
         super().__init__(config, schema)
+        from indexes.lancedb_embedding import with_embedding_function
+
+        self.schema = with_embedding_function(self.schema)
         self.stage_bytes = stage_bytes
         self.prune_every = prune_every
         self.index_min_rows = index_min_rows
@@ -352,6 +376,7 @@ class LanceSink(Sink):
         if table_exists(db, self.config.table):
             table = db.open_table(self.config.table)
             check_compatible(table.schema, self.schema, f"{self.config.uri} (table {self.config.table!r})")
+            self.schema = adopt_quantization(table.schema, self.schema)
         else:
             table = db.create_table(self.config.table, schema=self.schema)
         if not table.to_lance().uri.rstrip("/").endswith(f"{self.config.table}.lance"):

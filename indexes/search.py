@@ -46,7 +46,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from embedder.errors import UsageError
-from embedder.schema import BASE_COLUMNS, provenance_of
+from embedder.quantize import quantize, similarity
+from embedder.schema import BASE_COLUMNS, provenance_of, vector_dim_of, vector_dtype_of
 from embedder.storage import filesystem, is_local, join
 from indexes.lance import (
     VECTOR_INDEX_NAME,
@@ -121,7 +122,9 @@ class Index(ABC):
         uri: Where the output is.
         schema: The output schema.
         provenance: What made the vectors (model, weights fingerprint, prompts, chunking...).
-        dim: Vector size.
+        dim: Vector size (of the model, or its ``truncate_dim``).
+        vector_dtype: How the vectors are stored (``embedder.quantize``); queries are quantized the
+            same way: float32/float16/int8 hits score by cosine, binary ones by ``1 - hamming / dim``.
     """
 
     kind: str = ""
@@ -130,7 +133,9 @@ class Index(ABC):
         self.uri = uri
         self.schema = schema
         self.provenance = provenance_of(schema)
-        self.dim = schema.field("vector").type.list_size
+        self.dim = vector_dim_of(schema)
+        self.vector_dtype = vector_dtype_of(schema)
+        self.quantization = self.provenance.get("quantization")
         self.metadata_columns = [f.name for f in schema if f.name not in BASE_COLUMNS]
         self._embed_query = embed_query or _encoder_query_embedder(self.provenance)
 
@@ -209,7 +214,30 @@ class Index(ABC):
 
     @abstractmethod
     def search_vector(self, vector: np.ndarray, k: int = 5, filter: str | None = None) -> list[Hit]:
-        """The ``k`` rows closest to ``vector`` by cosine, best first."""
+        """The ``k`` rows closest to ``vector`` (float32, quantized here as the rows were) by cosine
+        (binary outputs: by Hamming distance), best first."""
+
+    def stored_query(self, vector: np.ndarray) -> np.ndarray:
+        """A float query vector as the rows are stored (``embedder.quantize.quantize``)."""
+        return quantize(np.asarray(vector, dtype=np.float32).reshape(1, -1), self.vector_dtype, self.quantization)[0]
+
+    def _scan_top_k(self, batches: Iterable[pa.RecordBatch], vector: np.ndarray, k: int) -> list[tuple[str, float]]:
+        """Exact search over ``(id, vector)`` batches with a running top-k: ``(id, score)`` pairs."""
+        query = self.stored_query(vector)
+        width = query.shape[0]
+        best_ids: list[str] = []
+        best_scores = np.empty(0, dtype=np.float64)
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            scores = similarity(_matrix(batch.column("vector"), width), query, self.vector_dtype, self.dim)
+            keep = _top(scores, k)
+            best_ids += batch.column("id").take(pa.array(keep)).to_pylist()
+            best_scores = np.concatenate([best_scores, scores[keep]])
+            if len(best_ids) > k:
+                keep = _top(best_scores, k)
+                best_ids, best_scores = [best_ids[i] for i in keep], best_scores[keep]
+        return list(zip(best_ids, best_scores.tolist()))
 
     @abstractmethod
     def search_text(self, query: str, k: int = 5, filter: str | None = None) -> list[Hit]:
@@ -261,7 +289,7 @@ class LanceIndex(Index):
     def _vector_plan(self, indexes: dict[str, Any]) -> VectorIndexPlan | None:
         """How queries use the table's vector index (None: no index, exact search)."""
         index = indexes.get(VECTOR_INDEX_NAME) or next((i for i in indexes.values() if i.columns == ["vector"]), None)
-        if index is None or index_kind(index.index_type) not in ("IVF_PQ", "IVF_HNSW_SQ"):
+        if index is None or index_kind(index.index_type) not in ("IVF_PQ", "IVF_HNSW_SQ", "IVF_FLAT"):
             return None
         rows = self.table.index_stats(index.name).num_indexed_rows
         return vector_index_for(index_kind(index.index_type), rows, self.dim)
@@ -279,9 +307,16 @@ class LanceIndex(Index):
     def search_vector(self, vector: np.ndarray, k: int = 5, filter: str | None = None) -> list[Hit]:
         if k <= 0:
             return []
+        if self.vector_dtype == "int8":  # Lance searches only float and packed-bit vectors: exact scan
+            dataset = self.table.to_lance()
+            top = self._scan_top_k(dataset.to_batches(columns=["id", "vector"], filter=filter), vector, k)
+            return self._rows_for(
+                top, lambda ids: dataset.to_table(columns=HIT_COLUMNS + self.metadata_columns, filter=_id_in(ids))
+            )
+        binary = self.vector_dtype == "binary"
         query = (
-            self.table.search(np.asarray(vector, dtype=np.float32), vector_column_name="vector")
-            .distance_type("cosine")
+            self.table.search(self.stored_query(vector), vector_column_name="vector")
+            .distance_type("hamming" if binary else "cosine")
             .select([*HIT_COLUMNS, *self.metadata_columns, "_distance"])
             .limit(k)
         )
@@ -295,8 +330,8 @@ class LanceIndex(Index):
         if filter:
             query = query.where(filter, prefilter=True)
         rows = query.to_arrow()
-        scores = 1.0 - rows.column("_distance").to_numpy(zero_copy_only=False).astype(np.float64)
-        return self._hits(rows, scores)
+        distances = rows.column("_distance").to_numpy(zero_copy_only=False).astype(np.float64)
+        return self._hits(rows, 1.0 - (distances / self.dim if binary else distances))
 
     def search_text(self, query: str, k: int = 5, filter: str | None = None) -> list[Hit]:
         if k <= 0 or not query_terms(query):
@@ -355,30 +390,16 @@ class ParquetIndex(Index):
     def search_vector(self, vector: np.ndarray, k: int = 5, filter: str | pc.Expression | None = None) -> list[Hit]:
         if k <= 0:
             return []
-        query = np.asarray(vector, dtype=np.float32).reshape(-1)
-        query = query / (np.linalg.norm(query) or 1.0)
         dataset = open_dataset(self.fs, self.root)
         if dataset is None:
             return []
         # Pass 1 reads ids and vectors only, keeping a running top-k; pass 2 reads the k rows' text.
         expression = to_expression(filter)
-        best_ids: list[str] = []
-        best_scores = np.empty(0, dtype=np.float64)
-        for batch in dataset.to_batches(columns=["id", "vector"], filter=expression, batch_size=SCAN_BATCH_ROWS):
-            if batch.num_rows == 0:
-                continue
-            scores = _cosine(batch.column("vector"), query, self.dim)
-            keep = _top(scores, k)
-            best_ids += batch.column("id").take(pa.array(keep)).to_pylist()
-            best_scores = np.concatenate([best_scores, scores[keep]])
-            if len(best_ids) > k:
-                keep = _top(best_scores, k)
-                best_ids, best_scores = [best_ids[i] for i in keep], best_scores[keep]
-        if not best_ids:
-            return []
-        rows = dataset.to_table(columns=HIT_COLUMNS + self.metadata_columns, filter=pc.field("id").isin(best_ids))
-        score_of = dict(zip(best_ids, best_scores))
-        return self._hits(rows, np.array([score_of[i] for i in rows.column("id").to_pylist()]))
+        batches = dataset.to_batches(columns=["id", "vector"], filter=expression, batch_size=SCAN_BATCH_ROWS)
+        top = self._scan_top_k(batches, vector, k)
+        return self._rows_for(
+            top, lambda ids: dataset.to_table(columns=HIT_COLUMNS + self.metadata_columns, filter=pc.field("id").isin(ids))
+        )
 
     def search_text(self, query: str, k: int = 5, filter: str | pc.Expression | None = None) -> list[Hit]:
         dataset = open_dataset(self.fs, self.root)
@@ -497,16 +518,15 @@ def _id_in(ids: list[str]) -> str:
     return f"id IN ({', '.join(sql_string(i) for i in ids)})"
 
 
-def _cosine(vectors: pa.FixedSizeListArray, query: np.ndarray, dim: int) -> np.ndarray:
-    """Cosine of each row with a unit ``query`` (0 for zero or null vectors)."""
-    matrix = vectors.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+def _matrix(vectors: pa.FixedSizeListArray, width: int) -> np.ndarray:
+    """The stored vectors as a ``[n, width]`` array of their own type (zero rows for null vectors)."""
+    matrix = vectors.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
     if vectors.null_count:
         # flatten() drops null lists; put zero rows back where they were.
-        full = np.zeros((len(vectors), dim), dtype=np.float32)
+        full = np.zeros((len(vectors), width), dtype=matrix.dtype)
         full[vectors.is_valid().to_numpy(zero_copy_only=False)] = matrix
         matrix = full
-    norms = np.linalg.norm(matrix, axis=1)
-    return (matrix @ query).astype(np.float64) / np.where(norms == 0, 1.0, norms)
+    return matrix
 
 
 def _top(scores: np.ndarray, k: int) -> np.ndarray:
@@ -527,7 +547,8 @@ def _encoder_query_embedder(provenance: Mapping[str, Any]) -> QueryEmbedder:
             raise SearchError("the index records no model in its provenance; pass embed_query= to open_index")
         from embedder.api import encoder_for
 
-        return np.asarray(encoder_for(model, device="cpu").encode_queries(queries), dtype=np.float32)
+        encoder = encoder_for(model, device="cpu", truncate_dim=provenance.get("truncate_dim"))
+        return np.asarray(encoder.encode_queries(queries), dtype=np.float32)
 
     def embed(query: str) -> np.ndarray:
         return embed_many([query])[0]

@@ -211,7 +211,9 @@ class Encoder:
         tokenizer_json: The fast tokenizer serialized (``tokenizers.Tokenizer.from_str`` rebuilds it).
         tokenizer: That tokenizer, truncation and padding off.
         max_seq_length: Max tokens of a sequence, special tokens and prompt included.
-        dim: Size of the vectors.
+        dim: Size of the vectors: the model's, or ``model.truncate_dim`` (Matryoshka).
+        full_dim: The model's own vector size.
+        truncate_dim: The Matryoshka dimension the vectors are cut to (None: the model's full width).
         pooling: ``"cls"``, ``"mean"`` or ``"lasttoken"``.
         normalize: Whether vectors are L2-normalized.
         document_prompt: Prompt put before every chunk ("" for none).
@@ -238,6 +240,8 @@ class Encoder:
         self.tokenizer: tokenizers.Tokenizer
         self.max_seq_length = 0
         self.dim = 0
+        self.full_dim = 0
+        self.truncate_dim: int | None = None
         self.pooling = "mean"
         self.normalize = False
         self.include_prompt = True
@@ -313,7 +317,16 @@ class Encoder:
         self.pooling = spec.pooling
         self.normalize = spec.normalize
         self.include_prompt = spec.include_prompt
-        self.dim = spec.dim
+        self.dim = self.full_dim = spec.dim
+        truncate_dim = getattr(config, "truncate_dim", None)
+        if truncate_dim is not None:
+            if truncate_dim > spec.dim:
+                raise ConfigError(
+                    f"model.truncate_dim {truncate_dim} is above the dimension of {config.name!r} ({spec.dim}); "
+                    f"use at most {spec.dim} or leave it unset"
+                )
+            if truncate_dim < spec.dim:
+                self.dim = self.truncate_dim = int(truncate_dim)
         self.device, self.dtype = device, dtype
         self.document_prompt = spec.document_prompt if config.document_prompt is None else config.document_prompt
         self.query_prompt = spec.query_prompt if config.query_prompt is None else config.query_prompt
@@ -473,6 +486,8 @@ class Encoder:
             "dim": self.dim,
             "dtype": str(self.dtype).removeprefix("torch."),
             "embedder_version": __version__,
+            # absent: the model's full width (embedder.schema.FINGERPRINT_DEFAULTS)
+            **({"truncate_dim": self.truncate_dim} if self.truncate_dim is not None else {}),
         }
 
     def layout_for(self, prompt: str) -> SequenceLayout:
@@ -713,6 +728,10 @@ class Encoder:
         vectors = pool(hidden, cu, segments, self.pooling, skip)
         for module in self._post_modules:
             vectors = module({"sentence_embedding": vectors})["sentence_embedding"]
+        if self.truncate_dim is not None:
+            # sentence-transformers cuts after the model's modules (its Normalize included); the
+            # cut vector is made unit again when the model normalizes (normalize_embeddings=True).
+            vectors = vectors[:, : self.truncate_dim]
         return normalize(vectors) if self.normalize else vectors.float()
 
     def _padded_forward(

@@ -97,6 +97,17 @@ def test_search_with_a_bad_filter_exits_2_with_one_line(sink, filter, needle, re
             id="jsonl-as-wikipedia",
         ),
         (["run", "configs/does-not-exist.yaml"], "does not exist"),
+        pytest.param(
+            ["run", "-s", "examples/quickstart/docs.jsonl", "--output", "OUT", "--device", "cpu",
+             "--set", "model.truncate_dim=512"],
+            "model.truncate_dim 512 is above the dimension of 'all-MiniLM-L6-v2' (384); use at most 384",
+            id="truncate-dim-above-the-model",
+        ),
+        pytest.param(
+            ["run", "-s", "examples/quickstart/docs.jsonl", "--output", "OUT", "--set", "output.vector_dtype=int4"],
+            "invalid value 'int4' for 'output.vector_dtype'. Valid: 'float32', 'float16', 'int8' or 'binary'",
+            id="unknown-vector-dtype",
+        ),
         (["status", "/nonexistent/output"], "no embedder job"),
     ],
 )

@@ -242,6 +242,42 @@ def test_max_seq_length_can_only_be_lowered(minilm) -> None:
         Encoder.load(ModelConfig(max_seq_length=1024))
 
 
+def test_truncate_dim_equals_sentence_transformers_truncated_then_normalized(minilm_path: str) -> None:
+    """Matryoshka: ``truncate_dim=128`` is ``SentenceTransformer(..., truncate_dim=128)`` then
+    normalized (documents and queries), the vectors are 128 wide and the provenance says so."""
+    from sentence_transformers import SentenceTransformer
+
+    encoder = Encoder.load(ModelConfig(truncate_dim=128))
+    assert (encoder.dim, encoder.full_dim, encoder.truncate_dim) == (128, 384, 128)
+    texts = texts_of_lengths(encoder.tokenizer, _mixed_lengths(encoder, encoder.document_prompt), seed=4)
+    reference = SentenceTransformer(minilm_path, device="cpu", truncate_dim=128)
+    ours = encoder.encode_texts(texts, encoder.document_prompt)
+    theirs = reference.encode(texts, normalize_embeddings=True)
+    assert ours.shape == theirs.shape == (len(texts), 128)
+    assert cosines(ours, theirs).min() >= FP32_MIN_COS
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(ours, theirs, atol=2e-5)
+    assert cosines(encoder.encode_queries(texts[:3]), reference.encode(texts[:3], normalize_embeddings=True)).min() >= FP32_MIN_COS
+    provenance = encoder.provenance()
+    assert provenance["dim"] == 128 and provenance["truncate_dim"] == 128
+    assert "truncate_dim" not in Encoder.load(ModelConfig(truncate_dim=384)).provenance()  # the full width
+
+
+def test_truncate_dim_of_an_unnormalized_model_is_cut_but_not_rescaled(tiny_dirs: dict[str, str]) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    path = tiny_dirs["bert-lasttoken-unnormalized"]
+    encoder = Encoder.load(ModelConfig(name=path, truncate_dim=8))
+    texts = ["a short text", "another text that is a little longer than the first one"]
+    theirs = SentenceTransformer(path, device="cpu", truncate_dim=8).encode(texts)
+    np.testing.assert_allclose(encoder.encode_texts(texts, ""), theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_truncate_dim_above_the_model_dimension_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"model.truncate_dim 512 is above the dimension .* \(384\); use at most 384"):
+        Encoder.load(ModelConfig(truncate_dim=512))
+
+
 def test_batch_longer_than_the_limit_is_refused() -> None:
     encoder = Encoder.load(ModelConfig(max_seq_length=16))
     chunk = Chunk(doc_id="d", chunk_index=0, text="", content_hash="", token_ids=np.full(30, 2000, np.int32))

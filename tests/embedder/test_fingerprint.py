@@ -49,6 +49,8 @@ CHANGES = [
     ("chunking.overlap_tokens", ["--set", "chunking.overlap_tokens=16"]),
     ("document_prompt", ["--set", "model.document_prompt='passage: '"]),
     ("max_seq_length", ["--set", "model.max_seq_length=96"]),
+    ("vector_dtype", ["--set", "output.vector_dtype=float16"]),
+    ("truncate_dim", ["--set", "model.truncate_dim=128"]),
 ]
 
 
