@@ -448,6 +448,7 @@ class LocalRunner:
                 generation["reset_done"] = True
                 checkpoint.write_generation(generation)
             sink.open()  # refuses an output whose rows other settings made (vector fingerprint)
+            sink.fence(lease.token)  # only this lease's commits land from now on (a stalled writer's are refused)
             if is_new:
                 checkpoint.write_generation(generation)
             result.load_seconds = time.perf_counter() - started

@@ -191,6 +191,51 @@ def test_one_writer_per_output(corpus, references, tmp_path) -> None:
     _assert_equal_to_reference(output, "lance", references["lance"])
 
 
+def _stopped(pid: int) -> bool:
+    """Whether the process is stopped (SIGSTOP): state ``T`` in /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def _part_files(output: str) -> dict[str, tuple[int, int, int]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.stat().st_size) for p in Path(output).glob("part-*.parquet")}
+
+
+@pytest.mark.parametrize("sink", ["parquet", "lance"])
+def test_a_writer_paused_past_its_lease_cannot_commit_after_a_takeover(corpus, references, sink, tmp_path) -> None:
+    """Issue #19 case 1: a writer frozen (SIGSTOP, every thread) right before it publishes a shard,
+    past runner.lease_ttl_s, while a second run takes the output over and finishes it. Resumed,
+    the stale writer's commit is refused by the fence: it exits 1 with one clear line, the output
+    stays exactly the second run's (no duplicate id, not one byte changed), its staged rows are gone."""
+    output = str(tmp_path / "out")
+    stale = _run_cli(corpus, output, sink, {"EMBEDDER_FAILPOINT_STOP": "before_publish"}, wait=False)
+    try:
+        _wait_for(lambda: stale.poll() is None and _stopped(stale.pid))
+        wait_lease_expired(output)
+        takeover = _run_cli(corpus, output, sink)
+        assert takeover.returncode == 0, takeover.stderr
+        assert "taking over the expired lease" in takeover.stderr
+        _assert_equal_to_reference(output, sink, references[sink])
+        finished = _part_files(output) if sink == "parquet" else read_output(output, sink).num_rows
+        version = None if sink == "parquet" else len(__import__("lance").dataset(f"{output}/chunks.lance").versions())
+    finally:
+        os.kill(stale.pid, signal.SIGCONT)
+    _, stderr = stale.communicate(timeout=120)
+    assert stale.returncode == 1, stderr
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert "another job took this output over" in last or "lease was taken over by another job" in last, last
+    _assert_equal_to_reference(output, sink, references[sink])
+    if sink == "parquet":
+        assert _part_files(output) == finished  # not one part file replaced after the takeover finished
+        assert not list(Path(output, "_embedder", "staging").glob("part-*"))  # staged rows removed
+    else:
+        import lance
+
+        assert read_output(output, sink).num_rows == finished
+        assert len(lance.dataset(f"{output}/chunks.lance").versions()) == version  # no version added
+
+
 class _SpotHandler(http.server.BaseHTTPRequestHandler):
     notice_after = 0.0
 
