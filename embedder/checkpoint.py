@@ -51,6 +51,51 @@ class CheckpointError(ConfigError):
     (a usage-style error: exit 2)."""
 
 
+class SourceChanged(CheckpointError):
+    """A full run over a source whose shards differ from the ones the output holds."""
+
+
+def check_source_unchanged(shards: Iterable[Any], done: dict[str, dict[str, Any]], source_uri: str) -> None:
+    """Refuses a full (or reembed) pass to go on over a source that changed under its output.
+
+    Shard ids name byte ranges or files, so a file that grew, shrank or vanished lists other
+    shards (or the same one-shard id over other bytes) than the completion records hold. Going on
+    would keep the rows of shards no longer listed next to their new ranges (duplicates) or keep
+    a one-shard file's old rows only. New files alone are fine: their shards are new, the others
+    equal, and the run extends the pass exactly. Which rows of the old ranges are still current
+    is what ``--mode incremental`` works out (it compares documents and prunes vanished ones).
+
+    Args:
+        shards: The shards the connector lists now.
+        done: Completion records of the pass, by shard id (``Checkpoint.completed``).
+        source_uri: For the message.
+
+    Raises:
+        SourceChanged: naming examples of both kinds of change and the two modes that handle them.
+    """
+    sizes = {shard.id: shard.size_bytes for shard in shards}
+    gone = sorted(shard_id for shard_id in done if shard_id not in sizes)
+    resized = sorted(
+        shard_id for shard_id, record in done.items()
+        if shard_id in sizes and isinstance(record.get("size_bytes"), int) and record["size_bytes"] != sizes[shard_id]
+    )
+    if not gone and not resized:
+        return
+    problems = []
+    if gone:
+        problems.append(f"{len(gone)} shard(s) done earlier are no longer listed (e.g. {gone[0]!r})")
+    if resized:
+        record = done[resized[0]]
+        problems.append(
+            f"{len(resized)} changed size (e.g. {resized[0]!r}: {record['size_bytes']} bytes, now {sizes[resized[0]]})"
+        )
+    raise SourceChanged(
+        f"the source {source_uri!r} changed since this output was written: {'; '.join(problems)}. A full run would "
+        "keep stale rows beside the new ones. Run with --mode incremental (embeds what changed and removes what "
+        "vanished) or --mode reembed (embeds everything again)"
+    )
+
+
 def _parse_record(raw: bytes, required: tuple[str, ...] = ()) -> dict[str, Any] | None:
     """The JSON object in ``raw`` when it is one and has the ``required`` keys, else None."""
     try:

@@ -406,7 +406,7 @@ class LocalRunner:
     # The run ----------------------------------------------------------------------------------
 
     def run(self) -> RunResult:
-        from embedder.checkpoint import Checkpoint
+        from embedder.checkpoint import Checkpoint, check_source_unchanged
         from embedder.lease import Lease
 
         job = self.job
@@ -457,6 +457,8 @@ class LocalRunner:
             if incremental:  # rows of this pass carry its generation: aborts never touch older rows
                 shards = [dataclasses.replace(s, id=f"{s.id}@{generation['id']}") for s in shards]
             done = checkpoint.completed(generation["id"])
+            if not incremental:
+                check_source_unchanged(shards, done, job.source.uri)  # stale rows otherwise (SourceChanged, exit 2)
             pending = [s for s in shards if s.id not in done]
             result.shards_total = len(shards)
             result.shards_skipped = len(shards) - len(pending)

@@ -491,6 +491,7 @@ class ShardAssembler:
         self.abort = abort
         self.on_commit = on_commit
         self._states = {s.id: _ShardState(s.id) for s in shards}
+        self._sizes = {s.id: s.size_bytes for s in shards}  # in completion records: a changed source is noticed
         self.started: dict[str, float] = {}  # shard id → when a reader started it (for durations)
         self.generation: str | None = None  # the pass this run belongs to (stored in completion records)
 
@@ -633,6 +634,7 @@ class ShardAssembler:
             state.shard_id,
             {
                 "rows": state.rows,
+                "size_bytes": self._sizes.get(state.shard_id),
                 "documents": end.documents,
                 "chunks": end.chunks,
                 "tokens": end.tokens,
