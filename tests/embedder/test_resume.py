@@ -389,3 +389,50 @@ def test_a_full_rerun_over_a_changed_source_is_refused_naming_incremental(shard_
     docs = set(table.column("doc_id").to_pylist())
     assert {f"doc-{i}" for i in range(1000, 1100)} <= docs
     assert set(before.column("doc_id").to_pylist()) <= docs
+
+
+def test_search_keeps_working_while_a_run_finishes(corpus, references, tmp_path) -> None:
+    """Issue #19 case 9: a search that opened the table before a run's ``finish`` (compaction, the
+    full-text index, then the old versions' files deleted) read a data file the cleanup removed:
+    "lance error: Not found .../data/....lance". Searches run in a loop from a thread, each opening
+    the output and then waiting as the CLI does while it loads the model, from before the finish to
+    after it; one index opened before the finish is searched after it. Every search succeeds, and
+    finds the row whose vector is the query."""
+    from indexes.search import open_index
+
+    output = str(tmp_path / "out")
+    reference = references["lance"]
+    query_id, query_vector = reference["ids"][0], reference["vectors"][0]
+    proc = _run_cli(corpus, output, "lance", {"EMBEDDER_FAILPOINT_DELAY": "during_finish:3"}, wait=False)
+    try:
+        deadline = time.monotonic() + 300
+        while len(Checkpoint(output).completed()) < reference["shards"]:  # every shard in: the end phase
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.1)
+        held = open_index(output, embed_query=lambda _: query_vector)
+        assert held.search("rivers", k=3, mode="fts")  # before the finish: no FTS index yet, a scan
+        outcomes: list[tuple[str, list[str]] | BaseException] = []
+
+        def searches() -> None:
+            while proc.poll() is None or len(outcomes) < 4:
+                try:
+                    index = open_index(output, embed_query=lambda _: query_vector)
+                    time.sleep(0.3)  # the CLI loads the model between opening and querying
+                    for mode in ("vector", "fts", "hybrid"):
+                        outcomes.append((mode, [h.id for h in index.search("rivers", k=3, mode=mode)]))
+                except BaseException as err:  # noqa: BLE001 - every failure is the test's
+                    outcomes.append(err)
+
+        thread = threading.Thread(target=searches)
+        thread.start()
+        assert proc.wait(timeout=300) == 0, proc.stderr.read() if proc.stderr else ""
+        thread.join(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not [o for o in outcomes if isinstance(o, BaseException)], outcomes
+    assert len(outcomes) >= 12 and all(ids for _, ids in outcomes)
+    assert all(ids[0] == query_id for mode, ids in outcomes if mode == "vector")
+    assert [h.id for h in held.search("rivers", k=3)][0] == query_id  # its version's files are gone
+    assert held.search("rivers", k=3, mode="fts") and held.has_text_index  # moved on to the latest version
+    assert held.count_rows() == len(reference["ids"])
