@@ -10,7 +10,8 @@ Layout::
     _embedder/job.yaml                  the resolved job (credentials redacted)
     _embedder/shards/<key>.json         one per committed shard: shard id, rows, counts
     _embedder/quarantine/<key>.jsonl    bad records of a shard (absent when none)
-    _embedder/runs/<run_id>.json        one per run attempt: timings, counts, end state
+    _embedder/runs/<run_id>.json        one per run attempt: timings, counts, end state, and the
+                                        totals of the whole pass at its end (pass_totals)
     _embedder/generation.json           the current pass over the source: id, mode, complete
     _embedder/changes/<key>.json.gz     incremental passes: per shard, documents seen and chunk ids
                                         that the pass replaced or removed (used by the final prune)
@@ -44,6 +45,8 @@ from embedder.storage import filesystem, join, read_bytes, write_bytes_atomic
 log = logging.getLogger("embedder")
 
 STATE_DIR = "_embedder"
+ENDED_STATES = ("done", "failed", "interrupted")
+PASS_TOTAL_KEYS = ("rows", "documents", "chunks", "tokens", "bad_records")
 
 
 class CheckpointError(ConfigError):
@@ -256,8 +259,42 @@ class Checkpoint:
 
     def write_run(self, record: dict[str, Any]) -> None:
         """Stores a run record, signed URLs and connection-string keys redacted (its ``output`` and
-        ``error`` may name them)."""
+        ``error`` may name them).
+
+        A record of a run that ended (``done``, ``failed``, ``interrupted``) gets ``pass_totals``:
+        the totals of the whole pass it worked on, every run of it together (``pass_totals``), since
+        its own counts are only the part it embedded (after a crash, the resumed run's share).
+        """
+        if record.get("state") in ENDED_STATES and "pass_totals" not in record:
+            try:
+                record = {**record, "pass_totals": self.pass_totals()}
+            except (CheckpointError, OSError, ValueError) as err:  # the run record is written regardless
+                log.warning("run %s: the pass totals could not be read (%s)", record.get("run_id"), err)
         self._write_json(self._path("runs", f"{record['run_id']}.json"), redact_values(record))
+
+    def pass_totals(self) -> dict[str, Any] | None:
+        """Totals of the current pass over the source, from its completion records: what every run
+        of the pass committed together (a killed run's shards, the resumed run's, an extension's).
+
+        Returns:
+            ``generation``, ``mode``, ``complete``, ``shards``, the sums of ``rows``, ``documents``,
+            ``chunks``, ``tokens`` and ``bad_records``, and ``runs`` (the runs that committed
+            shards of it), or None before any pass.
+        """
+        generation = self.generation()
+        if generation is None:
+            return None
+        done = self.completed(generation["id"])
+        totals: dict[str, Any] = {
+            "generation": generation["id"],
+            "mode": generation.get("mode"),
+            "complete": bool(generation.get("complete")),
+            "shards": len(done),
+        }
+        for key in PASS_TOTAL_KEYS:
+            totals[key] = sum(int(r.get(key) or 0) for r in done.values())
+        totals["runs"] = len({r["run_id"] for r in done.values() if r.get("run_id")})
+        return totals
 
     def mark_killed_runs(self) -> int:
         """Marks run records still ``running`` as ``killed``: call it holding the output's lease, when

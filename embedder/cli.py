@@ -278,8 +278,8 @@ def status(
     output: str = typer.Argument(..., help="The job's output URI."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Show a job's progress: shards done/pending, rows and documents written by the current pass,
-    quarantined records, model, mode and the last run's end state."""
+    """Show a job's progress: shards done/pending, rows, documents, chunks and tokens written by the
+    current pass (every run of it together), quarantined records, model, mode and the last run's end state."""
     try:
         import yaml
 
@@ -307,7 +307,10 @@ def status(
             "shards_interrupted": len(last.get("interrupted_shards") or []) if last.get("state") != "done" else 0,
             "rows": sum(int(r.get("rows", 0)) for r in done.values()),
             "documents": sum(int(r.get("documents", 0)) for r in done.values()),
+            "chunks": sum(int(r.get("chunks") or 0) for r in done.values()),
+            "tokens": sum(int(r.get("tokens") or 0) for r in done.values()),
             "quarantined": sum(int(r.get("bad_records", 0)) for r in done.values()),
+            "pass_runs": len({r["run_id"] for r in done.values() if r.get("run_id")}),
             "last_run": {k: last.get(k) for k in ("run_id", "state", "tokens_per_second", "error")} if last else None,
             "runs": len(runs),
         }
@@ -321,8 +324,13 @@ def status(
         total = info["shards_total"] if info["shards_total"] is not None else "?"
         table.add_row("shards", f"{info['shards_done']}/{total} done, {info['shards_pending'] if info['shards_pending'] is not None else '?'} pending"
                       + (f" ({info['shards_interrupted']} were in flight when the last run stopped)" if info["shards_interrupted"] else ""))
-        for key in ("rows", "documents", "quarantined", "model", "sink", "mode", "runs"):
+        for key in ("rows", "documents", "chunks", "tokens", "quarantined"):
+            table.add_row(key, f"{info[key]:,}")
+        for key in ("model", "sink", "mode"):
             table.add_row(key, str(info[key]))
+        killed = sum(1 for r in runs if r.get("state") == "killed")
+        table.add_row("runs", f"{info['runs']}" + (f", {killed} killed" if killed else "")
+                      + f"; the counts above are the current pass's, committed by {info['pass_runs']} run(s)")
         if last:
             table.add_row("last run", f"{last.get('run_id')}: {last.get('state')}" + (f" ({last.get('error')})" if last.get("error") else ""))
         with _stdout_may_close():
@@ -332,7 +340,7 @@ def status(
 
 
 HISTORY_KEYS = ("run_id", "mode", "state", "added", "updated", "deleted", "unchanged", "tokens_embedded",
-                "tokens_per_second", "started_at", "ended_at", "error")
+                "tokens_per_second", "started_at", "ended_at", "error", "pass_totals")
 
 
 @app.command()
@@ -340,7 +348,8 @@ def history(
     output: str = typer.Argument(..., help="The job's output URI."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list of run records."),
 ) -> None:
-    """List every run on an output with its counts: added, updated, deleted, unchanged, tokens."""
+    """List every run on an output with its counts: added, updated, deleted, unchanged, tokens (the
+    run's own part), and the totals of the whole pass when the run ended (rows, shards)."""
     try:
         from embedder.checkpoint import Checkpoint
 
@@ -363,13 +372,17 @@ def history(
         from rich.table import Table
 
         table = Table(title=f"embedder history {output}")
-        for column in ("run", "started", "mode", "state", "added", "updated", "deleted", "unchanged", "tokens", "tok/s"):
-            table.add_column(column, justify="right" if column in ("added", "updated", "deleted", "unchanged", "tokens", "tok/s") else "left")
+        numeric = ("added", "updated", "deleted", "unchanged", "tokens", "tok/s", "pass rows", "pass shards")
+        for column in ("run", "started", "mode", "state", "added", "updated", "deleted", "unchanged", "tokens", "tok/s",
+                       "pass rows", "pass shards"):
+            table.add_column(column, justify="right" if column in numeric else "left")
         for r in records:
             started = datetime.datetime.fromtimestamp(r["started_at"]).strftime("%Y-%m-%d %H:%M") if r["started_at"] else ""
+            totals = r["pass_totals"] or {}
             table.add_row(
                 r["run_id"], started, r["mode"] or "", r["state"] or "", f"{r['added']:,}", f"{r['updated']:,}",
                 f"{r['deleted']:,}", f"{r['unchanged']:,}", f"{r['tokens_embedded']:,}", f"{r['tokens_per_second'] or 0:,.0f}",
+                f"{totals['rows']:,}" if totals else "", f"{totals['shards']:,}" if totals else "",
             )
         with _stdout_may_close():
             _stdout_console().print(table)

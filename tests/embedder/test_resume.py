@@ -96,6 +96,7 @@ def references(corpus, tmp_path_factory) -> dict:
             "vectors": np.asarray(table.column("vector").to_pylist()),
             "quarantined": len(checkpoint.quarantine()),
             "shards": len(checkpoint.completed()),
+            "run": checkpoint.runs()[-1],
         }
         assert out[sink]["shards"] >= 8 and out[sink]["quarantined"] == 3
     return out
@@ -352,6 +353,42 @@ def test_history_marks_a_killed_run_killed(corpus, tmp_path) -> None:
     assert resumed.returncode == 0, resumed.stderr
     runs = Checkpoint(output).runs()
     assert [r["state"] for r in runs] == ["killed", "done"] and "killed or crashed" in runs[0]["error"]
+
+
+@pytest.mark.parametrize("sink", ["parquet", "lance"])
+def test_history_after_a_crash_shows_the_whole_pass(corpus, references, sink, tmp_path) -> None:
+    """Issue #19 case 14, second half: after a SIGKILL mid-way and a resume, ``history`` shows the
+    killed run as killed and the resumed run's record carries the totals of the whole pass (rows,
+    shards, documents, chunks, tokens of both runs together, equal to an uninterrupted run's), not
+    only the part it embedded itself; ``status`` shows the same totals."""
+    output = str(tmp_path / "out")
+    reference = references[sink]
+    killed = _run_cli(corpus, output, sink, {"EMBEDDER_FAILPOINT": "after_commit@3"})
+    assert killed.returncode == -signal.SIGKILL
+    resumed = _run_cli(corpus, output, sink, extra=["--force-unlock"])
+    assert resumed.returncode == 0, resumed.stderr
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    history = subprocess.run([sys.executable, "-m", "embedder.cli", "history", output, "--json"], env=env,
+                             capture_output=True, text=True)
+    assert history.returncode == 0, history.stderr
+    first, last = json.loads(history.stdout)
+    assert (first["state"], last["state"]) == ("killed", "done") and first["pass_totals"] is None
+    totals, clean = last["pass_totals"], reference["run"]
+    assert totals["rows"] == len(reference["ids"]) == clean["rows_written"] == clean["pass_totals"]["rows"]
+    assert totals["shards"] == reference["shards"]
+    assert (totals["documents"], totals["chunks"], totals["tokens"]) == (clean["documents"], clean["chunks"], clean["tokens"])
+    assert totals["runs"] == 2 and totals["complete"]
+    assert last["tokens_embedded"] < totals["tokens"]  # its own part: the killed run committed shards first
+    table = subprocess.run([sys.executable, "-m", "embedder.cli", "history", output], env={**env, "COLUMNS": "250"},
+                           capture_output=True, text=True)
+    assert "killed" in table.stdout and f"{totals['rows']:,}" in table.stdout
+    status = subprocess.run([sys.executable, "-m", "embedder.cli", "status", output, "--json"], env=env,
+                            capture_output=True, text=True)
+    info = json.loads(status.stdout)
+    assert {k: info[k] for k in ("rows", "documents", "chunks", "tokens", "shards_done", "pass_runs")} == {
+        "rows": totals["rows"], "documents": totals["documents"], "chunks": totals["chunks"],
+        "tokens": totals["tokens"], "shards_done": totals["shards"], "pass_runs": 2,
+    }
 
 
 def _append_docs(path: Path, start: int, count: int) -> None:
