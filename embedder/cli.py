@@ -1,6 +1,7 @@
 """The ``embedder`` command line.
 
-Exit codes: 0 done · 1 failed · 2 usage or config error · 75 interrupted (rerun to resume).
+Exit codes: 0 done · 1 failed · 2 usage, config or environment error (a full disk, a read-only output, a
+missing bucket: one line naming the fix) · 75 interrupted (rerun to resume).
 Heavy libraries (torch, lancedb, transformers) are imported inside the commands, so ``--help`` is fast.
 """
 
@@ -49,7 +50,13 @@ def _fail(message: str, code: int) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _handle(err: BaseException) -> NoReturn:
+def _handle(err: BaseException, uri: str | None = None) -> NoReturn:
+    """Ends a command that raised ``err`` with one line on stderr and its exit code.
+
+    ``uri`` is the output the command works on, named in an environment failure's message (a full
+    disk, a read-only output, a missing bucket: ``embedder.errors.environment_failure``) when the
+    error itself names no path.
+    """
     if isinstance(err, typer.Exit):
         raise err
     if isinstance(err, KeyboardInterrupt):
@@ -62,10 +69,13 @@ def _handle(err: BaseException) -> NoReturn:
 
     if isinstance(err, LeaseHeld):
         _fail(str(err), EXIT_INTERRUPTED)  # EX_TEMPFAIL: another run is on it; try again later
-    from embedder.errors import EmbedderError, UsageError
+    from embedder.errors import EmbedderError, UsageError, environment_failure
 
     if isinstance(err, UsageError):
         _fail(str(err), EXIT_USAGE)
+    failure = environment_failure(err, uri)  # the library's words for ENOSPC, EROFS, NoSuchBucket...
+    if failure is not None:
+        _fail(str(failure), EXIT_USAGE)
     if isinstance(err, EmbedderError):
         _fail(str(err), EXIT_FAILED)  # a failed run whose message says what happened and what to do
     _fail(f"{type(err).__name__}: {err} (set EMBEDDER_DEBUG=1 for the traceback)", EXIT_FAILED)
@@ -157,6 +167,7 @@ def run(
     ),
 ) -> None:
     """Embed a corpus. Rerunning the same command resumes where a stopped run left off."""
+    uri = output
     try:
         flags = {
             "source.uri": source, "source.format": format, "output.uri": output, "output.sink": sink,
@@ -166,6 +177,7 @@ def run(
         if no_progress:
             flags["runner.show_progress"] = False
         job = _build_job(config, set_, flags)
+        uri = job.output.uri
         if dry_run:
             _print_plan(job)
             return
@@ -181,7 +193,7 @@ def run(
         if result.state == "interrupted":
             _fail("interrupted; run the same command again to resume", EXIT_INTERRUPTED)
     except BaseException as err:  # noqa: BLE001 - mapped to exit codes
-        _handle(err)
+        _handle(err, uri)
 
 
 def _print_plan(job: Any) -> None:
@@ -336,7 +348,7 @@ def status(
         with _stdout_may_close():
             _stdout_console().print(table)
     except BaseException as err:  # noqa: BLE001
-        _handle(err)
+        _handle(err, output)
 
 
 HISTORY_KEYS = ("run_id", "mode", "state", "added", "updated", "deleted", "unchanged", "tokens_embedded",
@@ -387,7 +399,7 @@ def history(
         with _stdout_may_close():
             _stdout_console().print(table)
     except BaseException as err:  # noqa: BLE001
-        _handle(err)
+        _handle(err, output)
 
 
 @app.command()
@@ -421,7 +433,7 @@ def search(
         with _stdout_may_close():
             _stdout_console().print(table)
     except BaseException as err:  # noqa: BLE001
-        _handle(err)
+        _handle(err, output)
 
 
 def _register_command_modules() -> None:
