@@ -10,7 +10,8 @@ Layout::
     _embedder/job.yaml                  the resolved job (credentials redacted)
     _embedder/shards/<key>.json         one per committed shard: shard id, rows, counts
     _embedder/quarantine/<key>.jsonl    bad records of a shard (absent when none)
-    _embedder/runs/<run_id>.json        one per run attempt: timings, counts, end state
+    _embedder/runs/<run_id>.json        one per run attempt: timings, counts, end state, and the
+                                        totals of the whole pass at its end (pass_totals)
     _embedder/generation.json           the current pass over the source: id, mode, complete
     _embedder/changes/<key>.json.gz     incremental passes: per shard, documents seen and chunk ids
                                         that the pass replaced or removed (used by the final prune)
@@ -44,11 +45,58 @@ from embedder.storage import filesystem, join, read_bytes, write_bytes_atomic
 log = logging.getLogger("embedder")
 
 STATE_DIR = "_embedder"
+ENDED_STATES = ("done", "failed", "interrupted")
+PASS_TOTAL_KEYS = ("rows", "documents", "chunks", "tokens", "bad_records")
 
 
 class CheckpointError(ConfigError):
     """A state file under ``_embedder/`` that cannot be read, with the file and the fix in the message
     (a usage-style error: exit 2)."""
+
+
+class SourceChanged(CheckpointError):
+    """A full run over a source whose shards differ from the ones the output holds."""
+
+
+def check_source_unchanged(shards: Iterable[Any], done: dict[str, dict[str, Any]], source_uri: str) -> None:
+    """Refuses a full (or reembed) pass to go on over a source that changed under its output.
+
+    Shard ids name byte ranges or files, so a file that grew, shrank or vanished lists other
+    shards (or the same one-shard id over other bytes) than the completion records hold. Going on
+    would keep the rows of shards no longer listed next to their new ranges (duplicates) or keep
+    a one-shard file's old rows only. New files alone are fine: their shards are new, the others
+    equal, and the run extends the pass exactly. Which rows of the old ranges are still current
+    is what ``--mode incremental`` works out (it compares documents and prunes vanished ones).
+
+    Args:
+        shards: The shards the connector lists now.
+        done: Completion records of the pass, by shard id (``Checkpoint.completed``).
+        source_uri: For the message.
+
+    Raises:
+        SourceChanged: naming examples of both kinds of change and the two modes that handle them.
+    """
+    sizes = {shard.id: shard.size_bytes for shard in shards}
+    gone = sorted(shard_id for shard_id in done if shard_id not in sizes)
+    resized = sorted(
+        shard_id for shard_id, record in done.items()
+        if shard_id in sizes and isinstance(record.get("size_bytes"), int) and record["size_bytes"] != sizes[shard_id]
+    )
+    if not gone and not resized:
+        return
+    problems = []
+    if gone:
+        problems.append(f"{len(gone)} shard(s) done earlier are no longer listed (e.g. {gone[0]!r})")
+    if resized:
+        record = done[resized[0]]
+        problems.append(
+            f"{len(resized)} changed size (e.g. {resized[0]!r}: {record['size_bytes']} bytes, now {sizes[resized[0]]})"
+        )
+    raise SourceChanged(
+        f"the source {source_uri!r} changed since this output was written: {'; '.join(problems)}. A full run would "
+        "keep stale rows beside the new ones. Run with --mode incremental (embeds what changed and removes what "
+        "vanished) or --mode reembed (embeds everything again)"
+    )
 
 
 def _parse_record(raw: bytes, required: tuple[str, ...] = ()) -> dict[str, Any] | None:
@@ -211,8 +259,42 @@ class Checkpoint:
 
     def write_run(self, record: dict[str, Any]) -> None:
         """Stores a run record, signed URLs and connection-string keys redacted (its ``output`` and
-        ``error`` may name them)."""
+        ``error`` may name them).
+
+        A record of a run that ended (``done``, ``failed``, ``interrupted``) gets ``pass_totals``:
+        the totals of the whole pass it worked on, every run of it together (``pass_totals``), since
+        its own counts are only the part it embedded (after a crash, the resumed run's share).
+        """
+        if record.get("state") in ENDED_STATES and "pass_totals" not in record:
+            try:
+                record = {**record, "pass_totals": self.pass_totals()}
+            except (CheckpointError, OSError, ValueError) as err:  # the run record is written regardless
+                log.warning("run %s: the pass totals could not be read (%s)", record.get("run_id"), err)
         self._write_json(self._path("runs", f"{record['run_id']}.json"), redact_values(record))
+
+    def pass_totals(self) -> dict[str, Any] | None:
+        """Totals of the current pass over the source, from its completion records: what every run
+        of the pass committed together (a killed run's shards, the resumed run's, an extension's).
+
+        Returns:
+            ``generation``, ``mode``, ``complete``, ``shards``, the sums of ``rows``, ``documents``,
+            ``chunks``, ``tokens`` and ``bad_records``, and ``runs`` (the runs that committed
+            shards of it), or None before any pass.
+        """
+        generation = self.generation()
+        if generation is None:
+            return None
+        done = self.completed(generation["id"])
+        totals: dict[str, Any] = {
+            "generation": generation["id"],
+            "mode": generation.get("mode"),
+            "complete": bool(generation.get("complete")),
+            "shards": len(done),
+        }
+        for key in PASS_TOTAL_KEYS:
+            totals[key] = sum(int(r.get(key) or 0) for r in done.values())
+        totals["runs"] = len({r["run_id"] for r in done.values() if r.get("run_id")})
+        return totals
 
     def mark_killed_runs(self) -> int:
         """Marks run records still ``running`` as ``killed``: call it holding the output's lease, when

@@ -1,6 +1,7 @@
 """The ``embedder`` command line.
 
-Exit codes: 0 done · 1 failed · 2 usage or config error · 75 interrupted (rerun to resume).
+Exit codes: 0 done · 1 failed · 2 usage, config or environment error (a full disk, a read-only output, a
+missing bucket: one line naming the fix) · 75 interrupted (rerun to resume).
 Heavy libraries (torch, lancedb, transformers) are imported inside the commands, so ``--help`` is fast.
 """
 
@@ -49,7 +50,13 @@ def _fail(message: str, code: int) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _handle(err: BaseException) -> NoReturn:
+def _handle(err: BaseException, uri: str | None = None) -> NoReturn:
+    """Ends a command that raised ``err`` with one line on stderr and its exit code.
+
+    ``uri`` is the output the command works on, named in an environment failure's message (a full
+    disk, a read-only output, a missing bucket: ``embedder.errors.environment_failure``) when the
+    error itself names no path.
+    """
     if isinstance(err, typer.Exit):
         raise err
     if isinstance(err, KeyboardInterrupt):
@@ -62,10 +69,13 @@ def _handle(err: BaseException) -> NoReturn:
 
     if isinstance(err, LeaseHeld):
         _fail(str(err), EXIT_INTERRUPTED)  # EX_TEMPFAIL: another run is on it; try again later
-    from embedder.errors import EmbedderError, UsageError
+    from embedder.errors import EmbedderError, UsageError, environment_failure
 
     if isinstance(err, UsageError):
         _fail(str(err), EXIT_USAGE)
+    failure = environment_failure(err, uri)  # the library's words for ENOSPC, EROFS, NoSuchBucket...
+    if failure is not None:
+        _fail(str(failure), EXIT_USAGE)
     if isinstance(err, EmbedderError):
         _fail(str(err), EXIT_FAILED)  # a failed run whose message says what happened and what to do
     _fail(f"{type(err).__name__}: {err} (set EMBEDDER_DEBUG=1 for the traceback)", EXIT_FAILED)
@@ -157,6 +167,7 @@ def run(
     ),
 ) -> None:
     """Embed a corpus. Rerunning the same command resumes where a stopped run left off."""
+    uri = output
     try:
         flags = {
             "source.uri": source, "source.format": format, "output.uri": output, "output.sink": sink,
@@ -166,6 +177,7 @@ def run(
         if no_progress:
             flags["runner.show_progress"] = False
         job = _build_job(config, set_, flags)
+        uri = job.output.uri
         if dry_run:
             _print_plan(job)
             return
@@ -181,7 +193,7 @@ def run(
         if result.state == "interrupted":
             _fail("interrupted; run the same command again to resume", EXIT_INTERRUPTED)
     except BaseException as err:  # noqa: BLE001 - mapped to exit codes
-        _handle(err)
+        _handle(err, uri)
 
 
 def _print_plan(job: Any) -> None:
@@ -278,8 +290,8 @@ def status(
     output: str = typer.Argument(..., help="The job's output URI."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Show a job's progress: shards done/pending, rows and documents written by the current pass,
-    quarantined records, model, mode and the last run's end state."""
+    """Show a job's progress: shards done/pending, rows, documents, chunks and tokens written by the
+    current pass (every run of it together), quarantined records, model, mode and the last run's end state."""
     try:
         import yaml
 
@@ -307,7 +319,10 @@ def status(
             "shards_interrupted": len(last.get("interrupted_shards") or []) if last.get("state") != "done" else 0,
             "rows": sum(int(r.get("rows", 0)) for r in done.values()),
             "documents": sum(int(r.get("documents", 0)) for r in done.values()),
+            "chunks": sum(int(r.get("chunks") or 0) for r in done.values()),
+            "tokens": sum(int(r.get("tokens") or 0) for r in done.values()),
             "quarantined": sum(int(r.get("bad_records", 0)) for r in done.values()),
+            "pass_runs": len({r["run_id"] for r in done.values() if r.get("run_id")}),
             "last_run": {k: last.get(k) for k in ("run_id", "state", "tokens_per_second", "error")} if last else None,
             "runs": len(runs),
         }
@@ -321,18 +336,23 @@ def status(
         total = info["shards_total"] if info["shards_total"] is not None else "?"
         table.add_row("shards", f"{info['shards_done']}/{total} done, {info['shards_pending'] if info['shards_pending'] is not None else '?'} pending"
                       + (f" ({info['shards_interrupted']} were in flight when the last run stopped)" if info["shards_interrupted"] else ""))
-        for key in ("rows", "documents", "quarantined", "model", "sink", "mode", "runs"):
+        for key in ("rows", "documents", "chunks", "tokens", "quarantined"):
+            table.add_row(key, f"{info[key]:,}")
+        for key in ("model", "sink", "mode"):
             table.add_row(key, str(info[key]))
+        killed = sum(1 for r in runs if r.get("state") == "killed")
+        table.add_row("runs", f"{info['runs']}" + (f", {killed} killed" if killed else "")
+                      + f"; the counts above are the current pass's, committed by {info['pass_runs']} run(s)")
         if last:
             table.add_row("last run", f"{last.get('run_id')}: {last.get('state')}" + (f" ({last.get('error')})" if last.get("error") else ""))
         with _stdout_may_close():
             _stdout_console().print(table)
     except BaseException as err:  # noqa: BLE001
-        _handle(err)
+        _handle(err, output)
 
 
 HISTORY_KEYS = ("run_id", "mode", "state", "added", "updated", "deleted", "unchanged", "tokens_embedded",
-                "tokens_per_second", "started_at", "ended_at", "error")
+                "tokens_per_second", "started_at", "ended_at", "error", "pass_totals")
 
 
 @app.command()
@@ -340,7 +360,8 @@ def history(
     output: str = typer.Argument(..., help="The job's output URI."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list of run records."),
 ) -> None:
-    """List every run on an output with its counts: added, updated, deleted, unchanged, tokens."""
+    """List every run on an output with its counts: added, updated, deleted, unchanged, tokens (the
+    run's own part), and the totals of the whole pass when the run ended (rows, shards)."""
     try:
         from embedder.checkpoint import Checkpoint
 
@@ -363,18 +384,22 @@ def history(
         from rich.table import Table
 
         table = Table(title=f"embedder history {output}")
-        for column in ("run", "started", "mode", "state", "added", "updated", "deleted", "unchanged", "tokens", "tok/s"):
-            table.add_column(column, justify="right" if column in ("added", "updated", "deleted", "unchanged", "tokens", "tok/s") else "left")
+        numeric = ("added", "updated", "deleted", "unchanged", "tokens", "tok/s", "pass rows", "pass shards")
+        for column in ("run", "started", "mode", "state", "added", "updated", "deleted", "unchanged", "tokens", "tok/s",
+                       "pass rows", "pass shards"):
+            table.add_column(column, justify="right" if column in numeric else "left")
         for r in records:
             started = datetime.datetime.fromtimestamp(r["started_at"]).strftime("%Y-%m-%d %H:%M") if r["started_at"] else ""
+            totals = r["pass_totals"] or {}
             table.add_row(
                 r["run_id"], started, r["mode"] or "", r["state"] or "", f"{r['added']:,}", f"{r['updated']:,}",
                 f"{r['deleted']:,}", f"{r['unchanged']:,}", f"{r['tokens_embedded']:,}", f"{r['tokens_per_second'] or 0:,.0f}",
+                f"{totals['rows']:,}" if totals else "", f"{totals['shards']:,}" if totals else "",
             )
         with _stdout_may_close():
             _stdout_console().print(table)
     except BaseException as err:  # noqa: BLE001
-        _handle(err)
+        _handle(err, output)
 
 
 @app.command()
@@ -408,7 +433,7 @@ def search(
         with _stdout_may_close():
             _stdout_console().print(table)
     except BaseException as err:  # noqa: BLE001
-        _handle(err)
+        _handle(err, output)
 
 
 def _register_command_modules() -> None:

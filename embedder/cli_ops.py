@@ -282,7 +282,7 @@ def validate(
             )
             _fail(f"validation failed for {output}: " + "; ".join(reasons), EXIT_FAILED)
     except BaseException as err:  # noqa: BLE001
-        _handle(err)
+        _handle(err, output)
 
 
 def _print_validation(report: dict[str, Any]) -> None:
@@ -320,4 +320,4 @@ def report(
         for name, why in built.missing.items():
             typer.echo(f"note: no {name.replace('_', ' ')} picture: {why}", err=True)
     except BaseException as err:  # noqa: BLE001
-        _handle(err)
+        _handle(err, output)

@@ -9,6 +9,14 @@ so of two jobs racing for a free or expired lease exactly one wins.
 A lease file that cannot be read as a lease (0 bytes, truncated JSON: a disk that filled up, a
 hand edit) holds no owner and no heartbeat: it counts as dead and is taken over with a warning
 naming the file, like an expired one.
+
+Fencing: each lease has a ``generation`` (one more than the lease it replaced) and a ``token``
+(generation and owner) that no other lease ever has. A heartbeat can be late by any amount (a
+SIGSTOP, a frozen VM), so holding the lease file proves nothing at the moment of a commit. The run
+therefore hands its token to the sink (``Sink.fence``), which stores it with the data and
+invalidates whatever an older writer staged; every commit proves the stored token is still its own,
+in the same atomic step that publishes it (see ``indexes.base.Sink.fence``). A writer paused past
+``ttl_s`` whose lease was taken over is refused there with ``LeaseLost``.
 """
 
 from __future__ import annotations
@@ -61,6 +69,7 @@ class Lease:
         self.ttl_s = ttl_s
         self.on_lost = on_lost
         self.owner = uuid.uuid4().hex
+        self.generation = 0  # set by acquire: one more than the lease it replaced
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -68,12 +77,19 @@ class Lease:
         now = time.time()
         return {
             "owner": self.owner,
+            "generation": self.generation,
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "heartbeat_at": now,
             "expires_at": now + self.ttl_s,
             "ttl_s": self.ttl_s,
         }
+
+    @property
+    def token(self) -> str:
+        """This lease's fencing token (``<generation>:<owner>``), unique to it; sinks store it and
+        refuse commits of any other token (``Sink.fence``)."""
+        return f"{self.generation}:{self.owner}"
 
     def read(self) -> dict[str, Any] | None:
         """The current lease record, or None when there is no lease file.
@@ -112,6 +128,8 @@ class Lease:
         """
         for _ in range(3):
             current = self.read()
+            previous = current.get("generation", 0) if current is not None else 0
+            self.generation = (previous if isinstance(previous, int) else 0) + 1
             if current is not None:
                 expired = current.get("expires_at", 0) < time.time()
                 if current.get("broken"):

@@ -393,6 +393,7 @@ def _history_rows(runs: list[dict[str, Any]]) -> str:
             _number(run.get("documents")),
             _number(run.get("chunks")),
             _number(run.get("tokens")),
+            _pass_cell(run.get("pass_totals")),
             _number(run.get("tokens_per_second"), "{:,.0f}"),
             _number(run.get("padding_waste"), "{:.1%}"),
             "—" if util is None else f"{util:.0f}% ({run.get('gpu_seconds', 0):.0f} s)",
@@ -404,8 +405,15 @@ def _history_rows(runs: list[dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+def _pass_cell(totals: dict[str, Any] | None) -> str:
+    """The pass totals a run record carries: ``1,234 rows, 11 shards`` (every run of the pass)."""
+    if not totals:
+        return "—"
+    return f"{totals.get('rows', 0):,} rows, {totals.get('shards', 0):,} shards"
+
+
 _HISTORY_HEADER = (
-    "run", "state", "mode", "started", "time", "documents", "chunks", "tokens", "tokens/s",
+    "run", "state", "mode", "started", "time", "documents", "chunks", "tokens", "pass totals", "tokens/s",
     "padding waste", "GPU", "cost", "canary min cos", "error",
 )
 
@@ -418,7 +426,7 @@ figure img{width:100%;height:auto} figcaption{font-size:.85rem;color:#555}
 .missing{color:#888;font-style:italic;padding:2rem 1rem}
 table{border-collapse:collapse;font-size:.85rem;width:100%} th,td{border-bottom:1px solid #eee;padding:.3rem .5rem;text-align:right}
 th{background:#f6f7f9} td:first-child,th:first-child,td:nth-child(2),td:nth-child(3),td:last-child{text-align:left}
-.kv td{text-align:left} .note{font-size:.85rem;color:#555} .state.done{color:#2e7d32} .state.failed{color:#c0392b} .state.interrupted{color:#e07b39}
+.kv td{text-align:left} .note{font-size:.85rem;color:#555} .state.done{color:#2e7d32} .state.failed{color:#c0392b} .state.interrupted{color:#e07b39} .state.killed{color:#c0392b}
 """
 
 

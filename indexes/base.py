@@ -3,6 +3,7 @@
 Like Ray Data's ``Datasink`` and Hadoop's output committers::
 
     sink.open()                        # once: create or check the table
+    sink.fence(lease.token)            # once: from now on only this lease's commits land
     sink.abort(shard_id)               # before redoing a shard: drop what a dead attempt left
     writer = sink.begin(shard_id)
     writer.write(table) ...            # any number of times, invisible to readers
@@ -13,6 +14,13 @@ Like Ray Data's ``Datasink`` and Hadoop's output committers::
 A sink never exposes half a shard: rows written before ``commit`` are invisible to readers, and
 ``abort`` removes every trace of an attempt that never committed — and of one that committed but
 whose completion was never recorded.
+
+Fencing: a writer can stall past its lease (SIGSTOP, a frozen VM) while another run takes the
+output over. ``fence(token)`` stores the new lease's token with the data and invalidates what older
+writers staged; from then on each ``commit`` proves in the publishing step itself that the stored
+token is still its own, so a stale writer's commit is refused (``LeaseLost``) and its staged rows
+are removed. A check of the lease file followed by a publish would leave a window between the two;
+each sink closes it with an atomic step of its storage (see ``LanceSink.fence``, ``ParquetSink.fence``).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import pyarrow.compute as pc
 from embedder.checkpoint import shard_key
 from embedder.config import OutputConfig
 from embedder.errors import UsageError
+from embedder.lease import LeaseLost
 from embedder.schema import (
     PROVENANCE_KEY,
     fingerprint_differences,
@@ -119,6 +128,25 @@ class Sink(ABC):
     def __init__(self, config: OutputConfig, schema: pa.Schema) -> None:
         self.config = config
         self.schema = with_vector_dtype(schema, getattr(config, "vector_dtype", "float32"))
+        self.fence_token: str | None = None
+
+    def fence(self, token: str) -> None:
+        """Makes the holder of ``token`` (``Lease.token``) the only writer whose commits land.
+
+        Called once after ``open`` and before any shard is written. The base class only remembers
+        the token (a plugin sink without fencing relies on the lease alone); the built-in sinks
+        store it with the data and invalidate older writers' staged rows.
+        """
+        self.fence_token = token
+
+    def fenced_out(self, what: str, holder: str | None) -> LeaseLost:
+        """The error a stale writer gets: another run took the output over (token ``holder``)."""
+        return LeaseLost(
+            f"{what} of {self.config.uri!r} refused: another job took this output over (lease "
+            f"{str(holder)[:14]!s}, this job's was {str(self.fence_token)[:14]}) while this one was paused "
+            "past runner.lease_ttl_s; nothing of it was committed and its staged rows were removed. "
+            "The other job writes the output; if it failed, run this command again"
+        )
 
     @abstractmethod
     def open(self) -> None:

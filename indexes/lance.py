@@ -11,6 +11,15 @@ How a shard is written (Lance's distributed-write pattern, in one process):
 3. ``commit()`` appends every staged fragment of the shard in one ``LanceDataset.commit(Append)``:
    one new table version holds the whole shard, or none of it.
 
+Fencing (``fence``): the run's lease token goes into the table's config (``FENCE_KEY``), then a
+``Restore`` of the latest version is committed, a transaction Lance finds incompatible with every
+transaction staged against an older version. ``commit()`` opens the latest version, refuses it
+unless its stored token is the writer's own, and commits with ``read_version`` = that version. A
+stale writer thus fails either at the check (the new token is stored) or at the commit (the
+``Restore`` lies between its read version and the head: ``CommitConflictError``); there is no
+window between the two in which another run's fence could slip unnoticed. Deletes (``abort``,
+incremental prunes) and compaction work the same way.
+
 ``abort`` deletes committed rows of the shards (``shard_id IN (...)``, one scan and one delete, and
 no new version when nothing matches) and the staged files of dead attempts. ``finish`` compacts
 small fragments, builds the search indexes (below) and removes old versions and unreferenced files,
@@ -53,6 +62,7 @@ import pyarrow as pa
 
 from embedder.config import OutputConfig
 from embedder.failpoints import failpoint
+from embedder.lease import LeaseLost
 from embedder.storage import filesystem, is_local, join, object_store_options, read_bytes, write_bytes_atomic
 from indexes.base import (
     STAGING_DIR,
@@ -83,6 +93,9 @@ DELETE_BATCH = 1000
 
 RETAIN_VERSIONS = 16
 """Versions a pruning keeps: commits in flight read the latest one, so a few recent ones suffice."""
+
+FENCE_KEY = "embedder.lease_token"
+"""Table config key holding the fencing token of the run allowed to commit (``LanceSink.fence``)."""
 
 log = logging.getLogger("embedder")
 
@@ -383,6 +396,42 @@ class LanceSink(Sink):
             raise SinkError(f"unexpected LanceDB layout: table {self.config.table!r} is not at {self.dataset_uri}")
         self._opened = True
 
+    def fence(self, token: str) -> None:
+        """Stores ``token`` in the table's config, then commits a ``Restore`` of the head version,
+        so every transaction an older writer staged against an earlier version conflicts."""
+        self._require_open()
+        self.fence_token = token
+        self.dataset().update_config({FENCE_KEY: token})
+        self.dataset().restore()
+
+    def fenced_dataset(self, what: str) -> lance.LanceDataset:
+        """The latest version, after checking it holds this run's fencing token (when fenced).
+
+        Commit or delete against it (``read_version`` = its version): a fence after this check
+        makes that transaction conflict.
+
+        Raises:
+            LeaseLost: another run's token is stored.
+        """
+        dataset = self.dataset()
+        if self.fence_token is not None:
+            holder = dataset.config().get(FENCE_KEY)
+            if holder != self.fence_token:
+                raise self.fenced_out(what, holder)
+        return dataset
+
+    def _refused(self, what: str, err: BaseException) -> BaseException:
+        """``LeaseLost`` when a failed transaction failed because another run fenced the table, else ``err``."""
+        if self.fence_token is None:
+            return err
+        try:
+            self.fenced_dataset(what)
+        except LeaseLost as lost:
+            return lost
+        except Exception:  # the table itself is unreadable: report the original error
+            return err
+        return err
+
     def begin(self, shard_id: str) -> LanceShardWriter:
         self._require_open()
         return LanceShardWriter(self, shard_id)
@@ -396,10 +445,13 @@ class LanceSink(Sink):
         shard_ids = list(dict.fromkeys(shard_ids))
         if not shard_ids:
             return
-        dataset = self.dataset()
+        dataset = self.fenced_dataset("aborting shards")
         predicate = shard_filter(shard_ids)
         if dataset.count_rows(filter=predicate) > 0:
-            dataset.delete(predicate)
+            try:
+                dataset.delete(predicate)
+            except OSError as err:
+                raise self._refused("aborting shards", err) from err
             dataset = self.dataset()
         self._remove_staged({shard_key(s) for s in shard_ids}, referenced=_data_files(dataset))
 
@@ -408,20 +460,25 @@ class LanceSink(Sink):
         version refers to.
 
         Run it when no shard is being written (the runner calls it once, under the output's
-        lease): it also deletes data files that uncommitted attempts staged. The indexes are
+        lease). Data files no version refers to are left to ``abort`` (their staging records name
+        them) or to Lance's own age limit: another run that took the output over may be staging
+        them right now (fencing). The indexes are
         ``build_indexes``'s: a vector index once the table has ``index_min_rows`` rows, and the
         full-text index on ``text`` unless ``fts_index`` is off; ``index_report`` says what was done.
         """
         self._require_open()
-        dataset = self.dataset()
+        dataset = self.fenced_dataset("finishing")
         if len(dataset.get_fragments()) > 1:
-            dataset.optimize.compact_files()
+            try:
+                dataset.optimize.compact_files()
+            except OSError as err:
+                raise self._refused("finishing", err) from err
             failpoint("during_compaction")
         table = connect_database(self.config.uri, self.config.storage_options).open_table(self.config.table)
         self.index_report = build_indexes(
             table, vector=self.vector_index, text=self.fts_index, min_rows=self.index_min_rows
         )
-        self.dataset().cleanup_old_versions(older_than=timedelta(0), delete_unverified=True)
+        self.fenced_dataset("finishing").cleanup_old_versions(older_than=timedelta(0))
 
     def _committed(self) -> None:
         """Counts a commit; every ``prune_every`` commits drops all but the last ``RETAIN_VERSIONS`` versions.
@@ -471,14 +528,17 @@ class LanceSink(Sink):
         """Deletes rows by id within the shard tag they carry (``shard_id = s AND id IN (...)``)."""
         self._require_open()
         deleted = 0
-        dataset = self.dataset()
+        dataset = self.fenced_dataset("deleting rows")
         for shard_id, ids in by_shard.items():
             for start in range(0, len(ids), DELETE_BATCH):
                 part = ids[start : start + DELETE_BATCH]
                 predicate = f"shard_id = {sql_string(shard_id)} AND id IN ({', '.join(sql_string(i) for i in part)})"
                 count = dataset.count_rows(filter=predicate)
                 if count:
-                    dataset.delete(predicate)
+                    try:
+                        dataset.delete(predicate)
+                    except OSError as err:
+                        raise self._refused("deleting rows", err) from err
                     deleted += count
                     dataset = self.dataset()
         return deleted
@@ -550,15 +610,27 @@ class LanceShardWriter(ShardWriter):
         self._require_active()
         self._stage()
         if self._fragments:
-            uri = self._sink.dataset_uri
-            options = self._sink.storage_options
-            lance.LanceDataset.commit(
-                uri,
-                lance.LanceOperation.Append(self._fragments),
-                read_version=self._sink.dataset().version,
-                storage_options=options,
-            )
-            self._sink._committed()
+            sink = self._sink
+            what = f"committing shard {self.shard_id!r}"
+            try:
+                read_version = sink.fenced_dataset(what).version
+                failpoint("before_publish")
+                lance.LanceDataset.commit(
+                    sink.dataset_uri,
+                    lance.LanceOperation.Append(self._fragments),
+                    read_version=read_version,
+                    storage_options=sink.storage_options,
+                )
+            except LeaseLost:
+                self.discard()
+                raise
+            except OSError as err:  # CommitConflictError is one; so is a version cleaned away
+                refused = sink._refused(what, err)
+                if isinstance(refused, LeaseLost):
+                    self.discard()
+                    raise refused from None
+                raise
+            sink._committed()
         self._done = True
         _remove_quietly(self._sink._fs, self._sink._root, self._records)
         return self._rows

@@ -17,12 +17,20 @@ Atomic commit, per storage:
   (a multipart upload on S3); ``commit`` completes the upload, the moment the object appears whole.
   A dead attempt leaves an incomplete upload that no reader lists; ``abort`` aborts it on S3.
 
+Fencing (``fence``): the run's lease token is written to ``_embedder/fence.json``, then every file
+staged by earlier writers is deleted (local) or every incomplete upload of a part file aborted
+(S3). A commit checks that the fence file holds its own token and then publishes by consuming its
+staged file (``os.replace`` of it, or completing its upload). A stale writer that passed the check
+just before another run fenced finds its staged file gone (``FileNotFoundError``, ``NoSuchUpload``):
+the publish itself fails, so no check-then-act window is left.
+
 Filters (``read`` and Parquet search): ``None``, a ``pyarrow.compute`` expression, or a small SQL
 subset (see ``parse_filter``) that means the same as in Lance for the same predicate.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import uuid
@@ -34,7 +42,9 @@ import pyarrow.parquet as pq
 
 from embedder.config import OutputConfig
 from embedder.errors import UsageError
-from embedder.storage import filesystem, is_local, join
+from embedder.failpoints import failpoint
+from embedder.lease import LeaseLost
+from embedder.storage import filesystem, is_local, join, read_bytes, write_bytes_atomic
 from indexes.base import (
     STAGING_DIR,
     ShardWriter,
@@ -56,6 +66,9 @@ ROW_GROUP_ROWS = 65_536
 """Most rows per row group; each ``write()`` call ends at least one row group."""
 
 PART_GLOB = "part-*.parquet"
+
+FENCE_FILE = "_embedder/fence.json"
+"""Holds the fencing token of the run allowed to publish part files (``ParquetSink.fence``)."""
 
 
 class FilterError(UsageError, ValueError):
@@ -132,6 +145,37 @@ class ParquetSink(Sink):
             check_compatible(stored, self.schema, self.config.uri)
             self.schema = adopt_quantization(stored, self.schema)
 
+    def fence(self, token: str) -> None:
+        """Writes ``token`` to the fence file, then removes every file earlier writers staged
+        (local) or aborts their incomplete part uploads (S3): their publish can no longer happen."""
+        self.fence_token = token
+        write_bytes_atomic(self.fs, join(self.root, FENCE_FILE), json.dumps({"token": token}).encode())
+        if self.local:
+            if os.path.isdir(self.staging_dir):
+                staged = [join(self.staging_dir, e) for e in os.listdir(self.staging_dir) if e.startswith("part-")]
+                for path in check_inside(self.root, staged, local=True):
+                    try:
+                        os.remove(path)
+                    except FileNotFoundError:
+                        pass
+        else:
+            self._abort_uploads(None)
+
+    def check_fence(self, what: str) -> None:
+        """Raises ``LeaseLost`` when another run's token is in the fence file (this sink being fenced)."""
+        if self.fence_token is None:
+            return
+        path = join(self.root, FENCE_FILE)
+        if not self.local:
+            self.fs.invalidate_cache(path)
+        raw = read_bytes(self.fs, path)
+        try:
+            holder = json.loads(raw)["token"] if raw else None
+        except (ValueError, KeyError, TypeError):
+            holder = None
+        if holder != self.fence_token:
+            raise self.fenced_out(what, holder)
+
     def begin(self, shard_id: str) -> ParquetShardWriter:
         return ParquetShardWriter(self, shard_id)
 
@@ -143,6 +187,7 @@ class ParquetSink(Sink):
         names = {part_name(s) for s in shard_ids}
         if not names:
             return
+        self.check_fence("aborting shards")
         stems = {name.removesuffix(".parquet") for name in names}
         if not self.local:
             self.fs.invalidate_cache(self.root)
@@ -158,8 +203,9 @@ class ParquetSink(Sink):
         if not self.local:
             self._abort_uploads(names)
 
-    def _abort_uploads(self, names: set[str]) -> None:
-        """Aborts incomplete multipart uploads of the given part files (S3 only; other stores expire them)."""
+    def _abort_uploads(self, names: set[str] | None) -> None:
+        """Aborts incomplete multipart uploads of the given part files (all of them: None) (S3 only;
+        other stores expire them)."""
         call_s3 = getattr(self.fs, "call_s3", None)
         if call_s3 is None:
             return
@@ -167,7 +213,7 @@ class ParquetSink(Sink):
         key_prefix = f"{prefix.rstrip('/')}/part-" if prefix else "part-"
         response = call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key_prefix)
         for upload in response.get("Uploads", []) or []:
-            if upload["Key"].rsplit("/", 1)[-1] in names:
+            if names is None or upload["Key"].rsplit("/", 1)[-1] in names:
                 self.fs.abort_mpu(bucket, upload["Key"], upload["UploadId"])
 
     def reset(self) -> None:
@@ -182,6 +228,7 @@ class ParquetSink(Sink):
 
     def delete_rows(self, by_shard: dict[str, list[str]]) -> int:
         """Rewrites each affected part file without the given ids (one atomic replace per file)."""
+        self.check_fence("deleting rows")
         deleted = 0
         for shard_id, ids in by_shard.items():
             path = join(self.root, part_name(shard_id))
@@ -254,17 +301,34 @@ class ParquetShardWriter(ShardWriter):
         """Publishes the file: ``os.replace`` on local disk, completing the upload on object stores."""
         if self._done:
             raise SinkError(f"shard {self.shard_id!r}: this writer already committed or discarded")
+        what = f"committing shard {self.shard_id!r}"
+        try:
+            self._sink.check_fence(what)
+        except LeaseLost:
+            self.discard()
+            raise
         self._done = True
         self._writer.close()
-        if self._staging is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            os.replace(self._staging, self._final)
-            _fsync_dir(os.path.dirname(self._final))
-        else:
-            self._file.close()
-            self._file.commit()
+        try:
+            if self._staging is not None:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+                self._file.close()
+                failpoint("before_publish")
+                os.replace(self._staging, self._final)  # fails if a fence removed the staged file
+                _fsync_dir(os.path.dirname(self._final))
+            else:
+                self._file.close()
+                failpoint("before_publish")
+                self._file.commit()  # fails (NoSuchUpload) if a fence aborted the upload
+        except Exception:
+            try:
+                self._sink.check_fence(what)
+            except LeaseLost as lost:
+                if self._staging is not None:
+                    _remove_if_present(self._staging)
+                raise lost from None
+            raise
         return self._rows
 
     def discard(self) -> None:
@@ -277,12 +341,16 @@ class ParquetShardWriter(ShardWriter):
         finally:
             self._file.close()
             if self._staging is not None:
-                try:
-                    os.remove(self._staging)
-                except FileNotFoundError:
-                    pass
+                _remove_if_present(self._staging)
             else:
                 self._file.discard()
+
+
+def _remove_if_present(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def _column_encodings(schema: pa.Schema) -> dict[str, Any]:

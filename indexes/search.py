@@ -36,10 +36,11 @@ from __future__ import annotations
 
 import difflib
 import re
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args
 
 import numpy as np
 import pyarrow as pa
@@ -65,6 +66,7 @@ if TYPE_CHECKING:
 
 QueryEmbedder = Callable[[str], np.ndarray]
 SearchMode = Literal["vector", "hybrid", "fts"]
+_T = TypeVar("_T")
 HIT_COLUMNS = ["id", "doc_id", "chunk_index", "title", "text"]
 SCAN_BATCH_ROWS = 16_384
 
@@ -282,9 +284,37 @@ class LanceIndex(Index):
     def __init__(self, table: Any, uri: str, embed_query: QueryEmbedder | None) -> None:
         super().__init__(uri, table.schema, embed_query)
         self.table = table
-        indexes = {idx.name: idx for idx in table.list_indices()}
+        self._reading(self._inspect, refresh=False)
+
+    def _inspect(self) -> None:
+        """Reads which indexes the table's version has (they change when a run's ``finish`` builds them)."""
+        indexes = {idx.name: idx for idx in self.table.list_indices()}
         self.vector_plan = self._vector_plan(indexes)
         self.has_text_index = any(idx.columns == ["text"] and idx.index_type == "FTS" for idx in indexes.values())
+
+    def _reading(self, read: Callable[[], _T], refresh: bool = True) -> _T:
+        """``read()``, again on the latest version when the one it read was cleaned away meanwhile.
+
+        A run's ``finish`` compacts the table and then deletes the files of every older version
+        (``cleanup_old_versions``), and its periodic prune drops old versions too; a reader that
+        opened the table before (``embedder search`` opens it, then loads the model) gets Lance's
+        "Not found" for a data file or manifest of its version. That error alone (``version_cleaned``:
+        a file of this table's own ``data/``, ``_versions/``, ``_indices/`` or ``_deletions/``) moves
+        the table to its latest version and reads again, up to ``READ_ATTEMPTS`` times with a short
+        backoff; any other error is raised as it is.
+        """
+        for attempt in range(READ_ATTEMPTS):
+            try:
+                if attempt:
+                    time.sleep(READ_BACKOFF_S * 4 ** (attempt - 1))
+                    self.table.checkout_latest()
+                    if refresh:
+                        self._inspect()
+                return read()
+            except (OSError, RuntimeError, ValueError) as err:  # how Lance surfaces a missing object
+                if attempt == READ_ATTEMPTS - 1 or not version_cleaned(err, self.table.name):
+                    raise
+        raise AssertionError("unreachable")
 
     def _vector_plan(self, indexes: dict[str, Any]) -> VectorIndexPlan | None:
         """How queries use the table's vector index (None: no index, exact search)."""
@@ -297,8 +327,10 @@ class LanceIndex(Index):
     def _check_filter(self, filter: str) -> None:
         # Planning the scan (no rows read) makes Lance parse the SQL and resolve its columns.
         try:
-            self.table.to_lance().scanner(filter=filter, columns=["id"], limit=0).explain_plan()
+            self._reading(lambda: self.table.to_lance().scanner(filter=filter, columns=["id"], limit=0).explain_plan())
         except ValueError as err:  # how Lance reports a predicate it cannot plan
+            if version_cleaned(err, self.table.name):
+                raise
             missing = _LANCE_NO_FIELD.search(str(err))
             if missing:
                 raise self._unknown_column(missing.group(1)) from None
@@ -307,6 +339,9 @@ class LanceIndex(Index):
     def search_vector(self, vector: np.ndarray, k: int = 5, filter: str | None = None) -> list[Hit]:
         if k <= 0:
             return []
+        return self._reading(lambda: self._search_vector(vector, k, filter))
+
+    def _search_vector(self, vector: np.ndarray, k: int, filter: str | None) -> list[Hit]:
         if self.vector_dtype == "int8":  # Lance searches only float and packed-bit vectors: exact scan
             dataset = self.table.to_lance()
             top = self._scan_top_k(dataset.to_batches(columns=["id", "vector"], filter=filter), vector, k)
@@ -336,6 +371,9 @@ class LanceIndex(Index):
     def search_text(self, query: str, k: int = 5, filter: str | None = None) -> list[Hit]:
         if k <= 0 or not query_terms(query):
             return []
+        return self._reading(lambda: self._search_text(query, k, filter))
+
+    def _search_text(self, query: str, k: int, filter: str | None) -> list[Hit]:
         if not self.has_text_index:
             dataset = self.table.to_lance()
             top = bm25_search(lambda columns: dataset.to_batches(columns=columns, filter=filter), query, k)
@@ -353,7 +391,7 @@ class LanceIndex(Index):
         return self._hits(rows, rows.column("_score").to_numpy(zero_copy_only=False).astype(np.float64))
 
     def count_rows(self) -> int:
-        return self.table.count_rows()
+        return self._reading(self.table.count_rows)
 
 
 class ParquetIndex(Index):
@@ -500,6 +538,27 @@ def bm25_search(
             keep = _top(best, k)
             best_ids, best = [best_ids[i] for i in keep], best[keep]
     return sorted(zip(best_ids, best.tolist()), key=lambda pair: (-pair[1], pair[0]))
+
+
+READ_ATTEMPTS = 4
+"""Reads of a Lance table whose version was cleaned away meanwhile: the first and three retries."""
+
+READ_BACKOFF_S = 0.05
+"""Sleep before the first retry; each later one waits 4 times longer (0.05, 0.2, 0.8 s)."""
+
+
+def version_cleaned(err: BaseException, table: str) -> bool:
+    """Whether ``err`` is Lance's "not found" for a file of ``table``'s own dataset (a data file,
+    manifest, index or deletion file of a version that a cleanup removed), and nothing else.
+
+    Lance words it ``lance error: ... Not found: <db>/<table>.lance/data/<file>.lance`` for a data
+    file and ``Dataset at path <db>/<table>.lance/_versions/<n>.manifest was not found`` for a
+    manifest; object stores say ``Object at location <...>/<table>.lance/data/... not found``.
+    """
+    return bool(
+        re.search(r"not found", str(err), re.IGNORECASE)
+        and re.search(rf"(?:^|[/\s:]){re.escape(table)}\.lance/(?:data|_versions|_indices|_deletions)/", str(err))
+    )
 
 
 _LANCE_NO_FIELD = re.compile(r'No field named "?([^".,\s]+)"?')

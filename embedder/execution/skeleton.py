@@ -102,7 +102,7 @@ class Run:
         started = time.perf_counter()
         try:
             self._start(stops)
-            plan = self._plan(checkpoint, result, started)
+            plan = self._plan(checkpoint, result, started, lease.token)
             if plan.pending and not self.control.draining:
                 self._execute(plan, result)
             if self.control.draining:
@@ -136,8 +136,11 @@ class Run:
         self.scheduler.setup()
         stops.append(self.control.install_signal_handlers())
 
-    def _plan(self, checkpoint: Checkpoint, result: RunResult, started: float) -> RunPlan:
-        """list → plan → generation: the shards, the encoder, the opened sink, what is pending."""
+    def _plan(self, checkpoint: Checkpoint, result: RunResult, started: float, token: str) -> RunPlan:
+        """list → plan → generation: the shards, the encoder, the opened sink (fenced with the lease's
+        ``token``), what is pending."""
+        from embedder.checkpoint import check_source_unchanged
+
         job = self.job
         generation = resolve_generation(checkpoint.generation(), job.output.mode, result.run_id)
         result.mode = generation.mode
@@ -150,11 +153,14 @@ class Run:
             self._preload_reference(encoder)
         sink = self.sink_for(encoder)
         self._open_output(sink, checkpoint, generation)
+        sink.fence(token)  # only this lease's commits land from now on (a stalled writer's are refused)
         result.load_seconds = time.perf_counter() - started
         checkpoint.save_job(job.to_yaml())
         if generation.mode == "incremental":  # rows of this pass carry its id: aborts never touch older rows
             shards = [dataclasses.replace(s, id=f"{s.id}@{generation.id}") for s in shards]
         done = checkpoint.completed(generation.id)
+        if generation.mode != "incremental":
+            check_source_unchanged(shards, done, job.source.uri)  # stale rows otherwise (SourceChanged, exit 2)
         pending = [s for s in shards if s.id not in done]
         result.shards_total = len(shards)
         result.shards_skipped = len(shards) - len(pending)

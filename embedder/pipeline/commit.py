@@ -155,6 +155,7 @@ class ShardAssembler:
         self.abort = abort
         self.on_commit = on_commit
         self._states = {s.id: _ShardState(s.id) for s in shards}
+        self._sizes = {s.id: s.size_bytes for s in shards}  # in completion records: a changed source is noticed
         self.started: dict[str, float] = {}  # shard id → when a reader started it (for durations)
         self.generation: str | None = None  # the pass this run belongs to (stored in completion records)
 
@@ -305,6 +306,7 @@ class ShardAssembler:
                 "run_id": self.result.run_id,
                 "generation": self.generation,
                 "seconds": time.time() - self.started[state.shard_id] if state.shard_id in self.started else None,
+                "size_bytes": self._sizes.get(state.shard_id),
             },
         )
         result = self.result

@@ -96,6 +96,7 @@ def references(corpus, tmp_path_factory) -> dict:
             "vectors": np.asarray(table.column("vector").to_pylist()),
             "quarantined": len(checkpoint.quarantine()),
             "shards": len(checkpoint.completed()),
+            "run": checkpoint.runs()[-1],
         }
         assert out[sink]["shards"] >= 8 and out[sink]["quarantined"] == 3
     return out
@@ -189,6 +190,47 @@ def test_one_writer_per_output(corpus, references, tmp_path) -> None:
     third = _run_cli(corpus, output, "lance")
     assert third.returncode == 0, third.stderr
     _assert_equal_to_reference(output, "lance", references["lance"])
+
+
+def _stopped(pid: int) -> bool:
+    """Whether the process is stopped (SIGSTOP): state ``T`` in /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+@pytest.mark.parametrize("sink", ["parquet", "lance"])
+def test_a_writer_paused_past_its_lease_cannot_commit_after_a_takeover(corpus, references, sink, tmp_path) -> None:
+    """Issue #19 case 1: a writer frozen (SIGSTOP, every thread) right before it publishes a shard,
+    past runner.lease_ttl_s, while a second run takes the output over. Resumed in the middle of the
+    second run (after its first commit), the stale writer's commit is refused by the fence: it
+    exits 1 with one clear line, adds no version and no row, its staged rows are gone, and the
+    second run ends exactly like a clean run (no duplicate id)."""
+    output = str(tmp_path / "out")
+    stale = _run_cli(corpus, output, sink, {"EMBEDDER_FAILPOINT_STOP": "before_publish"}, wait=False)
+    takeover = None
+    try:
+        _wait_for(lambda: stale.poll() is None and _stopped(stale.pid))
+        wait_lease_expired(output)
+        takeover = _run_cli(corpus, output, sink, {"EMBEDDER_FAILPOINT_DELAY": "mid_encode:0.3"}, wait=False)
+        _wait_for(lambda: len(Checkpoint(output).completed()) >= 1)
+    finally:
+        os.kill(stale.pid, signal.SIGCONT)
+    _, stderr = stale.communicate(timeout=120)
+    assert stale.returncode == 1, stderr
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert "another job took this output over" in last or "lease was taken over by another job" in last, last
+    _, takeover_err = takeover.communicate(timeout=300)
+    assert takeover.returncode == 0, takeover_err
+    assert "taking over the expired lease" in takeover_err
+    _assert_equal_to_reference(output, sink, references[sink])
+    if sink == "parquet":
+        assert not list(Path(output, "_embedder", "staging").glob("part-*"))  # staged rows removed
+    else:
+        runs = {r["run_id"]: r for r in Checkpoint(output).runs()}
+        assert {c["run_id"] for c in Checkpoint(output).completed().values()} == {
+            r for r, rec in runs.items() if rec.get("state") == "done"
+        }  # every shard committed by the second run
 
 
 class _SpotHandler(http.server.BaseHTTPRequestHandler):
@@ -311,3 +353,123 @@ def test_history_marks_a_killed_run_killed(corpus, tmp_path) -> None:
     assert resumed.returncode == 0, resumed.stderr
     runs = Checkpoint(output).runs()
     assert [r["state"] for r in runs] == ["killed", "done"] and "killed or crashed" in runs[0]["error"]
+
+
+@pytest.mark.parametrize("sink", ["parquet", "lance"])
+def test_history_after_a_crash_shows_the_whole_pass(corpus, references, sink, tmp_path) -> None:
+    """Issue #19 case 14, second half: after a SIGKILL mid-way and a resume, ``history`` shows the
+    killed run as killed and the resumed run's record carries the totals of the whole pass (rows,
+    shards, documents, chunks, tokens of both runs together, equal to an uninterrupted run's), not
+    only the part it embedded itself; ``status`` shows the same totals."""
+    output = str(tmp_path / "out")
+    reference = references[sink]
+    killed = _run_cli(corpus, output, sink, {"EMBEDDER_FAILPOINT": "after_commit@3"})
+    assert killed.returncode == -signal.SIGKILL
+    resumed = _run_cli(corpus, output, sink, extra=["--force-unlock"])
+    assert resumed.returncode == 0, resumed.stderr
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    history = subprocess.run([sys.executable, "-m", "embedder.cli", "history", output, "--json"], env=env,
+                             capture_output=True, text=True)
+    assert history.returncode == 0, history.stderr
+    first, last = json.loads(history.stdout)
+    assert (first["state"], last["state"]) == ("killed", "done") and first["pass_totals"] is None
+    totals, clean = last["pass_totals"], reference["run"]
+    assert totals["rows"] == len(reference["ids"]) == clean["rows_written"] == clean["pass_totals"]["rows"]
+    assert totals["shards"] == reference["shards"]
+    assert (totals["documents"], totals["chunks"], totals["tokens"]) == (clean["documents"], clean["chunks"], clean["tokens"])
+    assert totals["runs"] == 2 and totals["complete"]
+    assert last["tokens_embedded"] < totals["tokens"]  # its own part: the killed run committed shards first
+    table = subprocess.run([sys.executable, "-m", "embedder.cli", "history", output], env={**env, "COLUMNS": "250"},
+                           capture_output=True, text=True)
+    assert "killed" in table.stdout and f"{totals['rows']:,}" in table.stdout
+    status = subprocess.run([sys.executable, "-m", "embedder.cli", "status", output, "--json"], env=env,
+                            capture_output=True, text=True)
+    info = json.loads(status.stdout)
+    assert {k: info[k] for k in ("rows", "documents", "chunks", "tokens", "shards_done", "pass_runs")} == {
+        "rows": totals["rows"], "documents": totals["documents"], "chunks": totals["chunks"],
+        "tokens": totals["tokens"], "shards_done": totals["shards"], "pass_runs": 2,
+    }
+
+
+def _append_docs(path: Path, start: int, count: int) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        for i in range(start, start + count):
+            f.write(json.dumps({"id": f"doc-{i}", "title": "added", "text": f"An added note number {i} about tides."}) + "\n")
+
+
+@pytest.mark.parametrize("shard_mb", ["0.002", "64"], ids=["eleven-shards", "one-shard"])
+def test_a_full_rerun_over_a_changed_source_is_refused_naming_incremental(shard_mb, tmp_path) -> None:
+    """Issue #19 case 3: lines appended to a many-shard JSONL move its byte-range shard ids (a full
+    rerun kept the old ranges' rows beside the new ones: duplicates), and a one-shard file keeps its
+    id (a full rerun skipped it: only the old rows). Either is refused with exit 2 naming the modes
+    that handle a changed source, the output untouched; --mode incremental then makes it exact."""
+    source = _corpus(tmp_path / "corpus.jsonl", docs=120 if shard_mb == "0.002" else 20)
+    output = str(tmp_path / "out")
+    size = ["--set", f"source.shard_size_mb={shard_mb}"]
+    first = _run_cli(source, output, "parquet", extra=size)
+    assert first.returncode == 0, first.stderr
+    before = read_output(output, "parquet").sort_by("id")
+    shards = len(Checkpoint(output).completed())
+    assert shards >= 8 if shard_mb == "0.002" else shards == 1
+    _append_docs(source, 1000, 100)
+    again = _run_cli(source, output, "parquet", extra=size)
+    assert again.returncode == 2, again.stderr
+    last = again.stderr.strip().splitlines()[-1]
+    assert "changed since this output was written" in last and "--mode incremental" in last, last
+    assert "--mode reembed" in last and "Traceback" not in again.stderr
+    assert read_output(output, "parquet").sort_by("id").equals(before)
+    fixed = _run_cli(source, output, "parquet", extra=[*size, "--mode", "incremental"])
+    assert fixed.returncode == 0, fixed.stderr
+    table = read_output(output, "parquet")
+    ids = table.column("id").to_pylist()
+    assert len(ids) == len(set(ids))
+    docs = set(table.column("doc_id").to_pylist())
+    assert {f"doc-{i}" for i in range(1000, 1100)} <= docs
+    assert set(before.column("doc_id").to_pylist()) <= docs
+
+
+def test_search_keeps_working_while_a_run_finishes(corpus, references, tmp_path) -> None:
+    """Issue #19 case 9: a search that opened the table before a run's ``finish`` (compaction, the
+    full-text index, then the old versions' files deleted) read a data file the cleanup removed:
+    "lance error: Not found .../data/....lance". Searches run in a loop from a thread, each opening
+    the output and then waiting as the CLI does while it loads the model, from before the finish to
+    after it; one index opened before the finish is searched after it. Every search succeeds, and
+    finds the row whose vector is the query."""
+    from indexes.search import open_index
+
+    output = str(tmp_path / "out")
+    reference = references["lance"]
+    query_id, query_vector = reference["ids"][0], reference["vectors"][0]
+    proc = _run_cli(corpus, output, "lance", {"EMBEDDER_FAILPOINT_DELAY": "during_finish:3"}, wait=False)
+    try:
+        deadline = time.monotonic() + 300
+        while len(Checkpoint(output).completed()) < reference["shards"]:  # every shard in: the end phase
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.1)
+        held = open_index(output, embed_query=lambda _: query_vector)
+        assert held.search("rivers", k=3, mode="fts")  # before the finish: no FTS index yet, a scan
+        outcomes: list[tuple[str, list[str]] | BaseException] = []
+
+        def searches() -> None:
+            while proc.poll() is None or len(outcomes) < 4:
+                try:
+                    index = open_index(output, embed_query=lambda _: query_vector)
+                    time.sleep(0.3)  # the CLI loads the model between opening and querying
+                    for mode in ("vector", "fts", "hybrid"):
+                        outcomes.append((mode, [h.id for h in index.search("rivers", k=3, mode=mode)]))
+                except BaseException as err:  # noqa: BLE001 - every failure is the test's
+                    outcomes.append(err)
+
+        thread = threading.Thread(target=searches)
+        thread.start()
+        assert proc.wait(timeout=300) == 0, proc.stderr.read() if proc.stderr else ""
+        thread.join(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not [o for o in outcomes if isinstance(o, BaseException)], outcomes
+    assert len(outcomes) >= 12 and all(ids for _, ids in outcomes)
+    assert all(ids[0] == query_id for mode, ids in outcomes if mode == "vector")
+    assert [h.id for h in held.search("rivers", k=3)][0] == query_id  # its version's files are gone
+    assert held.search("rivers", k=3, mode="fts") and held.has_text_index  # moved on to the latest version
+    assert held.count_rows() == len(reference["ids"])
