@@ -17,6 +17,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from embedder.config import SourceConfig
 from embedder.errors import UsageError
 from embedder.records import BadRecord, Document, Shard, UnchangedDocument
@@ -25,6 +27,42 @@ from embedder.storage import filesystem
 
 class ConnectorError(UsageError, ValueError):
     """The source cannot be read at all (wrong path, nothing to read): a usage error."""
+
+
+class ConnectorOptions(BaseModel):
+    """``source.options`` of a connector, validated when the connector is built: each built-in
+    connector declares its own subclass as ``Options`` (a field's description says what it must be,
+    for the error message). A plugin connector without ``Options`` gets its options unvalidated.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class FileOptions(ConnectorOptions):
+    """Options of every connector that reads files (folders and globs of them)."""
+
+    follow_links: bool = Field(False, description="true or false")
+    """Folders and globs: admit symbolic links that point out of the source root."""
+
+
+def validate_options(name: str, options_class: type[ConnectorOptions], raw: Mapping[str, Any]) -> ConnectorOptions:
+    """``raw`` (``source.options``) as ``options_class``.
+
+    Raises:
+        ConnectorError: an unknown key (listing the valid ones) or a value of the wrong kind
+            (naming what it must be).
+    """
+    shared = FileOptions.model_fields if issubclass(options_class, FileOptions) else {}
+    fields = [*(f for f in options_class.model_fields if f not in shared), *shared]
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConnectorError(f"unknown {name} option(s) {', '.join(map(repr, unknown))}. Valid: {', '.join(fields)}")
+    try:
+        return options_class.model_validate(dict(raw))
+    except ValidationError as err:
+        field = str(err.errors()[0]["loc"][0])
+        must = options_class.model_fields[field].description or "valid"
+        raise ConnectorError(f"{name} option {field!r} must be {must}, not {raw.get(field)!r}") from None
 
 
 log = logging.getLogger("embedder.connectors")
@@ -123,9 +161,12 @@ class Connector(ABC):
     """The ``Sniffed.kind``s this connector reads; ``check_looks_like`` refuses the others (empty: none)."""
     compressed_suffixes: ClassVar[Mapping[str, tuple[str, ...]]] = {}
     """Compressions read only from files named so (``{"gzip": (".gz",)}``): the name picks the decoder."""
+    Options: ClassVar[type[ConnectorOptions] | None] = None
+    """The model of ``source.options`` (None: a plugin's options pass unvalidated, as ``self.config.options``)."""
 
     def __init__(self, config: SourceConfig) -> None:
         self.config = config
+        self.options = validate_options(self.name or type(self).__name__, self.Options, config.options) if self.Options else None
         self.known_versions: Mapping[str, str] | None = None
         self.shard_bytes_override: int | None = None  # the runner's shard plan (embedder.pipeline.read.plan_shards)
         self.fs, self.root = filesystem(config.uri, config.storage_options)
@@ -200,9 +241,10 @@ class Connector(ABC):
         ``/etc/passwd`` in a folder of notes would be embedded: none is a document of the source.
         ``source.options.follow_links: true`` admits links that point out of the source root.
         """
-        follow = self.config.options.get("follow_links", False)
-        if not isinstance(follow, bool):
-            raise ConnectorError(f"source.options.follow_links must be true or false, got {follow!r}")
+        if isinstance(self.options, FileOptions):
+            follow = self.options.follow_links
+        else:  # a plugin without an options model
+            follow = self.config.options.get("follow_links", False) is True
         base = self.root.rstrip("/") or "/"
         if any(ch in base for ch in "*?["):
             base = base.rsplit("/", 1)[0] or "/"

@@ -27,7 +27,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, BinaryIO
 
-from connectors.base import Connector
+from connectors.base import Connector, FileOptions
 from connectors.registry import register_connector
 from embedder.records import BadRecord, Document, Shard
 
@@ -54,6 +54,8 @@ class JsonlConnector(Connector):
         >>> for shard in src.list_shards():  # doctest: +SKIP
         ...     for item in src.documents(shard): ...
     """
+
+    Options = FileOptions
 
     suffixes = _PLAIN_SUFFIXES + _GZIP_SUFFIXES + _ZSTD_SUFFIXES
     label = "JSONL"

@@ -19,12 +19,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from connectors.base import Connector, ConnectorError
+from pydantic import Field
+
+from connectors.base import Connector, ConnectorError, ConnectorOptions
 from connectors.registry import register_connector
 from embedder.records import BadRecord, Document, Shard, UnchangedDocument
 from embedder.storage import object_store_options
-
-_OPTIONS = {"table", "batch_rows"}
 
 
 @register_connector("lance")
@@ -33,14 +33,17 @@ class LanceConnector(Connector):
 
     suffixes = (".lance",)
 
+    class Options(ConnectorOptions):
+        table: str = Field("chunks", min_length=1, description="a table name")
+        """The table of a LanceDB database folder (a ``.lance`` URI names it already)."""
+        batch_rows: int = Field(1024, ge=1, description="a positive integer")
+        """Rows per read batch."""
+
     def __init__(self, config: Any) -> None:
         super().__init__(config)
-        unknown = set(config.options) - _OPTIONS
-        if unknown:
-            raise ConnectorError(f"unknown lance option(s) {sorted(unknown)}; valid: {sorted(_OPTIONS)}")
         uri = config.uri.rstrip("/")
-        self.dataset_uri = uri if uri.endswith(".lance") else f"{uri}/{config.options.get('table', 'chunks')}.lance"
-        self.batch_rows = int(config.options.get("batch_rows", 1024))
+        self.dataset_uri = uri if uri.endswith(".lance") else f"{uri}/{self.options.table}.lance"
+        self.batch_rows = self.options.batch_rows
 
     def _dataset(self) -> Any:
         import lance

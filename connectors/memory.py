@@ -15,7 +15,9 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from connectors.base import Connector, ConnectorError
+from pydantic import Field
+
+from connectors.base import Connector, ConnectorError, ConnectorOptions, validate_options
 from connectors.registry import register_connector
 from embedder.config import SourceConfig
 from embedder.in_memory import DEFAULT_SHARD_ROWS, JSON_FIELD_KEY, SPOOL_METADATA_KEY, spool_path
@@ -32,10 +34,17 @@ class MemoryConnector(Connector):
         >>> run(Job(source=["first text", "second text"], output={"uri": "out/db"}))  # doctest: +SKIP
     """
 
+    class Options(ConnectorOptions):
+        shard_rows: int = Field(DEFAULT_SHARD_ROWS, ge=1, description="a whole number of rows >= 1")
+        """Rows per shard."""
+        spool_dir: str | None = Field(None, description="a local folder path")
+        """Where the spooled Arrow file goes (default ``<temp dir>/embedder-spool``)."""
+
     label = "in-memory"
 
     def __init__(self, config: SourceConfig) -> None:  # no files to find: the spool is the source
         self.config = config
+        self.options = validate_options("memory", self.Options, config.options)
         self.known_versions = None
         self.shard_bytes_override = None
         self.path = spool_path(config)
@@ -58,10 +67,7 @@ class MemoryConnector(Connector):
         return self._file
 
     def _shard_rows(self) -> int:
-        rows = self.config.options.get("shard_rows", DEFAULT_SHARD_ROWS)
-        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
-            raise ConnectorError(f"source.options.shard_rows must be a whole number of rows >= 1, got {rows!r}")
-        return rows
+        return self.options.shard_rows
 
     def _num_rows(self) -> int:
         spool = self._open()

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from connectors.base import Connector, ConnectorError
+from connectors.base import Connector, ConnectorError, FileOptions
 from connectors.registry import register_connector
 from embedder.records import BadRecord, Document, Shard
 
@@ -47,6 +47,8 @@ class ParquetConnector(Connector):
         >>> src = CONNECTORS.get("parquet")(cfg)
         >>> shards = src.list_shards()  # doctest: +SKIP
     """
+
+    Options = FileOptions
 
     suffixes = (".parquet", ".parq", ".pq")
     label = "Parquet"

@@ -27,7 +27,9 @@ import hashlib
 from collections.abc import Iterator
 from pathlib import PurePosixPath
 
-from connectors.base import Connector, ConnectorError, printable
+from pydantic import Field
+
+from connectors.base import Connector, ConnectorError, FileOptions, printable
 from connectors.registry import register_connector
 from embedder.records import BadRecord, Document, Shard
 
@@ -46,6 +48,10 @@ class TextConnector(Connector):
         ['guides/install.md', 'index.md']
     """
 
+    class Options(FileOptions):
+        files_per_shard: int = Field(_FILES_PER_SHARD, ge=1, description="a positive integer")
+        """At most this many files per shard (besides ``source.shard_size_mb`` bytes)."""
+
     suffixes = (".txt", ".md", ".text")
     label = "plain text"
     reads = frozenset({"text", "json", "xml", "mediawiki"})  # any UTF-8 file is text
@@ -59,11 +65,7 @@ class TextConnector(Connector):
                 "check source.uri"
             )
         self.check_looks_like(files[0][0])
-        max_files = self.config.options.get("files_per_shard", _FILES_PER_SHARD)
-        if not isinstance(max_files, int) or isinstance(max_files, bool) or max_files < 1:
-            raise ConnectorError(
-                f"source.options.files_per_shard must be a positive integer, got {max_files!r}"
-            )
+        max_files = self.options.files_per_shard
         shards: list[Shard] = []
         group: list[str] = []
         group_bytes = 0

@@ -61,10 +61,12 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote
 
-from connectors.base import Connector, ConnectorError
+from pydantic import Field, field_validator
+
+from connectors.base import Connector, ConnectorError, FileOptions
 from connectors.registry import register_connector
 from connectors.wikitext import DEFAULT_DROP_SECTIONS, WikitextCleaner, is_disambiguation, is_redirect
 from embedder.config import SourceConfig
@@ -89,7 +91,6 @@ _XML_DECLARATION = re.compile(rb"^\s*<\?xml[^>]*?encoding\s*=\s*[\"']([A-Za-z0-9
 _PAGE_ID = re.compile(r"<id>\s*(\d+)\s*</id>")
 _PAGE_TITLE = re.compile(r"<title>([^<]*)</title>")
 
-_OPTIONS = ("namespaces", "skip_disambiguation", "index", "streams_per_shard", "drop_sections", "max_page_bytes")
 
 
 @dataclass(slots=True, frozen=True)
@@ -214,6 +215,26 @@ class WikipediaConnector(Connector):
         ...     for item in src.documents(shard): ...
     """
 
+    class Options(FileOptions):
+        namespaces: list[int] = Field([0], min_length=1, description="a list of integers (e.g. [0])")
+        skip_disambiguation: bool = Field(False, description="true or false")
+        index: str | Literal[False] | None = Field(None, description="a path/URL or false")
+        streams_per_shard: int | None = Field(None, ge=1, description="a positive integer")
+        drop_sections: list[str] = Field(list(DEFAULT_DROP_SECTIONS), description="a list of headings")
+        max_page_bytes: int = Field(_MAX_PAGE_BYTES, ge=1, description="a positive integer")
+
+        @field_validator("namespaces", mode="before")
+        @classmethod
+        def _one_namespace(cls, value: Any) -> Any:
+            return [value] if isinstance(value, int) and not isinstance(value, bool) else value
+
+        @field_validator("index")
+        @classmethod
+        def _index_not_empty(cls, value: Any) -> Any:
+            if value == "":
+                raise ValueError("empty")
+            return value
+
     suffixes = (".xml", ".xml.bz2")
     version_field = "revision_id"
     label = "a MediaWiki XML dump"
@@ -222,40 +243,13 @@ class WikipediaConnector(Connector):
 
     def __init__(self, config: SourceConfig) -> None:
         super().__init__(config)
-        options = dict(config.options)
-        unknown = sorted(set(options) - set(_OPTIONS))
-        if unknown:
-            raise ConnectorError(
-                f"unknown wikipedia option(s) {', '.join(map(repr, unknown))}. Valid: {', '.join(_OPTIONS)}"
-            )
-        namespaces = options.get("namespaces", [0])
-        if isinstance(namespaces, int) and not isinstance(namespaces, bool):
-            namespaces = [namespaces]
-        if not isinstance(namespaces, (list, tuple)) or not namespaces or not all(
-            isinstance(n, int) and not isinstance(n, bool) for n in namespaces
-        ):
-            raise ConnectorError(f"wikipedia option 'namespaces' must be a list of integers (e.g. [0]), not {namespaces!r}")
-        self.namespaces = frozenset(namespaces)
-        skip = options.get("skip_disambiguation", False)
-        if not isinstance(skip, bool):
-            raise ConnectorError(f"wikipedia option 'skip_disambiguation' must be true or false, not {skip!r}")
-        self.skip_disambiguation = skip
-        index = options.get("index")
-        if index is not None and index is not False and not (isinstance(index, str) and index):
-            raise ConnectorError(f"wikipedia option 'index' must be a path/URL or false, not {index!r}")
-        self.index = index
-        per_shard = options.get("streams_per_shard")
-        if per_shard is not None and (not isinstance(per_shard, int) or isinstance(per_shard, bool) or per_shard < 1):
-            raise ConnectorError(f"wikipedia option 'streams_per_shard' must be a positive integer, not {per_shard!r}")
-        self.streams_per_shard = per_shard
-        drop = options.get("drop_sections", list(DEFAULT_DROP_SECTIONS))
-        if not isinstance(drop, (list, tuple)) or not all(isinstance(h, str) for h in drop):
-            raise ConnectorError(f"wikipedia option 'drop_sections' must be a list of headings, not {drop!r}")
-        self.drop_sections = tuple(drop)
-        max_page = options.get("max_page_bytes", _MAX_PAGE_BYTES)
-        if not isinstance(max_page, int) or isinstance(max_page, bool) or max_page < 1:
-            raise ConnectorError(f"wikipedia option 'max_page_bytes' must be a positive integer, not {max_page!r}")
-        self.max_page_bytes = max_page
+        options = self.options
+        self.namespaces = frozenset(options.namespaces)
+        self.skip_disambiguation = options.skip_disambiguation
+        self.index = options.index
+        self.streams_per_shard = options.streams_per_shard
+        self.drop_sections = tuple(options.drop_sections)
+        self.max_page_bytes = options.max_page_bytes
         self.counts: Counter[str] = Counter()
 
     # --- listing ------------------------------------------------------------------------------

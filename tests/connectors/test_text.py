@@ -189,5 +189,5 @@ def test_fifos_are_skipped_and_links_out_of_the_root_need_follow_links(tmp_path:
     assert any(f"skipped {src}/secret-link.txt: a link to {tmp_path}/secret.txt" in w for w in warnings), warnings
     followed = docs_of(read_all(_connector(str(src), options={"follow_links": True})))
     assert [d.id for d in followed] == ["a.txt", "secret-link.txt", "sub/inner-link.txt"]
-    with pytest.raises(ConnectorError, match="follow_links must be true or false"):
+    with pytest.raises(ConnectorError, match="follow_links. must be true or false"):
         _connector(str(src), options={"follow_links": "yes"}).list_shards()
