@@ -54,8 +54,10 @@ from benchmarks.bench_encoder import (  # noqa: E402
     matmul_peak_tflops,
     prebuilt_batches,
     print_table,
+    reference_fp32,
     run_end_to_end,
     run_gpu_only,
+    run_sentence_transformers,
     synthetic_corpus,
 )
 
@@ -118,48 +120,6 @@ def decoder_flops(shape: dict[str, Any], seq_lengths: np.ndarray) -> float:
     return linear + attention
 
 
-def _st_model(path: str, device: str, dtype: Any) -> Any:
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(path, device="cpu")
-    return model.to(device=device, dtype=dtype).eval()
-
-
-def run_st(path: str, texts: list[str], batch_sizes: list[int], device: str) -> dict[str, Any]:
-    import torch
-
-    model = _st_model(path, device, torch.bfloat16 if device == "cuda" else torch.float32)
-    model.encode(texts[:32], batch_size=16, show_progress_bar=False)
-    best: dict[str, Any] = {"seconds": float("inf")}
-    for bs in batch_sizes:
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        model.encode(texts, batch_size=bs, show_progress_bar=False, convert_to_numpy=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-        print(f"    sentence-transformers bs={bs}: {seconds:.2f}s", flush=True)
-        if seconds < best["seconds"]:
-            best = {"seconds": seconds, "batch_size": bs}
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return best
-
-
-def reference_fp32(path: str, texts: list[str], device: str) -> np.ndarray:
-    import torch
-
-    torch.backends.cuda.matmul.allow_tf32 = False
-    model = _st_model(path, device, torch.float32)
-    vectors = model.encode(texts, batch_size=8, show_progress_bar=False, convert_to_numpy=True)
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return vectors
-
-
 def bench_model(name: str, args: argparse.Namespace, root: Path, peak: float) -> list[dict[str, Any]]:
     import torch
 
@@ -183,9 +143,9 @@ def bench_model(name: str, args: argparse.Namespace, root: Path, peak: float) ->
     rows: list[dict[str, Any]] = []
     rng = np.random.default_rng(1)
     sample = np.sort(rng.choice(len(texts), size=min(args.check_texts, len(texts)), replace=False))
-    reference = reference_fp32(path, [texts[i] for i in sample], device)
+    reference = reference_fp32(path, [texts[i] for i in sample], device, batch_size=8)
     batch_sizes = [int(x) for x in (args.st_batch_sizes or ST_BATCH_SIZES[name]).split(",")]
-    st = run_st(path, texts, batch_sizes, device)
+    st = run_sentence_transformers(path, texts, batch_sizes, device, dtype="bfloat16")
     st_rate = total / st["seconds"]
     rows.append(_row(name, f"sentence-transformers {dtype} bs={st['batch_size']}", st_rate, flops / st["seconds"], peak, 1.0, None))
     with ProcessPoolExecutor(

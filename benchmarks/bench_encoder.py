@@ -155,36 +155,46 @@ def _sync(device: str) -> None:
 # --- runs -----------------------------------------------------------------------------------------
 
 
-def run_sentence_transformers(path: str, texts: list[str], batch_sizes: list[int], device: str) -> dict[str, Any]:
-    import torch
+def _st_model(path: str, device: str, dtype: Any) -> Any:
+    """A sentence-transformers model in ``dtype`` on ``device`` (loaded on the CPU first, so a large
+    model is cast before it takes device memory in fp32)."""
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(path, device=device)
-    if device == "cuda":
-        model.half()
-    model.encode(texts[:64], batch_size=32, show_progress_bar=False)
-    best: dict[str, Any] = {"seconds": float("inf")}
+    return SentenceTransformer(path, device="cpu").to(device=device, dtype=dtype).eval()
+
+
+def run_sentence_transformers(
+    path: str, texts: list[str], batch_sizes: list[int], device: str, dtype: str = "float16"
+) -> dict[str, Any]:
+    """``SentenceTransformer.encode`` at each batch size, in ``dtype`` on CUDA (fp32 on CPU): the
+    best run's ``seconds`` and ``batch_size``, and every run in ``runs``. The baseline every
+    benchmark compares with (BGE/FP8 in fp16, the decoder and ModernBERT shapes in bf16)."""
+    import torch
+
+    model = _st_model(path, device, getattr(torch, dtype) if device == "cuda" else torch.float32)
+    warmup = min(32, *batch_sizes)
+    model.encode(texts[: 2 * warmup], batch_size=warmup, show_progress_bar=False)
+    runs = []
     for bs in batch_sizes:
         _sync(device)
         t0 = time.perf_counter()
         model.encode(texts, batch_size=bs, show_progress_bar=False, convert_to_numpy=True)
         _sync(device)
-        seconds = time.perf_counter() - t0
-        print(f"    sentence-transformers bs={bs}: {seconds:.2f}s", flush=True)
-        if seconds < best["seconds"]:
-            best = {"seconds": seconds, "batch_size": bs}
+        runs.append({"batch_size": bs, "seconds": time.perf_counter() - t0})
+        print(f"    sentence-transformers bs={bs}: {runs[-1]['seconds']:.2f}s", flush=True)
     del model
     if device == "cuda":
         torch.cuda.empty_cache()
-    return best
+    return {**min(runs, key=lambda r: r["seconds"]), "runs": runs}
 
 
-def reference_fp32(path: str, texts: list[str], device: str) -> np.ndarray:
+def reference_fp32(path: str, texts: list[str], device: str, batch_size: int = 32) -> np.ndarray:
+    """The fp32 reference vectors (TF32 off)."""
     import torch
-    from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(path, device=device)
-    vectors = model.encode(texts, batch_size=32, show_progress_bar=False, convert_to_numpy=True)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = _st_model(path, device, torch.float32)
+    vectors = model.encode(texts, batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True)
     del model
     if device == "cuda":
         torch.cuda.empty_cache()

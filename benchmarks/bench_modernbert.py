@@ -84,31 +84,6 @@ def flops_per_corpus(seq_lengths: np.ndarray) -> float:
     return float(linear + attention)
 
 
-def run_sentence_transformers(path: str, texts: list[str], batch_sizes: list[int], device: str) -> dict[str, Any]:
-    """``SentenceTransformer.encode`` in bf16 (fp32 on CPU) at each batch size."""
-    import torch
-    from sentence_transformers import SentenceTransformer
-
-    from benchmarks.bench_encoder import _sync
-
-    model = SentenceTransformer(path, device=device)
-    if device == "cuda":
-        model.to(torch.bfloat16)
-    model.encode(texts[:64], batch_size=32, show_progress_bar=False)
-    runs = []
-    for bs in batch_sizes:
-        _sync(device)
-        t0 = time.perf_counter()
-        model.encode(texts, batch_size=bs, show_progress_bar=False, convert_to_numpy=True)
-        _sync(device)
-        runs.append({"batch_size": bs, "seconds": time.perf_counter() - t0})
-        print(f"    sentence-transformers bs={bs}: {runs[-1]['seconds']:.2f}s", flush=True)
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return {"runs": runs, "best": min(runs, key=lambda r: r["seconds"])}
-
-
 def load_variant(path: str, label: str, device: str) -> Any:
     import transformers
 
@@ -185,6 +160,7 @@ def main() -> None:
         reference_fp32,
         run_end_to_end,
         run_gpu_only,
+        run_sentence_transformers,
         synthetic_corpus,
     )
     from benchmarks.bench_pipeline import minilm_dir
@@ -216,10 +192,12 @@ def main() -> None:
         sample = np.sort(rng.choice(len(texts), size=min(args.check_texts, len(texts)), replace=False))
         reference = reference_fp32(path, [texts[i] for i in sample], device)
 
-        st = run_sentence_transformers(path, texts, [int(b) for b in args.st_batch_sizes.split(",") if b], device)
+        st = run_sentence_transformers(
+            path, texts, [int(b) for b in args.st_batch_sizes.split(",") if b], device, dtype="bfloat16"
+        )
         st_dtype = "bf16" if device == "cuda" else "fp32"
         dtype = "bf16" if device == "cuda" else "fp32"
-        st_rate = total_tokens / st["best"]["seconds"]
+        st_rate = total_tokens / st["seconds"]
         for r in st["runs"]:
             rate = total_tokens / r["seconds"]
             rows.append(_row(name, f"sentence-transformers {st_dtype} bs={r['batch_size']}", rate, flops / r["seconds"], peak,

@@ -55,6 +55,16 @@ def fused_add_layer_norm_available(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _row_launch(n_rows: int, n_cols: int) -> tuple[tuple[int], dict[str, int]]:
+    """Grid and meta-parameters of the row kernels: whole rows per program, ``ROWS`` of them, about
+    ``_ELEMENTS_PER_PROGRAM`` elements each."""
+    import triton
+
+    block = triton.next_power_of_2(n_cols)
+    rows = max(1, _ELEMENTS_PER_PROGRAM // block)
+    return (triton.cdiv(n_rows, rows),), {"ROWS": rows, "BLOCK": block, "num_warps": 8 if block >= 1024 else 4}
+
+
 def add_layer_norm(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """``F.layer_norm(h + x, (hidden,), weight, bias, eps)`` in one fused pass.
 
@@ -65,16 +75,12 @@ def add_layer_norm(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias:
         bias: ``[hidden]`` LayerNorm shift.
         eps: LayerNorm epsilon.
     """
-    import triton
-
     n_rows, n_cols = h.shape
     out = torch.empty_like(h)
-    block = triton.next_power_of_2(n_cols)
-    rows = max(1, _ELEMENTS_PER_PROGRAM // block)
-    grid = (triton.cdiv(n_rows, rows),)
+    grid, meta = _row_launch(n_rows, n_cols)
     _kernels().add_layer_norm_kernel[grid](
         h, x, weight, bias, out, out, out, n_rows, n_cols, eps,
-        ROWS=rows, BLOCK=block, QUANT=False, num_warps=8 if block >= 1024 else 4,
+        QUANT=False, **meta,
     )
     return out
 
@@ -89,18 +95,14 @@ def add_layer_norm_quantize(
         ``y_q`` its float8_e4m3fn quantization per row and ``y_scale`` the float32 ``[T, 1]``
         scales — exactly ``embedder.models.fp8.quantize_rows(y)`` — ready for ``fp8_linear``.
     """
-    import triton
-
     n_rows, n_cols = h.shape
     out = torch.empty_like(h)
     q = torch.empty(h.shape, dtype=torch.float8_e4m3fn, device=h.device)
     scale = torch.empty((n_rows, 1), dtype=torch.float32, device=h.device)
-    block = triton.next_power_of_2(n_cols)
-    rows = max(1, _ELEMENTS_PER_PROGRAM // block)
-    grid = (triton.cdiv(n_rows, rows),)
+    grid, meta = _row_launch(n_rows, n_cols)
     _kernels().add_layer_norm_kernel[grid](
         h, x, weight, bias, out, q, scale, n_rows, n_cols, eps,
-        ROWS=rows, BLOCK=block, QUANT=True, num_warps=8 if block >= 1024 else 4,
+        QUANT=True, **meta,
     )
     return out, q, scale
 
@@ -119,16 +121,12 @@ def activation_quantize(x: torch.Tensor, activation: str = "none") -> tuple[torc
         x: ``[T, N]`` contiguous (bf16 on the FP8 path: an attention output, an FFN input projection).
         activation: ``none`` (plain quantization), ``gelu``, ``gelu_tanh`` or ``relu``.
     """
-    import triton
-
     n_rows, n_cols = x.shape
     q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty((n_rows, 1), dtype=torch.float32, device=x.device)
-    block = triton.next_power_of_2(n_cols)
-    rows = max(1, _ELEMENTS_PER_PROGRAM // block)
-    grid = (triton.cdiv(n_rows, rows),)
+    grid, meta = _row_launch(n_rows, n_cols)
     _kernels().activation_quantize_kernel[grid](
         x, q, scale, n_rows, n_cols,
-        ROWS=rows, BLOCK=block, ACT=ACTIVATIONS[activation], num_warps=8 if block >= 1024 else 4,
+        ACT=ACTIVATIONS[activation], **meta,
     )
     return q, scale
