@@ -120,6 +120,33 @@ def decoder_flops(shape: dict[str, Any], seq_lengths: np.ndarray) -> float:
     return linear + attention
 
 
+def hf_base_model(path: str, device: str) -> Any:
+    """The saved model's Hugging Face base model on ``device`` (``from_hf`` casts it)."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(path, device=device)[0].auto_model
+
+
+def forward_kind(packed: Any) -> str:
+    """How the packed decoder runs its elementwise passes: ``fused`` (Triton), ``compiled`` or ``eager``."""
+    return "fused" if packed.fused else "compiled" if packed.compiled else "eager"
+
+
+def profile_batches(encoder: Any, batches: list[Any]) -> None:
+    """The CUDA kernels of a few packed batches, by total time (where the forward's time goes)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for batch in batches:
+            encoder.encode(batch)
+        if cuda:
+            torch.cuda.synchronize()
+    key = "cuda_time_total" if cuda else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=70), flush=True)
+
+
 def bench_model(name: str, args: argparse.Namespace, root: Path, peak: float) -> list[dict[str, Any]]:
     import torch
 
@@ -154,7 +181,8 @@ def bench_model(name: str, args: argparse.Namespace, root: Path, peak: float) ->
     ) as pool:
         list(pool.map(_chunk_task, [docs[:4]] * args.workers))
         run_end_to_end(encoder, docs[: max(32, len(docs) // 8)], pool, 2, workers=args.workers)  # warm-up
-        label = f"packed {encoder._packed_model.attention_backend}"
+        packed = encoder._packed_model
+        label = f"packed {packed.attention_backend} {forward_kind(packed)}"
         for run in range(1, args.e2e_repeats + 1):
             e2e = run_end_to_end(encoder, docs, pool, 2, workers=args.workers)
             min_cos = float(cosines(e2e["vectors"][sample], reference).min())
@@ -170,6 +198,24 @@ def bench_model(name: str, args: argparse.Namespace, root: Path, peak: float) ->
         print(f"    gpu-only: {gpu['seconds']:.2f}s ({rate / 1e3:.0f}k tok/s)", flush=True)
         if device == "cuda":
             rows[-1]["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if args.profile:
+            profile_batches(encoder, batches[:4])
+        for variant in [v for v in args.variants.split(",") if v] if device == "cuda" else []:
+            # the same batches through the other forwards (torch.compile, eager), for the kernels' gain
+            from embedder.models.packed_decoder import PackedDecoderEncoder
+
+            hf = hf_base_model(path, device)
+            encoder._packed_model = PackedDecoderEncoder.from_hf(
+                hf, encoder.device, encoder.dtype, fused=False, compile=variant == "compiled"
+            )
+            del hf
+            encoder.encode(batches[0])
+            gpu = run_gpu_only(encoder, batches, device)
+            rate = gpu["tokens"] / gpu["seconds"]
+            other = f"packed {packed.attention_backend} {forward_kind(encoder._packed_model)}"
+            rows.append(_row(name, f"embedder gpu-only {dtype} {other} budget={encoder.token_budget}", rate,
+                             flops / gpu["seconds"], peak, rate / st_rate, None))
+            print(f"    gpu-only {variant}: {gpu['seconds']:.2f}s ({rate / 1e3:.0f}k tok/s)", flush=True)
     del encoder
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -189,6 +235,9 @@ def main() -> None:
     parser.add_argument("--e2e-repeats", type=int, default=1)
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     parser.add_argument("--check-texts", type=int, default=128)
+    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of a few batches")
+    parser.add_argument("--variants", default="compiled",
+                        help="GPU: comma-separated other forwards for a gpu-only row each, of compiled, eager ('' for none)")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -98,3 +98,101 @@ def activation_quantize_kernel(
         _store_rowwise_e4m3(tl.where(mask, v, 0.0), q_ptr, scale_ptr, rows, row_ok, offsets, mask)
     else:
         _store_rowwise_e4m3(tl.where(mask, x.to(tl.float32), 0.0), q_ptr, scale_ptr, rows, row_ok, offsets, mask)
+
+
+# --- decoder kernels (packed_decoder): RMSNorm with the float32 residual, q/k norm + RoPE, GLU -----
+
+ACT_SILU = tl.constexpr(4)
+
+
+@triton.jit
+def add_rms_norm_kernel(
+    x_ptr, h_ptr, w_ptr, y_ptr, n_rows, n_cols, eps,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr, ADD: tl.constexpr,
+):
+    # x (float32, the residual stream) += h (when ADD; written back in place), then Hugging Face's
+    # RMSNorm of it: normalised in fp32, rounded to the weight's dtype, times the weight (rounded).
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK)
+    col_ok = cols < n_cols
+    mask = (rows < n_rows)[:, None] & col_ok[None, :]
+    offsets = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+    s = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if ADD:
+        s += tl.load(h_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        tl.store(x_ptr + offsets, s, mask=mask)
+    rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=1) / n_cols + eps)
+    n = (s * rstd[:, None]).to(y_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offsets, (n * w[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def qk_norm_rope_kernel(
+    qkv_ptr, pos_ptr, inv_freq_ptr, qw_ptr, kw_ptr, q_ptr, k_ptr, v_ptr,
+    n_tokens, eps, rope_scale,
+    HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr, NORM: tl.constexpr, TOKENS: tl.constexpr,
+):
+    # One program: TOKENS tokens of one head of the fused QKV output [T, (HEADS + 2 KV_HEADS) * 2 HALF].
+    # q and k heads: (RMSNorm over the head when NORM, as Qwen3's q_norm/k_norm), then RoPE in the
+    # rotate-half form with cos/sin of position * inv_freq (fp32, rounded to the run's dtype as
+    # Hugging Face's rotary module returns them). v heads: copied. Outputs are contiguous
+    # [T, heads, head_dim] tensors, as varlen attention takes them.
+    head = tl.program_id(1)
+    tokens = tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)
+    half = tl.arange(0, HALF)
+    ok = (tokens < n_tokens)[:, None]
+    width = (HEADS + 2 * KV_HEADS) * 2 * HALF
+    base = qkv_ptr + tokens.to(tl.int64)[:, None] * width + head * 2 * HALF + half[None, :]
+    x1 = tl.load(base, mask=ok, other=0.0)
+    x2 = tl.load(base + HALF, mask=ok, other=0.0)
+    if head >= HEADS + KV_HEADS:
+        out = v_ptr + tokens.to(tl.int64)[:, None] * (KV_HEADS * 2 * HALF) + (head - HEADS - KV_HEADS) * 2 * HALF
+        tl.store(out + half[None, :], x1, mask=ok)
+        tl.store(out + HALF + half[None, :], x2, mask=ok)
+    else:
+        a = x1.to(tl.float32)
+        b = x2.to(tl.float32)
+        is_q = head < HEADS
+        if NORM:
+            rstd = 1.0 / tl.sqrt((tl.sum(a * a, axis=1) + tl.sum(b * b, axis=1)) / (2 * HALF) + eps)
+            if is_q:
+                w1 = tl.load(qw_ptr + half).to(tl.float32)
+                w2 = tl.load(qw_ptr + HALF + half).to(tl.float32)
+            else:
+                w1 = tl.load(kw_ptr + half).to(tl.float32)
+                w2 = tl.load(kw_ptr + HALF + half).to(tl.float32)
+            a = ((a * rstd[:, None]).to(x1.dtype).to(tl.float32) * w1[None, :]).to(x1.dtype).to(tl.float32)
+            b = ((b * rstd[:, None]).to(x1.dtype).to(tl.float32) * w2[None, :]).to(x1.dtype).to(tl.float32)
+        pos = tl.load(pos_ptr + tokens, mask=tokens < n_tokens, other=0).to(tl.float32)
+        freqs = pos[:, None] * tl.load(inv_freq_ptr + half)[None, :]
+        cos = (tl.cos(freqs) * rope_scale).to(x1.dtype).to(tl.float32)
+        sin = (tl.sin(freqs) * rope_scale).to(x1.dtype).to(tl.float32)
+        o1 = (a * cos - b * sin).to(x1.dtype)
+        o2 = (b * cos + a * sin).to(x1.dtype)
+        if is_q:
+            out = q_ptr + tokens.to(tl.int64)[:, None] * (HEADS * 2 * HALF) + head * 2 * HALF
+        else:
+            out = k_ptr + tokens.to(tl.int64)[:, None] * (KV_HEADS * 2 * HALF) + (head - HEADS) * 2 * HALF
+        tl.store(out + half[None, :], o1, mask=ok)
+        tl.store(out + HALF + half[None, :], o2, mask=ok)
+
+
+@triton.jit
+def glu_kernel(gu_ptr, out_ptr, n_elements, inter, BLOCK: tl.constexpr, ACT: tl.constexpr):
+    # out[t, j] = act(gu[t, j]) * gu[t, inter + j] (gate then up halves of the fused projection),
+    # in fp32, rounded once.
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = idx < n_elements
+    row = idx // inter
+    col = idx - row * inter
+    src = row * (2 * inter) + col
+    g = tl.load(gu_ptr + src, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + src + inter, mask=ok, other=0.0).to(tl.float32)
+    if ACT == ACT_SILU:
+        g = g * tl.sigmoid(g)
+    elif ACT == ACT_GELU_ERF:
+        g = 0.5 * g * (1.0 + tl.math.erf(g * SQRT_HALF))
+    else:  # ACT_GELU_TANH
+        g = g * tl.sigmoid(2.0 * SQRT_2_OVER_PI * (g + 0.044715 * g * g * g))
+    tl.store(out_ptr + idx, (g * u).to(out_ptr.dtype.element_ty), mask=ok)

@@ -416,7 +416,9 @@ class Encoder:
             glu = True
         elif family == "decoder":
             try:
-                self._packed_model = PackedDecoderEncoder.from_hf(auto_model, device, dtype, attention=config.attention)
+                self._packed_model = PackedDecoderEncoder.from_hf(
+                    auto_model, device, dtype, attention=config.attention, compile=True if config.compile else None
+                )
             except ValueError as err:  # an explicit model.attention that cannot run here
                 raise ConfigError(str(err)) from None
             glu = True

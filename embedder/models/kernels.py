@@ -13,6 +13,10 @@ that also writes the result's e4m3 copy and per-row scales (the next GEMM's inpu
 ``activation_quantize`` applies GELU (or nothing, for the attention output) and quantizes in one
 read of its input.
 
+The decoder forward (``packed_decoder``: Qwen, Mistral, Llama) has three more: ``add_rms_norm``
+(the float32 residual add and the next RMSNorm, in place), ``qk_norm_rope`` (the fused QKV output
+split into heads, Qwen3's q/k norms and RoPE, in one pass) and ``glu`` (SwiGLU/GeGLU).
+
 Triton is optional: ``fused_add_layer_norm_available()`` says whether the kernel can run (Triton
 importable, CUDA tensors); the packed forward falls back to PyTorch otherwise. With
 ``TRITON_INTERPRET=1`` the same kernel runs on CPU tensors through Triton's interpreter, which is how
@@ -130,3 +134,81 @@ def activation_quantize(x: torch.Tensor, activation: str = "none") -> tuple[torc
         ACT=ACTIVATIONS[activation], **meta,
     )
     return q, scale
+
+
+# --- the decoder's kernels (``packed_decoder``): every elementwise pass between its GEMMs ----------
+
+
+def add_rms_norm(x: torch.Tensor, h: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x += h`` (in place, when ``h`` is given) and Hugging Face's RMSNorm of ``x``, in one pass.
+
+    Args:
+        x: ``[T, hidden]`` float32 contiguous, the residual stream (updated in place).
+        h: ``[T, hidden]`` contiguous (the sublayer's output, the run's dtype), or None.
+        weight: ``[hidden]`` in the run's dtype (the output's dtype).
+        eps: RMSNorm epsilon.
+
+    Returns:
+        ``weight * (x * rsqrt(mean(x²) + eps)).to(weight.dtype)``, ``[T, hidden]`` in the weight's dtype.
+    """
+    n_rows, n_cols = x.shape
+    y = torch.empty((n_rows, n_cols), dtype=weight.dtype, device=x.device)
+    grid, meta = _row_launch(n_rows, n_cols)
+    _kernels().add_rms_norm_kernel[grid](x, x if h is None else h, weight, y, n_rows, n_cols, eps, ADD=h is not None, **meta)
+    return y
+
+
+def qk_norm_rope(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    rope_scale: float,
+    heads: int,
+    kv_heads: int,
+    q_norm: torch.Tensor | None,
+    k_norm: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused QKV projection's output split into heads, q and k normalised (Qwen3's q/k norms,
+    when given) and rotated (RoPE at ``positions``), in one pass.
+
+    Args:
+        qkv: ``[T, (heads + 2 kv_heads) * head_dim]`` contiguous.
+        positions: ``[T]`` each token's position in its sequence.
+        inv_freq: ``[head_dim / 2]`` float32, the model's rotary inverse frequencies.
+        rope_scale: the rotary module's attention scaling (cos and sin are multiplied by it).
+
+    Returns:
+        ``(q [T, heads, d], k [T, kv_heads, d], v [T, kv_heads, d])``, contiguous, ``qkv``'s dtype.
+    """
+    import triton
+
+    num_tokens = qkv.shape[0]
+    head_dim = qkv.shape[1] // (heads + 2 * kv_heads)
+    q = torch.empty((num_tokens, heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    k = torch.empty((num_tokens, kv_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    v = torch.empty_like(k)
+    tokens = 16
+    grid = (triton.cdiv(num_tokens, tokens), heads + 2 * kv_heads)
+    norm = q_norm is not None
+    _kernels().qk_norm_rope_kernel[grid](
+        qkv, positions, inv_freq, q_norm if norm else qkv, k_norm if norm else qkv, q, k, v,
+        num_tokens, eps, rope_scale,
+        HEADS=heads, KV_HEADS=kv_heads, HALF=head_dim // 2, NORM=norm, TOKENS=tokens, num_warps=4,
+    )
+    return q, k, v
+
+
+GLU_ACTIVATIONS = {"silu": 4, "swish": 4, "gelu": 1, "gelu_pytorch_tanh": 2}
+"""Hugging Face ``hidden_act`` names ``glu`` applies to the gate (others: PyTorch ops)."""
+
+
+def glu(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
+    """``act(gate) * up`` of a fused gate/up projection ``[T, 2I]`` (gate first): ``[T, I]``, one pass."""
+    n_rows, width = gate_up.shape
+    inter = width // 2
+    out = torch.empty((n_rows, inter), dtype=gate_up.dtype, device=gate_up.device)
+    block = 2048
+    n = n_rows * inter
+    _kernels().glu_kernel[(-(-n // block),)](gate_up, out, n, inter, BLOCK=block, ACT=GLU_ACTIVATIONS[activation], num_warps=8)
+    return out

@@ -242,3 +242,47 @@ def test_decoder_through_the_whole_pipeline_into_parquet(decoder_dirs: dict[str,
     theirs = reference.encode([r["text"] for r in table], convert_to_numpy=True)
     ours = np.asarray([r["vector"] for r in table], dtype=np.float32)
     assert cosines(ours, theirs).min() >= FP32_MIN_COS
+
+
+_FUSED_KERNELS = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from tiny_models import save_tiny_decoder
+from transformers import AutoModel
+from embedder.models.packed_bert import build_attention
+from embedder.models.packed_decoder import PackedDecoderEncoder
+lengths = [5, 17, 1, 30, 12]
+cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+ids = torch.randint(3, 200, (int(cu[-1]),), generator=torch.Generator().manual_seed(0))
+positions = torch.cat([torch.arange(n) for n in lengths])
+segments = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])
+for i, (family, kw) in enumerate([("qwen3", dict(head_dim=32)), ("qwen2", dict(is_causal=False))]):
+    model = AutoModel.from_pretrained(save_tiny_decoder({root!r} + "/" + family, seed=i, family=family, **kw)).eval()
+    plain = PackedDecoderEncoder.from_hf(model, torch.device("cpu"), torch.float32, fused=False, compile=False)
+    fused = PackedDecoderEncoder.from_hf(model, torch.device("cpu"), torch.float32, fused=True)
+    assert fused.fused and not plain.fused
+    meta = build_attention(cu, segments, max(lengths), int(cu[-1]), plain.varlen)
+    with torch.inference_mode():
+        a, b = plain(ids, positions, meta), fused(ids, positions, meta)
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+print("fused kernels match")
+"""
+
+
+def test_fused_decoder_kernels_equal_the_pytorch_ops_in_the_triton_interpreter(tmp_path: Path) -> None:
+    """RMSNorm with the residual add, q/k norm + RoPE (with and without Qwen3's norms), and the GLU, as
+    the GPU runs them (Triton kernels, here in Triton's interpreter), against the eager forward in
+    fp32; Triton reads TRITON_INTERPRET when first imported, hence a fresh interpreter."""
+    import os
+    import subprocess
+
+    if sys.platform != "linux":
+        pytest.skip("Triton ships for Linux only")
+    import triton  # noqa: F401  (a test dependency on Linux: missing it fails, never skips)
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo)}
+    code = _FUSED_KERNELS.format(tests=str(Path(__file__).parent), root=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "fused kernels match" in done.stdout
