@@ -11,7 +11,8 @@ builds in seconds. For each model, in one run:
 * ``embedder e2e``: texts → ``Chunker`` in a process pool → ``TokenBudgetPacker`` → ``Encoder``
   (bf16, varlen causal attention) → vectors on the host (the runner's encode path, no sink);
 * ``embedder gpu-only``: the same packed batches, pre-built, through ``encode_async`` alone;
-* min cosine of embedder's vectors to sentence-transformers fp32 (on the GPU, TF32 off) on a sample.
+* min cosine of embedder's vectors to sentence-transformers fp32 (on the GPU, TF32 off) on a sample;
+  on the sentence-transformers row, its own bf16 vectors' min cosine to fp32 (the floor bf16 sets).
 
 % of peak counts the matmul FLOPs (q/k/v/o with GQA widths, gate/up/down) and attention (causal:
 half of QKᵀ and PV) against the bf16 matmul peak measured here.
@@ -50,6 +51,7 @@ from benchmarks.bench_encoder import (  # noqa: E402
     _chunk_task,
     _init_worker,
     _row,
+    _st_model,
     cosines,
     matmul_peak_tflops,
     prebuilt_batches,
@@ -174,7 +176,12 @@ def bench_model(name: str, args: argparse.Namespace, root: Path, peak: float) ->
     batch_sizes = [int(x) for x in (args.st_batch_sizes or ST_BATCH_SIZES[name]).split(",")]
     st = run_sentence_transformers(path, texts, batch_sizes, device, dtype="bfloat16")
     st_rate = total / st["seconds"]
-    rows.append(_row(name, f"sentence-transformers {dtype} bs={st['batch_size']}", st_rate, flops / st["seconds"], peak, 1.0, None))
+    # sentence-transformers' own vectors in the benchmark dtype against fp32: the floor bf16 sets
+    st_model = _st_model(path, device, torch.bfloat16 if device == "cuda" else torch.float32)
+    st_vectors = st_model.encode([texts[i] for i in sample], batch_size=8, show_progress_bar=False, convert_to_numpy=True)
+    del st_model
+    st_cos = float(cosines(st_vectors.astype(np.float32), reference).min())
+    rows.append(_row(name, f"sentence-transformers {dtype} bs={st['batch_size']}", st_rate, flops / st["seconds"], peak, 1.0, st_cos))
     with ProcessPoolExecutor(
         max_workers=args.workers, mp_context=get_context("spawn"), initializer=_init_worker,
         initargs=(encoder.tokenizer_json, encoder.max_seq_length - encoder.layout.overhead),
