@@ -46,7 +46,7 @@ class RayNode:
 
     def pids(self) -> set[int]:
         """Every live process of this node (see the module docstring)."""
-        return _processes_of(self.process.pid, str(self.temp_dir) + "/")
+        return processes_of(self.process.pid, str(self.temp_dir) + "/")
 
 
 class LocalRayCluster:
@@ -156,6 +156,14 @@ class LocalRayCluster:
         node.process.wait(timeout=10)
         return len(killed)
 
+    def node_running(self, text: str) -> RayNode | None:
+        """The first worker node with a process whose command line (Ray's process title) holds
+        ``text``: ``"EncoderActor"`` finds a node that hosts an encoder actor now."""
+        for node in self.nodes[1:]:
+            if node.process.poll() is None and any(text in _cmdline(pid) for pid in node.pids()):
+                return node
+        return None
+
     def log(self, node: RayNode) -> str:
         path = self.root / f"{node.name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
@@ -174,8 +182,8 @@ class LocalRayCluster:
         self.shutdown()
 
 
-def _processes_of(root_pid: int, marker: str) -> set[int]:
-    """``root_pid``'s descendants (and itself) and every process whose command line holds ``marker``."""
+def processes_of(root_pid: int, marker: str | None = None) -> set[int]:
+    """``root_pid`` and its live descendants, and every process whose command line holds ``marker``."""
     children: dict[int, list[int]] = {}
     named: set[int] = set()
     for entry in os.listdir("/proc"):
@@ -192,7 +200,7 @@ def _processes_of(root_pid: int, marker: str) -> set[int]:
         if fields[0] == "Z":
             continue  # a zombie: dead already, reaped by its parent
         children.setdefault(int(fields[1]), []).append(int(entry))
-        if marker in cmdline:
+        if marker is not None and marker in cmdline:
             named.add(int(entry))
     found, todo = set(), [root_pid]
     while todo:
@@ -205,6 +213,14 @@ def _processes_of(root_pid: int, marker: str) -> set[int]:
     if root_pid in alive and _is_zombie(root_pid):
         alive.discard(root_pid)
     return alive | named
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _is_zombie(pid: int) -> bool:

@@ -23,7 +23,7 @@ from embedder import run
 from embedder.config import build_job
 from embedder.execution.result import RunResult
 from tests.embedder.outputs import read_output, sample_articles
-from tests.embedder.ray_nodes import RAY_ENV, LocalRayCluster, RayNode
+from tests.embedder.ray_nodes import RAY_ENV, LocalRayCluster
 
 pytestmark = pytest.mark.slow  # three raylets start (~30 s on 2 cores) and the sample is embedded 3 times
 
@@ -45,10 +45,11 @@ def cluster():
         env.setenv(key, value)
     nodes = LocalRayCluster(head_cpus=1)
     try:
-        workers = [nodes.add_node(num_cpus=2) for _ in range(2)]
+        for _ in range(2):
+            nodes.add_node(num_cpus=2)
         nodes.wait_for_nodes(3)
         nodes.connect()
-        yield nodes, workers
+        yield nodes
     finally:
         if ray.is_initialized():
             ray.shutdown()
@@ -89,26 +90,10 @@ def _assert_same_rows(table: pa.Table, reference: pa.Table) -> None:
     assert cos.min() >= 0.9999, f"min cos {cos.min()}"
 
 
-def _encoder_node(cluster: LocalRayCluster, workers: list[RayNode]) -> RayNode | None:
-    """A worker node that holds an encoder actor process now."""
-    for node in workers:
-        if any("EncoderActor" in _cmdline(pid) for pid in node.pids()):
-            return node
-    return None
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
 def test_ray_job_survives_a_lost_worker_node(cluster, corpus, tmp_path) -> None:
     import ray
 
-    nodes, workers = cluster
+    nodes = cluster
     reference_run = run(build_job(_job(corpus, tmp_path / "local", "local")))
     assert reference_run.state == "done" and reference_run.shards_total > KILL_AFTER_COMMITS + 2
     reference = read_output(str(tmp_path / "local"), "lance").sort_by("id")
@@ -124,7 +109,7 @@ def test_ray_job_survives_a_lost_worker_node(cluster, corpus, tmp_path) -> None:
     def kill_a_node(result: RunResult, _sequences: int) -> None:
         if killed or result.shards_done < KILL_AFTER_COMMITS:
             return
-        victim = _encoder_node(nodes, workers)
+        victim = nodes.node_running("EncoderActor")
         if victim is None:
             return  # no actor on a worker node at this instant: try at the next progress call
         killed.update(node=victim.name, at_s=time.perf_counter() - t1, shards_done=result.shards_done,
