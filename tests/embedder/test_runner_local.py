@@ -5,7 +5,6 @@ from __future__ import annotations
 import bz2
 import gzip
 import json
-import xml.etree.ElementTree as ET
 
 import numpy as np
 import pyarrow as pa
@@ -16,29 +15,14 @@ import pytest
 from embedder import open_index, run
 from embedder.checkpoint import Checkpoint
 from embedder.config import build_job
-from tests.embedder.outputs import read_output
+from tests.embedder.outputs import read_output, sample_articles
 
 CHARS_PER_ARTICLE = 1500  # keeps CPU encoding of the whole sample to a few seconds
 
 
-def _sample_articles(wiki_sample) -> list[dict]:
-    """Non-redirect ns-0 pages of the real sample, parsed independently of our connector."""
-    with bz2.open(wiki_sample, "rb") as f:
-        root = ET.parse(f).getroot()
-    ns = root.tag.split("}")[0] + "}"
-    out = []
-    for page in root.iter(f"{ns}page"):
-        if page.findtext(f"{ns}ns") != "0" or page.find(f"{ns}redirect") is not None:
-            continue
-        text = page.find(f"{ns}revision/{ns}text").text or ""
-        out.append({"id": page.findtext(f"{ns}id"), "title": page.findtext(f"{ns}title"),
-                    "text": text[:CHARS_PER_ARTICLE], "url": "https://en.wikipedia.org/wiki/" + page.findtext(f"{ns}title").replace(" ", "_")})
-    return out
-
-
 @pytest.fixture(scope="module")
 def articles(wiki_sample) -> list[dict]:
-    return _sample_articles(wiki_sample)
+    return sample_articles(wiki_sample, CHARS_PER_ARTICLE)
 
 
 @pytest.fixture(scope="module")
