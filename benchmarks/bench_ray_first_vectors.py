@@ -2,9 +2,10 @@
 
 A Ray head is started first (``ray start --head --block`` in a subprocess, its own temp dir and
 auth token; stopped at the end), then the same job runs ``--repeats`` times against it with
-``runner: ray`` and ``runner.address``, each run in a fresh driver process as ``embedder run``
+``runner: ray``, ``runner.address`` and ``runner.keep_encoders_s`` (``--keep-encoders-s``), each run in a fresh driver process as ``embedder run``
 would be: the first run meets a fresh cluster, the later ones a warm one (Ray's own processes up,
-but every run's workers and encoder actors are its own). The job: the bundled MiniLM over the
+but every run's workers are its own; its encoder actors too, unless
+``--keep-encoders-s`` lets a run take over the loaded actors of the one before). The job: the bundled MiniLM over the
 Wikipedia sample's articles as JSONL (or ``--model`` / ``--chars``), LanceDB sink.
 
 The table is the run record's ``startup`` milestones (seconds from the run's start, see
@@ -16,6 +17,7 @@ and the whole run.
 Usage (repository root)::
 
     PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/bench_ray_first_vectors.py                  # CPU, MiniLM
+    PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/bench_ray_first_vectors.py --keep-encoders-s 120
     PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/bench_ray_first_vectors.py --device cuda    # every GPU
 """
 
@@ -147,6 +149,8 @@ def main() -> None:
     parser.add_argument("--model", default="all-MiniLM-L6-v2", help="model name or path (default: the bundled MiniLM)")
     parser.add_argument("--num-cpus", type=int, default=0, help="the cluster's CPUs (default: this machine's, at least 3)")
     parser.add_argument("--repeats", type=int, default=3, help="runs on the one cluster (the first meets it fresh)")
+    parser.add_argument("--keep-encoders-s", type=float, default=0.0,
+                        help="runner.keep_encoders_s: later runs take over the earlier run's loaded encoder actors")
     parser.add_argument("--chars", type=int, default=2000, help="characters kept of each sample article")
     parser.add_argument("--shard-mb", type=float, default=0.05)
     parser.add_argument("--sample", default=str(SAMPLE), help="the Wikipedia sample (.xml.bz2)")
@@ -170,7 +174,8 @@ def main() -> None:
         corpus = root / "corpus.jsonl"
         articles = write_corpus(corpus, Path(args.sample), args.chars)
         print(f"corpus: {articles} articles of ≤ {args.chars} chars ({corpus.stat().st_size / 1e6:.2f} MB); "
-              f"cluster: {cpus} CPUs, {gpus} GPUs; model {args.model} on {args.device}", flush=True)
+              f"cluster: {cpus} CPUs, {gpus} GPUs; model {args.model} on {args.device}; "
+              f"keep_encoders_s {args.keep_encoders_s:g}", flush=True)
         cluster = Cluster(root, cpus, gpus)
         try:
             print(f"ray start: cluster up after {cluster.up_s:.1f} s at {cluster.address}", flush=True)
@@ -180,10 +185,13 @@ def main() -> None:
                     "output": {"uri": str(root / f"out-{i}"), "sink": "lance"},
                     "model": {"name": args.model, "device": args.device,
                               "dtype": "bfloat16" if args.device == "cuda" else "float32"},
-                    "runner": {"kind": "ray", "address": cluster.address, "show_progress": False},
+                    "runner": {"kind": "ray", "address": cluster.address, "show_progress": False,
+                               "keep_encoders_s": args.keep_encoders_s},
                 }
                 result = _run(job, cluster.env)
                 result.update(run=i + 1, cluster="fresh" if i == 0 else "warm")
+                if i and args.keep_encoders_s:
+                    result["cluster"] = "warm, kept encoders"
                 print(f"  run {i + 1}: {json.dumps(result)}", flush=True)
                 rows.append(result)
         finally:

@@ -103,6 +103,7 @@ class Run:
         started = time.perf_counter()
         self._started = started
         try:
+            self._preload_sink()
             self._start(stops)
             result.mark("connected", time.perf_counter(), started)
             plan = self._plan(checkpoint, result, started, lease.token)
@@ -154,8 +155,6 @@ class Run:
         encoder = self.scheduler.load_encoder()
         result.mark("encoder_ready", self.scheduler.marks.get("encoder_ready", time.perf_counter()), started)
         result.dtype = str(encoder.provenance().get("dtype"))
-        if self.canaries.size:
-            self._preload_reference(encoder)
         sink = self.sink_for(encoder)
         self._open_output(sink, checkpoint, generation)
         sink.fence(token)  # only this lease's commits land from now on (a stalled writer's are refused)
@@ -208,6 +207,7 @@ class Run:
     def _execute(self, plan: RunPlan, result: RunResult) -> None:
         """The scheduler's events through the assembler until the stream ends or a drain ends it."""
         plan.sink.abort_many([s.id for s in plan.pending])
+        self._encoder = plan.encoder  # the canary check's reference is preloaded after the first vectors
         assembler = self._assembler(plan, result)
         progress = ReadProgress(result, plan.pending)
         sampler = self.scheduler.sampler(plan.encoder)
@@ -263,7 +263,10 @@ class Run:
     ) -> None:
         """One event of the scheduler's stream."""
         if isinstance(event, EncodedBlock):
-            result.mark("first_vectors", time.perf_counter(), self._started)
+            if "first_vectors" not in result.startup:
+                result.mark("first_vectors", time.perf_counter(), self._started)
+                if self.canaries.size:  # not earlier: loading it would compete with the start-up
+                    self._preload_reference(self._encoder)
             vectors = corrupt(event.vectors)
             failpoint("mid_encode")
             progress.chunks(event.chunks)
@@ -340,6 +343,21 @@ class Run:
         provenance = {**encoder.provenance(), "chunking": Chunker.for_encoder(encoder, job.chunking).settings()}
         schema = output_schema(encoder.dim, job.source.metadata_fields, provenance)
         return sink_registry().SINKS.get(job.output.sink)(job.output, schema)
+
+    def _preload_sink(self) -> None:
+        """Imports the sink's libraries in a background thread while the scheduler connects and
+        the model loads (``Sink.preload``); ``open`` later finds them imported."""
+        import threading
+
+        sink_class = sink_registry().SINKS.get(self.job.output.sink)
+
+        def preload() -> None:
+            try:
+                sink_class.preload()
+            except Exception:  # open() reports a missing library with its fix
+                log.debug("preloading the sink's libraries failed", exc_info=True)
+
+        threading.Thread(target=preload, name="embedder-sink-preload", daemon=True).start()
 
     def _preload_reference(self, encoder: Any) -> None:
         """Loads the canary check's reference model in the background while the run embeds."""
