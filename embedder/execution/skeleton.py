@@ -105,6 +105,8 @@ class Run:
         try:
             self._preload_sink()
             self._start(stops)
+            for milestone, at in self.scheduler.marks.items():  # those of setup (Ray: encoders_started)
+                result.mark(milestone, at, started)
             result.mark("connected", time.perf_counter(), started)
             plan = self._plan(checkpoint, result, started, lease.token)
             if plan.pending and not self.control.draining:

@@ -2,12 +2,18 @@
 
 ::
 
-    driver              Ray Data (streaming executor, backpressure between operators)            driver
-    pending shards ──▶ read_and_chunk ─────────▶ EncoderActor pool ──────────▶ iter_batches ──▶ ShardAssembler
-    (one row, one      (CPU tasks on every CPU    (one model per actor, 1 GPU    (rows in any     (sink commit,
-     block each)        of the cluster: chunk      each: packs its rows by         order, dupes     quarantine,
-                        rows, then one end row     token budget, encodes, end      possible)        completion
-                        per shard)                 rows pass through)                               record)
+    driver              Ray Data read stage              driver dispatcher      EncoderActors          driver
+    pending shards ──▶ read_and_chunk ──────────────▶ block refs ─────────▶ (one model per actor, ──▶ ShardAssembler
+    (one row, one      (CPU tasks on every CPU of      (cut into calls;      1 GPU each: packs by      (sink commit,
+     block each)        the cluster: chunk rows,        ready actors only,    token budget, encodes;    quarantine,
+                        then one end row per shard)     2 calls each)         end rows pass through)    completion record)
+
+Start-up. The encoder actors are asked for as soon as the driver is connected (``setup``), so each
+loads the model while the driver lists shards and opens the output; the model's facts come from
+the first actor loaded (the model is loaded once per actor and nowhere else, never on the driver);
+blocks go to the actors that are ready, the first call of each being ``FIRST_CALL_ROWS`` rows.
+With ``runner.keep_encoders_s`` the actors outlive the run (detached, named by the model settings)
+and the next run of the same settings takes them over loaded.
 
 The stage functions are the local runner's: ``read_and_chunk`` with a ``Chunker`` rebuilt from the
 model's serialized tokenizer in the CPU tasks, ``TokenBudgetPacker`` + ``Encoder`` in the actors,
@@ -23,16 +29,14 @@ lost with its actor is redone whole by Ray's retry. A driver that dies loses onl
 not committed: the next run aborts their leftovers and redoes them.
 
 Memory. Shards enter one per block; a read task yields blocks of at most a few thousand chunks
-(``read_and_chunk``'s blocks) as it reads, blocks are capped at ``BLOCK_BYTES``, and the streaming
-executor launches no new task while an operator's output queue fills its object-store budget. A
+(``read_and_chunk``'s blocks) as it reads, blocks are capped at ``BLOCK_BYTES``, the streaming
+executor launches no new read task while its output waits unconsumed, and the dispatcher takes
+read blocks only while fewer rows wait than the actors' calls in flight can hold. A
 90 GB dump streams through a bounded window, the way the local runner's bounded queues do.
 
 Incremental passes. The driver puts what the output holds (``ExistingChunks``, compact hash arrays)
 in the object store once; each read task filters its shards' chunks with its own ``ChangeFilter``
 and ends each shard with its change record, so unchanged chunks never reach an encoder actor.
-
-The model is not loaded on the driver: a one-off task placed like an encoder actor reports what the
-driver needs (tokenizer, limits, dimension, provenance with the actors' device and dtype).
 """
 
 from __future__ import annotations
@@ -472,13 +476,19 @@ class EncoderActors:
             "num_gpus": pool.num_gpus, "num_cpus": pool.num_cpus,
             "max_restarts": ENCODER_MAX_RESTARTS, "max_task_retries": ENCODER_MAX_RESTARTS,
         }
-        job_json, kill_hook = job.model_dump_json(), os.environ.get(KILL_ENCODER_ENV) or None
-        self.actors = []
-        for i in range(pool.size):
-            if keep_s > 0:  # a kept actor of an earlier run of the same settings is taken over, not started
-                options.update(name=f"{kept_actor_key(job, pool)}-{i}", namespace=KEPT_NAMESPACE,
-                               lifetime="detached", get_if_exists=True)
-            self.actors.append(remote.options(**options).remote(job_json, pool.num_cpus, kill_hook, keep_s))
+        args = (job.model_dump_json(), pool.num_cpus, os.environ.get(KILL_ENCODER_ENV) or None, keep_s)
+        key = kept_actor_key(job, pool) if keep_s > 0 else ""
+
+        def start(i: int) -> Any:
+            if not key:
+                return remote.options(**options).remote(*args)
+            # a kept actor of an earlier run of the same settings is taken over, not started
+            return remote.options(**options, name=f"{key}-{i}", namespace=KEPT_NAMESPACE, lifetime="detached",
+                                  get_if_exists=True).remote(*args)
+
+        self._start = start
+        self._restarted: set[int] = set()
+        self.actors = [start(i) for i in range(pool.size)]
         self._loading = {actor.facts.remote(): i for i, actor in enumerate(self.actors)}
         self.ready: list[int] = []  # indices of actors that hold the model, in the order they loaded
         self.first: tuple[EncoderFacts, str] | None = None
@@ -498,7 +508,16 @@ class EncoderActors:
             done, _ = self.ray.wait(list(self._loading), num_returns=len(self._loading), timeout=0)
         for ref in done:
             index = self._loading.pop(ref)
-            facts = self.ray.get(ref)
+            try:
+                facts = self.ray.get(ref)
+            except self.ray.exceptions.RayActorError:
+                if not self.keep_s or index in self._restarted:
+                    raise
+                # a kept actor that ended itself (idle) just as this run took it over: start it anew
+                self._restarted.add(index)
+                self.actors[index] = self._start(index)
+                self._loading[self.actors[index].facts.remote()] = index
+                continue
             self.ready.append(index)
             if self.first is None:
                 self.first = facts
