@@ -9,6 +9,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 
@@ -52,3 +53,16 @@ def wait_lease_expired(output: str, timeout_s: float = 30.0) -> None:
             return
         time.sleep(0.2)
     raise AssertionError("the dead job's lease never expired")
+
+
+def assert_same_rows(table: pa.Table, reference: pa.Table, min_cos: float = 0.9999) -> None:
+    """Two outputs (sorted by id) hold the same chunks exactly once, with the same columns and vectors."""
+    ids = table.column("id").to_pylist()
+    assert len(ids) == len(set(ids)), "duplicate ids"
+    assert ids == reference.column("id").to_pylist(), "missing or extra chunks"
+    for column in ("text", "title", "shard_id", "content_hash", "url"):
+        assert table.column(column).to_pylist() == reference.column(column).to_pylist(), column
+    a = np.asarray(table.column("vector").to_pylist(), dtype=np.float32)
+    b = np.asarray(reference.column("vector").to_pylist(), dtype=np.float32)
+    cos = np.sum(a * b, axis=1)
+    assert cos.min() >= min_cos, f"min cos {cos.min()}"

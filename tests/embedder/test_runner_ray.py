@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -38,26 +37,10 @@ from embedder.runners.ray import (
     rows_to_chunks,
     rows_to_ends,
 )
-from tests.embedder.outputs import read_output, wait_lease_expired
+from tests.embedder.outputs import assert_same_rows, read_output, sample_articles, wait_lease_expired
 
 REPO = Path(__file__).resolve().parents[2]
 CHARS_PER_ARTICLE = 800  # keeps CPU encoding of the sample to seconds
-
-
-def _sample_articles(wiki_sample: Path) -> list[dict]:
-    """Non-redirect ns-0 pages of the real sample, parsed independently of our connector."""
-    with bz2.open(wiki_sample, "rb") as f:
-        root = ET.parse(f).getroot()
-    ns = root.tag.split("}")[0] + "}"
-    out = []
-    for page in root.iter(f"{ns}page"):
-        if page.findtext(f"{ns}ns") != "0" or page.find(f"{ns}redirect") is not None:
-            continue
-        title = page.findtext(f"{ns}title")
-        text = page.find(f"{ns}revision/{ns}text").text or ""
-        out.append({"id": page.findtext(f"{ns}id"), "title": title, "text": text[:CHARS_PER_ARTICLE],
-                    "url": "https://en.wikipedia.org/wiki/" + title.replace(" ", "_")})
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +59,7 @@ def ray_cluster():
 def corpus(tmp_path_factory, wiki_sample) -> Path:
     path = tmp_path_factory.mktemp("ray-corpus") / "wiki.jsonl"
     with open(path, "w", encoding="utf-8") as f:
-        for article in _sample_articles(wiki_sample):
+        for article in sample_articles(wiki_sample, CHARS_PER_ARTICLE):
             f.write(json.dumps(article) + "\n")
     return path
 
@@ -98,18 +81,6 @@ def _job(source: str, output: str, fmt: str, sink: str, runner: str, **extra) ->
 
 def _read(output: str, sink: str) -> pa.Table:
     return read_output(output, sink).sort_by("id")
-
-
-def _assert_same_rows(table: pa.Table, reference: pa.Table) -> None:
-    ids = table.column("id").to_pylist()
-    assert len(ids) == len(set(ids)), "duplicate ids"
-    assert ids == reference.column("id").to_pylist(), "missing or extra chunks"
-    for column in ("text", "title", "shard_id", "content_hash", "url"):
-        assert table.column(column).to_pylist() == reference.column(column).to_pylist(), column
-    a = np.asarray(table.column("vector").to_pylist(), dtype=np.float32)
-    b = np.asarray(reference.column("vector").to_pylist(), dtype=np.float32)
-    cos = np.sum(a * b, axis=1)
-    assert cos.min() >= 0.9999, f"min cos {cos.min()}"
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +154,7 @@ def test_ray_equals_local_on_jsonl(ray_cluster, corpus, local_jsonl, tmp_path) -
     assert runner.scheduler.pool is not None and runner.scheduler.pool.size == 2
     assert len(runner.scheduler.encoders_seen) >= 2, f"work went to {len(runner.scheduler.encoders_seen)} encoder actor(s)"
     table = _read(out, "lance")
-    _assert_same_rows(table, local_jsonl)
+    assert_same_rows(table, local_jsonl)
     assert result.rows_written == result.chunks == table.num_rows
     assert result.tokens > 0 and result.tokens_per_second > 0 and result.encode_seconds > 0
     assert result.canary is not None and result.canary["min_cosine"] >= 0.999
@@ -212,7 +183,7 @@ def test_ray_equals_local_on_wikipedia_dump(ray_cluster, wiki_sample, tmp_path) 
         assert result.state == "done" and result.runner == kind
     ray_table, local_table = _read(outputs["ray"], "parquet"), _read(outputs["local"], "parquet")
     assert ray_table.num_rows >= 100
-    _assert_same_rows(ray_table, local_table)
+    assert_same_rows(ray_table, local_table)
 
 
 def test_kept_encoder_actors_serve_the_next_run_then_end(ray_cluster, corpus, local_jsonl, tmp_path) -> None:
@@ -227,7 +198,7 @@ def test_kept_encoder_actors_serve_the_next_run_then_end(ray_cluster, corpus, lo
         out = str(tmp_path / f"db{i}")
         runner = RayRunner(build_job(_job(str(corpus), out, "jsonl", "lance", "ray", runner__keep_encoders_s=30)))
         assert runner.run().state == "done"
-        _assert_same_rows(_read(out, "lance"), local_jsonl)
+        assert_same_rows(_read(out, "lance"), local_jsonl)
         seen.append(set(runner.scheduler.encoders_seen))
     assert seen[1] <= seen[0], f"the second run loaded new actors: {seen}"
 
@@ -250,7 +221,7 @@ def test_killed_encoder_actor_loses_and_duplicates_nothing(ray_cluster, corpus, 
     assert result.state == "done"
     # the dead actor's calls, its restart's and the other actor's: three actor processes did work
     assert len(runner.scheduler.encoders_seen) >= 3
-    _assert_same_rows(_read(out, "lance"), local_jsonl)
+    assert_same_rows(_read(out, "lance"), local_jsonl)
     assert result.rows_written == local_jsonl.num_rows
 
 
@@ -434,7 +405,7 @@ def test_sigkilled_driver_then_rerun_equals_uninterrupted(ray_cluster, corpus, l
     wait_lease_expired(out)
     proc = _run_cli(corpus, out, ray_cluster)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    _assert_same_rows(_read(out, "lance"), local_jsonl)
+    assert_same_rows(_read(out, "lance"), local_jsonl)
     last = Checkpoint(out).runs()[-1]
     assert last["runner"] == "ray" and last["state"] == "done" and last["shards_skipped"] == done_before
 
@@ -454,7 +425,7 @@ def test_sigterm_drains_the_ray_driver_and_rerun_completes(ray_cluster, corpus, 
     wait_lease_expired(out)
     proc = _run_cli(corpus, out, ray_cluster)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    _assert_same_rows(_read(out, "lance"), local_jsonl)
+    assert_same_rows(_read(out, "lance"), local_jsonl)
 
 
 @pytest.mark.gpu

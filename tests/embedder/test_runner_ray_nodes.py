@@ -15,14 +15,12 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
 import pytest
 
 from embedder import run
 from embedder.config import build_job
 from embedder.execution.result import RunResult
-from tests.embedder.outputs import read_output, sample_articles
+from tests.embedder.outputs import assert_same_rows, read_output, sample_articles
 from tests.embedder.ray_nodes import RAY_ENV, LocalRayCluster
 
 pytestmark = pytest.mark.slow  # three raylets start (~30 s on 2 cores) and the sample is embedded 3 times
@@ -78,18 +76,6 @@ def _job(source: Path, output: Path, runner: str) -> dict:
     }
 
 
-def _assert_same_rows(table: pa.Table, reference: pa.Table) -> None:
-    ids = table.column("id").to_pylist()
-    assert len(ids) == len(set(ids)), "duplicate ids"
-    assert ids == reference.column("id").to_pylist(), "missing or extra chunks"
-    for column in ("text", "title", "shard_id", "content_hash", "url"):
-        assert table.column(column).to_pylist() == reference.column(column).to_pylist(), column
-    a = np.asarray(table.column("vector").to_pylist(), dtype=np.float32)
-    b = np.asarray(reference.column("vector").to_pylist(), dtype=np.float32)
-    cos = np.sum(a * b, axis=1)
-    assert cos.min() >= 0.9999, f"min cos {cos.min()}"
-
-
 def test_ray_job_survives_a_lost_worker_node(cluster, corpus, tmp_path) -> None:
     import ray
 
@@ -102,7 +88,7 @@ def test_ray_job_survives_a_lost_worker_node(cluster, corpus, tmp_path) -> None:
     clean = run(build_job(_job(corpus, tmp_path / "clean", "ray")))
     clean_s = time.perf_counter() - t0
     assert clean.state == "done" and clean.runner == "ray"
-    _assert_same_rows(read_output(str(tmp_path / "clean"), "lance").sort_by("id"), reference)
+    assert_same_rows(read_output(str(tmp_path / "clean"), "lance").sort_by("id"), reference)
 
     killed: dict[str, object] = {}
 
@@ -127,7 +113,7 @@ def test_ray_job_survives_a_lost_worker_node(cluster, corpus, tmp_path) -> None:
         time.sleep(0.5)
     assert faulted.state == "done" and faulted.shards_done == faulted.shards_total == reference_run.shards_total
     table = read_output(str(tmp_path / "faulted"), "lance").sort_by("id")
-    _assert_same_rows(table, reference)
+    assert_same_rows(table, reference)
     assert faulted.rows_written == table.num_rows == reference.num_rows
     print(f"\nray on 3 nodes, {faulted.shards_total} shards, {faulted.tokens:,} tokens: clean {clean_s:.1f} s; "
           f"{killed['node']} killed ({killed['processes']} processes) at {killed['at_s']:.1f} s after "
