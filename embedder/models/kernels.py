@@ -208,7 +208,10 @@ def glu(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
     n_rows, width = gate_up.shape
     inter = width // 2
     out = torch.empty((n_rows, inter), dtype=gate_up.dtype, device=gate_up.device)
+    import triton
+
     block = 2048
     n = n_rows * inter
-    _kernels().glu_kernel[(-(-n // block),)](gate_up, out, n, inter, BLOCK=block, ACT=GLU_ACTIVATIONS[activation], num_warps=8)
+    grid = (triton.cdiv(n, block),)
+    _kernels().glu_kernel[grid](gate_up, out, n, inter, BLOCK=block, ACT=GLU_ACTIVATIONS[activation], num_warps=8)
     return out

@@ -42,7 +42,8 @@ went from 0.99716 to 0.99780, Qwen3-0.6B's from 0.99989 to 0.99995).
 On CUDA in fp16/bf16 every elementwise pass between the GEMMs is one Triton kernel
 (``kernels.add_rms_norm``: the residual add and the next RMSNorm; ``kernels.qk_norm_rope``: the
 split into heads, Qwen3's q/k norms and RoPE; ``kernels.glu``) — ``fused=None``, the default there.
-Without Triton (or with ``fused=False``) the same math is compiled with ``torch.compile`` into
+Where the kernels cannot take the model (a head size that is not a power of two, an activation
+they do not implement) or with ``fused=False``, the same math is compiled with ``torch.compile`` into
 regions running from one attention to the next (``compile``), or runs eagerly. Measured on an H200
 (Qwen3-0.6B shape, benchmarks/RESULTS.md): eager 195k tok/s, compiled 273k, fused kernels 450k.
 
