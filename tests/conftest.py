@@ -13,6 +13,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every Ray cluster of the test session runs without token auth (the multi-node tests' clusters must):
+# a process resolves Ray's auth mode once, so a first cluster with token auth (the default where
+# ~/.ray/auth_token exists) leaves the driver refusing a later cluster's raylet, which then takes
+# the driver for dead and destroys its actors ("all references to the actor were removed").
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_NAME = "enwiki-sample-206pages.xml.bz2"
