@@ -19,11 +19,8 @@ actor task retried on a restarted actor, a lost block rebuilt from lineage can a
 twice. The driver is the only writer, and its ``ShardAssembler`` takes a chunk once (by id) and
 commits a shard once (sink commit, then completion record), so the output holds every row exactly
 once. An encoder call returns every chunk it was given (its packer is flushed per call), so a call
-lost with its actor is redone whole by Ray's retry. When Ray's own retries do not cover a loss (a
-node gone with an actor Ray Data had not started yet, an object whose lineage is gone), the driver
-rebuilds the pipeline on the shards not delivered whole yet, up to ``PIPELINE_REBUILDS`` times; the
-assembler drops what arrives twice. A driver that dies loses only the shards it had not committed:
-the next run aborts their leftovers and redoes them.
+lost with its actor is redone whole by Ray's retry. A driver that dies loses only the shards it had
+not committed: the next run aborts their leftovers and redoes them.
 
 Memory. Shards enter one per block; a read task yields blocks of at most a few thousand chunks
 (``read_and_chunk``'s blocks) as it reads, blocks are capped at ``BLOCK_BYTES``, and the streaming
@@ -40,7 +37,6 @@ driver needs (tokenizer, limits, dimension, provenance with the actors' device a
 
 from __future__ import annotations
 
-import gc
 import itertools
 import logging
 import os
@@ -48,7 +44,6 @@ import pickle
 import queue
 import threading
 import time
-import traceback
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -89,9 +84,6 @@ BLOCK_BYTES = 16 * 1024 * 1024
 """Largest block between stages (Ray Data's default, 128 MB, would hold whole shards)."""
 ENCODER_MAX_RESTARTS = 8
 """Restarts of one encoder actor (its process or node died) and retries of its call before the run fails."""
-PIPELINE_REBUILDS = 3
-"""Times one run rebuilds its Ray Data pipeline after the cluster lost a process, node or object
-beyond Ray's own retries; the next such loss fails the run (a rerun resumes from the commits)."""
 QUEUE_POLL_S = 0.2
 
 CHUNK_ROWS = pa.schema(
@@ -549,11 +541,7 @@ class RayScheduler(Scheduler):
             )
 
     def execute(self, plan: RunPlan) -> Iterator[Event]:
-        """The dataset's output blocks as events; a puller thread, so the skeleton can stop on time.
-
-        A pipeline that fails because the cluster lost a process, node or object (``cluster_lost``)
-        is rebuilt on the shards it had not delivered whole, up to ``PIPELINE_REBUILDS`` times.
-        """
+        """The dataset's output blocks as events; a puller thread, so the skeleton can stop on time."""
         import ray
 
         # Incremental: what the output holds goes to the object store once; read tasks filter with it.
@@ -561,28 +549,7 @@ class RayScheduler(Scheduler):
         if plan.change_filter is not None:
             existing = ray.put(plan.change_filter.existing)
             plan.change_filter.existing = ray.get(existing)  # the driver too keeps only the store's copy
-        seen: set[str] = set()
-        delivered = Delivered()
-        remaining = list(plan.pending)
-        for rebuild in itertools.count():
-            failure = yield from self._stream(self._dataset(ray, remaining, plan.encoder, existing), seen, delivered)
-            if failure is None:
-                return
-            if not cluster_lost(failure) or rebuild >= PIPELINE_REBUILDS or self.control.abort.is_set():
-                raise RunFailed(f"the Ray pipeline failed: {failure}") from failure
-            remaining = [s for s in remaining if s.id not in delivered.whole]
-            if not remaining:
-                return  # it failed after delivering every shard whole
-            release_pipeline(failure)
-            log.warning(
-                "ray: the cluster lost part of the pipeline (%s: %s); rebuilding it on the %d shard(s) not "
-                "delivered whole yet (rebuild %d of %d)",
-                type(failure).__name__, str(failure).splitlines()[0] if str(failure) else "", len(remaining),
-                rebuild + 1, PIPELINE_REBUILDS,
-            )
-
-    def _stream(self, dataset: Any, seen: set[str], delivered: Delivered) -> Iterator[Event]:
-        """One pipeline's events; returns its failure (None once it delivered everything)."""
+        dataset = self._dataset(ray, plan.pending, plan.encoder, existing)
         blocks: queue.Queue = queue.Queue(maxsize=2)
         failure: list[BaseException] = []
         pulled_all, halt = threading.Event(), threading.Event()
@@ -590,16 +557,19 @@ class RayScheduler(Scheduler):
             target=self._pull, args=(dataset, blocks, failure, pulled_all, halt), name="embedder-ray-pull", daemon=True
         )
         puller.start()
+        seen: set[str] = set()
         try:
             while True:
                 try:
                     rows = blocks.get(timeout=QUEUE_POLL_S)
                 except queue.Empty:
                     if pulled_all.is_set() and blocks.empty():
-                        return failure[0] if failure else None
+                        if failure:
+                            raise RunFailed(f"the Ray pipeline failed: {failure[0]}") from failure[0]
+                        return
                     yield IDLE
                     continue
-                yield from self._events(rows, seen, delivered)
+                yield from self._events(rows, seen)
         finally:
             halt.set()
             puller.join(timeout=5)
@@ -629,7 +599,7 @@ class RayScheduler(Scheduler):
                     log.debug("closing the Ray Data stream failed", exc_info=True)
             pulled_all.set()
 
-    def _events(self, rows: pa.Table, seen: set[str], delivered: Delivered) -> Iterator[Event]:
+    def _events(self, rows: pa.Table, seen: set[str]) -> Iterator[Event]:
         """One block of encoded rows and end rows as events (a shard starts when its first rows show)."""
         for actor, seconds in zip(rows.column("encoder").to_pylist(), rows.column("encode_seconds").to_pylist()):
             if actor is not None:
@@ -637,7 +607,6 @@ class RayScheduler(Scheduler):
         chunk_rows, end_rows = partition_rows(rows)
         ends = rows_to_ends(end_rows)
         chunks = rows_to_chunks(chunk_rows) if chunk_rows.num_rows else []
-        delivered.add(chunks, ends)
         now = time.time()
         for shard_id in dict.fromkeys([*(c.shard_id for c in chunks), *(e.shard_id for e in ends)]):
             if shard_id not in seen:
@@ -648,70 +617,6 @@ class RayScheduler(Scheduler):
             yield EncodedBlock(chunks, vectors.reshape(len(chunks), -1))
         for end in ends:
             yield ShardFinished(end)
-
-
-class Delivered:
-    """What a run's pipelines delivered, per shard: a rebuilt pipeline redoes only the shards not in
-    ``whole`` (their end row and as many distinct chunks as it counts). Chunk ids are kept only for
-    shards still short of whole."""
-
-    def __init__(self) -> None:
-        self.whole: set[str] = set()
-        self._chunks: dict[str, set[str]] = {}
-        self._ends: dict[str, int] = {}
-
-    def add(self, chunks: Sequence[Chunk], ends: Sequence[ShardEnd]) -> None:
-        touched: set[str] = set()
-        for chunk in chunks:
-            if chunk.shard_id not in self.whole:
-                self._chunks.setdefault(chunk.shard_id, set()).add(chunk.id)
-                touched.add(chunk.shard_id)
-        for end in ends:
-            if end.shard_id not in self.whole:
-                self._ends.setdefault(end.shard_id, end.chunks)
-                touched.add(end.shard_id)
-        for shard_id in touched:
-            expected = self._ends.get(shard_id)
-            if expected is not None and len(self._chunks.get(shard_id, ())) >= expected:
-                self.whole.add(shard_id)
-                self._chunks.pop(shard_id, None)
-                del self._ends[shard_id]
-
-
-def release_pipeline(failure: BaseException) -> None:
-    """Let a failed pipeline's encoder actors go before its rebuild asks for their CPUs and GPUs.
-
-    Ray Data shuts a failed pipeline down without killing its actors: they die when the last handle
-    does, and the failure's traceback frames hold the executor that holds them. Clearing those frames
-    and collecting the cycles frees the actors (the error message stays for the log)."""
-    checked: set[int] = set()
-    err: BaseException | None = failure
-    while err is not None and id(err) not in checked:
-        checked.add(id(err))
-        if err.__traceback__ is not None:
-            traceback.clear_frames(err.__traceback__)
-            err.__traceback__ = None
-        err = err.__cause__ or err.__context__
-    gc.collect()
-
-
-def cluster_lost(err: BaseException) -> bool:
-    """Whether ``err``, or an error that caused it, is the cluster losing an actor, a worker, a node
-    or an object — not an error of the job's own code or data (an actor whose ``__init__`` raised, a
-    bad record), which a rebuild would only repeat."""
-    import ray.exceptions
-
-    names = ("RayActorError", "NodeDiedError", "ObjectLostError", "OwnerDiedError", "WorkerCrashedError",
-             "LocalRayletDiedError", "ActorUnavailableError")
-    lost = tuple(getattr(ray.exceptions, n) for n in names if hasattr(ray.exceptions, n))
-    checked: set[int] = set()
-    cause: BaseException | None = err
-    while cause is not None and id(cause) not in checked:
-        checked.add(id(cause))
-        if isinstance(cause, lost):
-            return not getattr(cause, "actor_init_failed", False)  # the model failed to load: it would again
-        cause = cause.__cause__ or cause.__context__
-    return False
 
 
 class RayRunner(Run):

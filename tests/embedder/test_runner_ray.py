@@ -1,6 +1,5 @@
 """The Ray runner on a local Ray cluster (CPU machine): same output as the local runner, with two
-encoder actors; an encoder actor killed mid-job (restarted by Ray, or with no restart left, by a
-rebuilt pipeline) and a SIGKILLed driver lose and duplicate nothing.
+encoder actors; an encoder actor killed mid-job and a SIGKILLed driver lose and duplicate nothing.
 
 The cluster is started once for the module (3 logical CPUs: 2 encoder actors of 1 CPU, 1 for
 reading) and the encoder actors run the model on CPU; the code path is the GPU one except for the
@@ -12,7 +11,6 @@ from __future__ import annotations
 import bz2
 import datetime
 import json
-import logging
 import os
 import shutil
 import signal
@@ -29,12 +27,10 @@ from embedder import run
 from embedder.checkpoint import Checkpoint
 from embedder.config import ConfigError, build_job
 from embedder.records import BadRecord, Chunk, ShardEnd
-from embedder.runners import ray as ray_runner
 from embedder.runners.ray import (
     KILL_ENCODER_ENV,
     RayRunner,
     chunks_to_rows,
-    cluster_lost,
     end_to_rows,
     partition_rows,
     plan_encoder_pool,
@@ -196,39 +192,6 @@ def test_killed_encoder_actor_loses_and_duplicates_nothing(ray_cluster, corpus, 
     assert len(runner.scheduler.encoders_seen) >= 3
     assert_same_rows(_read(out, "lance"), local_jsonl)
     assert result.rows_written == local_jsonl.num_rows
-
-
-def test_a_loss_beyond_rays_retries_rebuilds_the_pipeline(ray_cluster, corpus, local_jsonl, tmp_path, monkeypatch,
-                                                          caplog) -> None:
-    """An encoder actor that dies with no restart left (as one on a lost node can, when Ray Data had
-    not started it) fails Ray Data's pipeline: the driver rebuilds it on the shards not delivered
-    whole, and the output is still exactly the local run's."""
-    marker = tmp_path / "encoder-died"
-    monkeypatch.setenv(KILL_ENCODER_ENV, f"2:{marker}")
-    monkeypatch.setattr(ray_runner, "ENCODER_MAX_RESTARTS", 0)
-    out = str(tmp_path / "db")
-    with caplog.at_level(logging.WARNING, logger="embedder"):
-        result = RayRunner(build_job(_job(str(corpus), out, "jsonl", "lance", "ray"))).run()
-    assert marker.exists(), "the test hook never killed an actor"
-    rebuilds = [r.getMessage() for r in caplog.records if "rebuilding it on the" in r.getMessage()]
-    assert len(rebuilds) == 1, rebuilds
-    assert "ActorDiedError" in rebuilds[0] and "(rebuild 1 of 3)" in rebuilds[0]
-    assert result.state == "done"
-    assert_same_rows(_read(out, "lance"), local_jsonl)
-    assert result.rows_written == local_jsonl.num_rows
-
-
-def test_only_losses_of_the_cluster_rebuild_the_pipeline() -> None:
-    import ray.exceptions
-
-    lost = ray.exceptions.ActorDiedError()
-    wrapped = RuntimeError("Ray Data: SystemException")
-    wrapped.__cause__ = lost
-    assert cluster_lost(lost) and cluster_lost(wrapped) and cluster_lost(ray.exceptions.NodeDiedError("gone"))
-    init_failed = ray.exceptions.ActorDiedError()
-    init_failed._actor_init_failed = True  # the model failed to load: a rebuild would fail again
-    assert not cluster_lost(init_failed)
-    assert not cluster_lost(ValueError("a bad record"))
 
 
 # --- incremental passes ---------------------------------------------------------------------------
