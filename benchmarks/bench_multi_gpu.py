@@ -14,7 +14,7 @@ fresh process (``fresh_run.py``):
 3. ``ray``       — the Ray runner on a one-node Ray cluster the benchmark starts with every GPU and
    CPU (one encoder actor per GPU; on CPU ``--encoders`` actors); cluster start-up is not timed.
 4. ``ray 2 nodes`` and ``ray 2 nodes, 1 killed`` — the Ray runner on a head plus two worker nodes
-   (each its own raylet, half the GPUs and CPUs: ``tests/embedder/ray_nodes.py``), clean, then with
+   (each its own raylet, half the GPUs and CPUs: ``tests/embedder/runners/ray_nodes.py``), clean, then with
    the worker node that holds an encoder actor SIGKILLed once a third of the shards are committed.
    On GPU a replacement node with the same GPUs joins right after the kill (as a spot replacement or
    an autoscaler would; without it the lost actors have no GPU to restart on); on CPU the surviving
@@ -122,7 +122,7 @@ def ray_missing() -> str | None:
 
 def one_node_cluster(args: argparse.Namespace, devices: int) -> Any:
     """Every GPU and CPU in one node (on CPU: an actor's CPU per encoder and one to read)."""
-    from tests.embedder.ray_nodes import LocalRayCluster
+    from tests.embedder.runners.ray_nodes import LocalRayCluster
 
     if args.device == "cpu":
         cluster = LocalRayCluster(head_cpus=devices + 1, object_store_bytes=args.object_store_bytes)
@@ -136,7 +136,7 @@ def one_node_cluster(args: argparse.Namespace, devices: int) -> Any:
 def two_node_cluster(args: argparse.Namespace, devices: int) -> tuple[Any, list[dict[str, Any]]]:
     """A head without GPUs and two worker nodes of half the GPUs and CPUs each; returns the
     cluster and each worker node's ``add_node`` arguments (to start a replacement)."""
-    from tests.embedder.ray_nodes import LocalRayCluster
+    from tests.embedder.runners.ray_nodes import LocalRayCluster
 
     cpu = args.device == "cpu"
     cluster = LocalRayCluster(head_cpus=1 if cpu else 2, object_store_bytes=args.object_store_bytes)
@@ -244,7 +244,7 @@ def output_of(root: Path, model: str, label: str) -> Path:
 
 def ray_env() -> dict[str, str]:
     """The drivers' environment: that of the benchmark's clusters (``runner.address`` picks one)."""
-    from tests.embedder.ray_nodes import RAY_ENV
+    from tests.embedder.runners.ray_nodes import RAY_ENV
 
     return dict(RAY_ENV)
 

@@ -71,7 +71,7 @@ def run_fresh(job: dict[str, Any], gpus: str | None = None, env: dict[str, str] 
     Raises:
         SystemExit: the run failed (its output's tail is printed).
     """
-    from tests.embedder.ray_nodes import processes_of
+    from tests.embedder.runners.ray_nodes import processes_of
 
     child_env = {**os.environ, **(env or {})}
     if gpus is not None:

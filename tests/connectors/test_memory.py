@@ -20,8 +20,8 @@ import yaml
 import embedder
 from embedder.checkpoint import Checkpoint
 from embedder.config import ConfigError, Job
+from tests.embedder.models.tiny_models import cosines
 from tests.embedder.outputs import read_output, wait_lease_expired
-from tests.embedder.tiny_models import cosines
 
 REPO = Path(__file__).resolve().parents[2]
 TOPICS = ["rivers", "mountains", "bread", "stars", "bees", "chess", "tides", "volcanoes", "coffee", "sleep"]

@@ -13,7 +13,7 @@ import pytest
 import embedder
 from embedder.api import EmbedError, encoder_for
 from embedder.config import ConfigError
-from tests.embedder.tiny_models import cosines, save_tiny_model
+from tests.embedder.models.tiny_models import cosines, save_tiny_model
 
 FP32_MIN_COS = 0.9999
 TOPICS = ["rivers", "mountains", "bread", "stars", "bees", "chess", "tides", "volcanoes", "coffee", "sleep"]

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.embedder.execution.test_resume import _corpus
 from tests.embedder.outputs import read_output
-from tests.embedder.test_resume import _corpus
 
 REPO = Path(__file__).resolve().parents[2]
 SETTINGS = [

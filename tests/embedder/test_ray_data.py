@@ -1,7 +1,7 @@
 """``embedder.ray_data.Embed`` in a user's Ray Data pipeline on a local Ray cluster: the vectors it adds
 equal ``embedder.embed`` (cos >= 0.9999) for every batch format, rows and other columns untouched.
 
-The cluster is started once for the module, like tests/embedder/test_runner_ray.py's (a
+The cluster is started once for the module, like tests/embedder/runners/test_runner_ray.py's (a
 session-scoped one would still be up when that module starts its own); the encoder actors run the
 model on CPU, the code path being the GPU one but for the resource each actor asks for.
 """
@@ -13,7 +13,7 @@ import pytest
 
 import embedder
 from embedder.ray_data import Embed
-from tests.embedder.tiny_models import cosines
+from tests.embedder.models.tiny_models import cosines
 
 TOPICS = ["rivers", "mountains", "bread", "stars", "bees", "chess", "tides", "volcanoes", "coffee", "sleep"]
 

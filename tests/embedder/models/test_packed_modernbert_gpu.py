@@ -1,6 +1,6 @@
 """GPU fidelity of the packed ModernBERT forward: the sliding-window kernels against an explicitly
 masked SDPA, and bf16/fp16 vectors against sentence-transformers fp32. Run on a CUDA machine with
-``python -m pytest -m gpu tests/embedder/test_packed_modernbert_gpu.py``."""
+``python -m pytest -m gpu tests/embedder/models/test_packed_modernbert_gpu.py``."""
 
 from __future__ import annotations
 

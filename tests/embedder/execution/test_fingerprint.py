@@ -17,7 +17,7 @@ from embedder.checkpoint import Checkpoint
 from embedder.schema import FINGERPRINT_KEYS, fingerprint_differences, vector_fingerprint
 from tests.embedder.outputs import read_output
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 WORDS = "river mountain valley glacier forest desert ocean island harbor bridge castle village".split()
 
 

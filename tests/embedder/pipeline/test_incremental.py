@@ -20,7 +20,7 @@ from embedder.config import ChunkingConfig, build_job
 from embedder.records import Chunk, Document
 from embedder.schema import provenance_of
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 WORDS = ("river mountain bread star bee chess tide volcano coffee sleep light water people small old new "
          "city forest music paper stone glass cloud winter summer garden letter engine island").split()
 
@@ -120,7 +120,7 @@ def test_incremental_equals_fresh_run(sink, tmp_path, minilm_path) -> None:
 
 
 def test_model_change_is_refused_then_reembedded(tmp_path, minilm_path) -> None:
-    from tests.embedder.tiny_models import save_tiny_model
+    from tests.embedder.models.tiny_models import save_tiny_model
 
     rng = random.Random(5)
     source = tmp_path / "corpus.jsonl"

@@ -215,7 +215,7 @@ def test_wikipedia_dump_end_to_end_via_cli(wiki_sample, tmp_path, minilm) -> Non
     dump = tmp_path / "enwiki-20160101-pages-articles1.xml.bz2"  # format detected from the name
     page_ids = _small_dump(wiki_sample, dump)
     out = tmp_path / "db"
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[3]
     proc = subprocess.run(
         [sys.executable, "-m", "embedder.cli", "run", "--source", str(dump), "--output", str(out), "--no-progress",
          "--set", "chunking.context=section", "--set", "source.metadata_fields=[url, revision_id]"],
@@ -270,7 +270,7 @@ def test_nothing_embedded_is_a_failure_naming_the_field(tmp_path) -> None:
     import sys
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[3]
     source = tmp_path / "notes.jsonl"
     with open(source, "w") as f:
         for i in range(40):
@@ -343,7 +343,7 @@ def _cli_run(source, out, *args: str, timeout: float = 300):
     import sys
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[3]
     cmd = [sys.executable, "-m", "embedder.cli", "run", "--source", str(source), "--output", str(out), "--no-progress",
            "--model", "all-MiniLM-L6-v2", "--device", "cpu", "--workers", "1", "--sink", "parquet", *args]
     env = {**os.environ, "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1"}

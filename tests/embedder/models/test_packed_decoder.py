@@ -280,7 +280,7 @@ def test_fused_decoder_kernels_equal_the_pytorch_ops_in_the_triton_interpreter(t
         pytest.skip("Triton ships for Linux only")
     import triton  # noqa: F401  (a test dependency on Linux: missing it fails, never skips)
 
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[3]
     env = {**os.environ, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo)}
     code = _FUSED_KERNELS.format(tests=str(Path(__file__).parent), root=str(tmp_path))
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)

@@ -22,7 +22,7 @@ from embedder.models.fp8 import E4M3_MAX, Fp8Weight, fp8_linear_reference, quant
 from embedder.models.packed_bert import PackedBertEncoder, build_attention  # noqa: E402
 from embedder.models.pooling import pool, token_segments  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 E4M3_VALUES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
 E4M3_FINITE = torch.unique(E4M3_VALUES[torch.isfinite(E4M3_VALUES)])
 

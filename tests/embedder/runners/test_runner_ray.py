@@ -39,7 +39,7 @@ from embedder.runners.ray import (
 )
 from tests.embedder.outputs import assert_same_rows, read_output, sample_articles, wait_lease_expired
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 CHARS_PER_ARTICLE = 800  # keeps CPU encoding of the sample to seconds
 
 

@@ -1,6 +1,6 @@
 """GPU fidelity of the packed forward (varlen attention, fp16/bf16) against sentence-transformers
 fp32, the asynchronous pipeline, and the out-of-memory back-off. Run on a CUDA machine with
-``python -m pytest -m gpu tests/embedder/test_encoder_gpu.py``. The FlashAttention-4 tests run
+``python -m pytest -m gpu tests/embedder/models/test_encoder_gpu.py``. The FlashAttention-4 tests run
 where the optional ``flash-attn-4`` package is installed on a Hopper/Blackwell GPU."""
 
 from __future__ import annotations

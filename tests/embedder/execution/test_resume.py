@@ -26,7 +26,7 @@ from embedder.checkpoint import Checkpoint
 from embedder.config import build_job
 from tests.embedder.outputs import read_output, wait_lease_expired
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 CHAIN = ["after_read@2", "mid_encode@2", "after_sink_write@1", "after_commit@2", "during_finish"]
 TOPICS = ["rivers", "mountains", "bread", "stars", "bees", "chess", "tides", "volcanoes", "coffee", "sleep"]
 

@@ -1,7 +1,7 @@
 """GPU fidelity of the packed decoder forward (varlen causal/bidirectional attention with grouped-query
 heads, bf16) against sentence-transformers fp32, for each tiny decoder family, on batches mixing
 very different lengths up to a long limit. Run on a CUDA machine with
-``python -m pytest -m gpu tests/embedder/test_packed_decoder_gpu.py``."""
+``python -m pytest -m gpu tests/embedder/models/test_packed_decoder_gpu.py``."""
 
 from __future__ import annotations
 

