@@ -132,6 +132,16 @@ def main() -> None:
     packed = encoder._packed_model
     report("fp8 all" if args.device == "cpu" else "fp8 all (kernels)", cosines(encoder))
     if args.device != "cpu":
+        from embedder.models.packed_bert import Fp8Ops
+
+        # Which half differs from the emulation: the fused quantizing producers or _scaled_mm.
+        kernels = packed.fp8
+        for label, ops in [("fp8 torch-quant+mm", Fp8Ops(fused=False, emulate=False)),
+                           ("fp8 fused-quant+emul", Fp8Ops(fused=kernels.fused, emulate=True)),
+                           ("fp8 torch-quant+emul", Fp8Ops(fused=False, emulate=True))]:
+            packed.fp8 = ops
+            report(label, cosines(encoder))
+        packed.fp8 = kernels
         bf16_encoder = Encoder.load(ModelConfig(name=path, device=args.device, dtype="bfloat16"),
                                     fidelity_min_cosine=-1.0)
         report("bf16 all (kernels)", cosines(bf16_encoder))
