@@ -89,11 +89,16 @@ def run(
 def plan(job: Job | dict[str, Any], source: Any = None) -> dict[str, Any]:
     """What ``run(job)`` would do, writing nothing: shards (done, to embed), the shard size, and
     whether the job's vector fingerprint matches the rows the output holds (``refused`` holds the
-    error the run would stop with). See ``LocalRunner.plan``."""
+    error the run would stop with). The runner is the job's (``runner.kind``): a Ray job's plan
+    counts the readers of the cluster it would run on. See ``embedder.execution.skeleton.Run.plan``."""
     job = _with_source(job, source)
-    from embedder.runners.local import LocalRunner
-
     with spooled(job) as job:
+        if job.runner.kind == "ray":
+            from embedder.runners.ray import RayRunner  # type: ignore[import-not-found]
+
+            return RayRunner(job).plan()
+        from embedder.runners.local import LocalRunner
+
         return LocalRunner(job).plan()
 
 

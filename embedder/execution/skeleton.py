@@ -367,20 +367,19 @@ class Run:
     def plan(self) -> dict[str, Any]:
         """What ``run`` would do, without doing it: no lease, no file written (``--dry-run``).
 
-        Lists the shards as the run would (the output's stored shard size included; this machine's
-        reader count, whatever the runner), says which are done and which would be embedded, and
-        checks the job's vector fingerprint against the rows the output holds. The model is loaded
-        (on this machine) to know its fingerprint.
+        Lists the shards as the run would (the output's stored shard size included; the reader
+        count the scheduler would plan for — for Ray, the cluster's CPUs the encoders leave), says
+        which are done and which would be embedded, and checks the job's vector fingerprint against
+        the rows the output holds. The model is loaded (on this machine) to know its fingerprint.
         """
         from embedder.checkpoint import Checkpoint
         from embedder.models.encoder import Encoder
-        from embedder.runners.base import default_read_parallelism
 
         job = self.job
         checkpoint = Checkpoint(job.output.uri, job.output.storage_options)
         current = checkpoint.generation()
         generation = resolve_generation(current, job.output.mode, "dry-run")
-        readers = default_read_parallelism(job)
+        readers = self.scheduler.planned_read_parallelism()
         shards, shard_bytes = plan_shards(make_connector(job), readers, generation.shard_bytes)
         fingerprint, refused = self._planned_fingerprint(self.sink_for(Encoder.load(job.model)), generation, current)
         if generation.mode == "incremental":

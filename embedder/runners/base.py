@@ -66,6 +66,10 @@ class Scheduler:
     def read_parallelism(self) -> int:
         return default_read_parallelism(self.job)
 
+    def planned_read_parallelism(self) -> int:
+        """The readers a run would plan its shards for, known without ``setup`` (``--dry-run``)."""
+        return default_read_parallelism(self.job)
+
     def billed_gpus(self) -> float:
         """GPUs the run pays for, for ``$ per 1M tokens``."""
         return 1.0

@@ -175,6 +175,28 @@ def plan_encoder_pool(job: Job, cluster: dict[str, float]) -> EncoderPool:
     return EncoderPool(size=size, num_gpus=0.0, num_cpus=per_actor)
 
 
+def read_tasks(job: Job, cluster: dict[str, float], pool: EncoderPool | None) -> int:
+    """Read tasks a run plans its shards for: ``runner.workers``, or the cluster's CPUs the
+    encoder actors leave (at least one)."""
+    if job.runner.workers != "auto":
+        return max(1, int(job.runner.workers))
+    reserved = pool.size * pool.num_cpus if pool is not None else 0.0
+    return max(1, int(float(cluster.get("CPU", 1.0)) - reserved))
+
+
+def _this_machine() -> dict[str, float]:
+    """The resources a local Ray cluster started here would have (Ray counts CPUs and GPUs so)."""
+    try:
+        from ray._private.utils import get_num_cpus
+
+        cpus = float(get_num_cpus())
+    except (ImportError, AttributeError):  # a Ray without the helper: this process's CPUs
+        cpus = float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    import torch
+
+    return {"CPU": cpus, "GPU": float(torch.cuda.device_count() if torch.cuda.is_available() else 0)}
+
+
 # --- what the driver knows of the model -----------------------------------------------------
 
 
@@ -463,13 +485,29 @@ class RayScheduler(Scheduler):
 
     def read_parallelism(self) -> int:
         """Read tasks the cluster runs at once: ``runner.workers``, or its CPUs the encoders leave."""
-        if self.job.runner.workers != "auto":
-            return max(1, int(self.job.runner.workers))
         import ray
 
-        pool = self.pool
-        reserved = pool.size * pool.num_cpus if pool is not None else 0.0
-        return max(1, int(float(ray.cluster_resources().get("CPU", 1.0)) - reserved))
+        return read_tasks(self.job, ray.cluster_resources(), self.pool)
+
+    def planned_read_parallelism(self) -> int:
+        """``read_parallelism`` for ``--dry-run``, from the cluster the run would use: the one this
+        process is connected to, else the one at ``runner.address`` or ``RAY_ADDRESS`` (connected to
+        for the question, then left), else this machine (the local cluster a run would start)."""
+        if self.job.runner.workers != "auto":
+            return read_tasks(self.job, {}, None)
+        ray = _import_ray()
+        address = self.job.runner.address or os.environ.get("RAY_ADDRESS") or None
+        if ray.is_initialized():
+            cluster = ray.cluster_resources()
+        elif address is not None:
+            ray.init(address=address, logging_level=logging.WARNING)
+            try:
+                cluster = ray.cluster_resources()
+            finally:
+                ray.shutdown()
+        else:
+            cluster = _this_machine()
+        return read_tasks(self.job, cluster, plan_encoder_pool(self.job, cluster))
 
     def billed_gpus(self) -> float:
         """Every encoder actor's GPUs are billed."""
@@ -661,4 +699,7 @@ def run_ray(
     return RayRunner(job, on_progress=on_progress, force_unlock=force_unlock).run()
 
 
-__all__ = ["EncoderActor", "EncoderFacts", "EncoderPool", "RayRunner", "RayScheduler", "plan_encoder_pool", "run_ray"]
+__all__ = [
+    "EncoderActor", "EncoderFacts", "EncoderPool", "RayRunner", "RayScheduler", "plan_encoder_pool", "read_tasks",
+    "run_ray",
+]

@@ -30,10 +30,12 @@ from embedder.records import BadRecord, Chunk, ShardEnd
 from embedder.runners.ray import (
     KILL_ENCODER_ENV,
     RayRunner,
+    RayScheduler,
     chunks_to_rows,
     end_to_rows,
     partition_rows,
     plan_encoder_pool,
+    read_tasks,
     rows_to_chunks,
     rows_to_ends,
 )
@@ -143,6 +145,19 @@ def test_rows_between_stages_carry_chunks_exactly() -> None:
     assert rows_to_ends(end_rows) == [end]
 
 
+def test_dry_run_counts_the_readers_of_the_cluster_a_run_would_use() -> None:
+    """A Ray job's plan counts read tasks as its run does: the CPUs the encoder actors leave."""
+    gpu_job = build_job(_job("in.jsonl", "out", "jsonl", "lance", "ray", model__device="auto", runner__workers="auto"))
+    cluster = {"CPU": 128.0, "GPU": 8.0}
+    assert read_tasks(gpu_job, cluster, plan_encoder_pool(gpu_job, cluster)) == 120  # 8 actors hold 1 CPU each
+    assert read_tasks(build_job(_job("in.jsonl", "out", "jsonl", "lance", "ray")), cluster, None) == 2  # workers: 2
+    import ray
+
+    if not ray.is_initialized():  # no cluster and no address: this machine's resources, nothing started
+        RayScheduler(gpu_job, None).planned_read_parallelism()
+        assert not ray.is_initialized()
+
+
 # --- on the cluster -----------------------------------------------------------------------------
 
 
@@ -164,6 +179,24 @@ def test_ray_equals_local_on_jsonl(ray_cluster, corpus, local_jsonl, tmp_path) -
     again = RayRunner(build_job(_job(str(corpus), out, "jsonl", "lance", "ray"))).run()
     assert again.shards_skipped == again.shards_total and again.rows_written == 0
     assert _read(out, "lance").num_rows == table.num_rows
+
+
+def test_dry_run_of_a_ray_job_plans_for_the_connected_clusters_readers(ray_cluster, corpus, tmp_path) -> None:
+    """``plan`` of a Ray job asks the cluster it would run on: one encoder actor of this module's 3
+    CPUs leaves 2 read tasks (this machine's local default would be its CPUs but one)."""
+    import ray
+
+    from embedder.api import plan
+    from embedder.execution.control import RunControl
+
+    job = build_job(_job(str(corpus), str(tmp_path / "db"), "jsonl", "lance", "ray", runner__workers="auto",
+                         runner__encoders=1))
+    info = plan(job)
+    scheduler = RayScheduler(job, RunControl(1.0))
+    scheduler.setup()  # what a run does first: this process's connection, the pool sized on it
+    assert info["readers"] == scheduler.read_parallelism() == 2
+    assert info["shards_to_embed"] == info["shards_total"] >= 8 and not (tmp_path / "db").exists()
+    assert ray.is_initialized()  # the dry run left the test's connection as it found it
 
 
 def test_ray_equals_local_on_wikipedia_dump(ray_cluster, wiki_sample, tmp_path) -> None:
