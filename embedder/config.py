@@ -246,6 +246,10 @@ class RunnerConfig(_Section):
         "auto: one per GPU (one on a CPU)."
     )
     gpus_per_encoder: float = Field(1.0, gt=0, description="GPUs each encoder actor holds (runner: ray).")
+    keep_encoders_s: float = Field(
+        0.0, ge=0, description="runner: ray on a cluster the run did not start: seconds its encoder actors stay "
+        "up, model loaded, after their last call, for the next run of the same model to take (0: they end with the run)."
+    )
     show_progress: bool = True
     lease_ttl_s: float = Field(60.0, gt=0, description="A lease without heartbeat for this long is dead.")
     grace_period_s: float = Field(

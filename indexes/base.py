@@ -130,6 +130,13 @@ class Sink(ABC):
         self.schema = with_vector_dtype(schema, getattr(config, "vector_dtype", "float32"))
         self.fence_token: str | None = None
 
+    @classmethod
+    def preload(cls) -> None:
+        """Imports the libraries ``open`` and the writers need. The run calls it in a background
+        thread at its start, so that importing them overlaps connecting and loading the model
+        (LanceDB's import alone takes seconds on a small machine). Default: nothing."""
+        return None
+
     def fence(self, token: str) -> None:
         """Makes the holder of ``token`` (``Lease.token``) the only writer whose commits land.
 

@@ -377,6 +377,11 @@ class LanceSink(Sink):
 
     # -- lifecycle -------------------------------------------------------------------------------
 
+    @classmethod
+    def preload(cls) -> None:
+        import lance  # noqa: F401
+        import lancedb  # noqa: F401
+
     def existing_schema(self) -> pa.Schema | None:
         if not self._fs.exists(self.dataset_uri):
             return None

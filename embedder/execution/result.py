@@ -16,6 +16,15 @@ class RunResult:
     ``seconds`` is the whole run; ``load_seconds`` the part spent listing shards and loading the
     model; ``pipeline_seconds`` the embedding itself (read, chunk, encode, write, commit), over which
     ``tokens_per_second`` is measured (the end-of-run canary check and compaction are outside it).
+
+    ``startup`` says where the time before the first vectors went, as seconds from the run's start
+    to each milestone it reached, in the order they happen: ``connected`` (the scheduler set up:
+    Ray connected and its encoder actors asked for; local: the reader fork server),
+    ``encoders_started`` (Ray: the encoder actors were requested), ``listed`` (the source's shards
+    listed), ``encoder_ready`` (the first encoder holds the model: on Ray the first actor that
+    loaded it), ``planned`` (the output opened and the pending shards known; ``load_seconds``),
+    ``first_vectors`` (the first encoded block reached the run) and ``first_commit`` (the first
+    shard committed).
     """
 
     run_id: str
@@ -77,6 +86,11 @@ class RunResult:
     output_rows: int | None = None  # rows the output holds at the end of the run
     encoders: int = 1  # encoders that ran (local: one per GPU with runner.encoders auto; Ray: actors)
     encoder_tokens_per_second: list[float] = field(default_factory=list)  # each encoder's share of the rate
+    startup: dict[str, float] = field(default_factory=dict)  # milestone → seconds since the run's start
+
+    def mark(self, milestone: str, at: float, started: float) -> None:
+        """Records a ``startup`` milestone (perf_counter times); only its first time counts."""
+        self.startup.setdefault(milestone, round(at - started, 3))
 
     def add_cost(self, gpu_hourly_usd: float | None) -> None:
         """Prices the run: the GPU is billed for the whole run, model loading included."""

@@ -77,6 +77,7 @@ class Run:
         self.control = RunControl(self.job.runner.grace_period_s)
         self.canaries = CanarySampler(self.job.validation.canary_samples)
         self.scheduler = scheduler_class(self.job, self.control)
+        self._started = time.perf_counter()  # reset when run() starts; the run record's ``startup`` counts from it
 
     def request_stop(self, reason: str = "stop requested") -> None:
         """Starts a drain (what SIGTERM, SIGINT and a spot notice do)."""
@@ -100,8 +101,13 @@ class Run:
         checkpoint.mark_killed_runs()  # under the lease: a run still "running" is dead
         stops: list[Callable[[], None]] = []
         started = time.perf_counter()
+        self._started = started
         try:
+            self._preload_sink()
             self._start(stops)
+            for milestone, at in self.scheduler.marks.items():  # those of setup (Ray: encoders_started)
+                result.mark(milestone, at, started)
+            result.mark("connected", time.perf_counter(), started)
             plan = self._plan(checkpoint, result, started, lease.token)
             if plan.pending and not self.control.draining:
                 self._execute(plan, result)
@@ -147,14 +153,15 @@ class Run:
         connector = make_connector(job)
         shards, generation.shard_bytes = plan_shards(connector, self.scheduler.read_parallelism(), generation.shard_bytes)
         result.shard_bytes = generation.shard_bytes
+        result.mark("listed", time.perf_counter(), started)
         encoder = self.scheduler.load_encoder()
+        result.mark("encoder_ready", self.scheduler.marks.get("encoder_ready", time.perf_counter()), started)
         result.dtype = str(encoder.provenance().get("dtype"))
-        if self.canaries.size:
-            self._preload_reference(encoder)
         sink = self.sink_for(encoder)
         self._open_output(sink, checkpoint, generation)
         sink.fence(token)  # only this lease's commits land from now on (a stalled writer's are refused)
         result.load_seconds = time.perf_counter() - started
+        result.mark("planned", started + result.load_seconds, started)
         checkpoint.save_job(job.to_yaml())
         if generation.mode == "incremental":  # rows of this pass carry its id: aborts never touch older rows
             shards = [dataclasses.replace(s, id=f"{s.id}@{generation.id}") for s in shards]
@@ -202,6 +209,7 @@ class Run:
     def _execute(self, plan: RunPlan, result: RunResult) -> None:
         """The scheduler's events through the assembler until the stream ends or a drain ends it."""
         plan.sink.abort_many([s.id for s in plan.pending])
+        self._encoder = plan.encoder  # the canary check's reference is preloaded after the first vectors
         assembler = self._assembler(plan, result)
         progress = ReadProgress(result, plan.pending)
         sampler = self.scheduler.sampler(plan.encoder)
@@ -237,6 +245,7 @@ class Run:
         trimmer = HeapTrimmer()
 
         def on_commit(_result: RunResult) -> None:
+            result.mark("first_commit", time.perf_counter(), self._started)
             # On the committer thread, once a shard's staged rows and chunks are freed: glibc keeps
             # freed memory in fragmented arenas, and without this the runner's RSS creeps up.
             trimmer.maybe_trim()
@@ -256,6 +265,10 @@ class Run:
     ) -> None:
         """One event of the scheduler's stream."""
         if isinstance(event, EncodedBlock):
+            if "first_vectors" not in result.startup:
+                result.mark("first_vectors", time.perf_counter(), self._started)
+                if self.canaries.size:  # not earlier: loading it would compete with the start-up
+                    self._preload_reference(self._encoder)
             vectors = corrupt(event.vectors)
             failpoint("mid_encode")
             progress.chunks(event.chunks)
@@ -303,6 +316,9 @@ class Run:
     def _close(self, result: RunResult, checkpoint: Checkpoint, lease: Any, started: float) -> None:
         """The run record, the lease released, the scheduler torn down (whatever happened)."""
         job = self.job
+        for milestone, at in self.scheduler.marks.items():
+            result.mark(milestone, at, started)
+        result.startup = dict(sorted(result.startup.items(), key=lambda item: item[1]))
         result.seconds = time.perf_counter() - started
         result.tokens_per_second = result.tokens / result.pipeline_seconds if result.pipeline_seconds > 0 else 0.0
         hourly = job.runner.gpu_hourly_usd
@@ -329,6 +345,21 @@ class Run:
         provenance = {**encoder.provenance(), "chunking": Chunker.for_encoder(encoder, job.chunking).settings()}
         schema = output_schema(encoder.dim, job.source.metadata_fields, provenance)
         return sink_registry().SINKS.get(job.output.sink)(job.output, schema)
+
+    def _preload_sink(self) -> None:
+        """Imports the sink's libraries in a background thread while the scheduler connects and
+        the model loads (``Sink.preload``); ``open`` later finds them imported."""
+        import threading
+
+        sink_class = sink_registry().SINKS.get(self.job.output.sink)
+
+        def preload() -> None:
+            try:
+                sink_class.preload()
+            except Exception:  # open() reports a missing library with its fix
+                log.debug("preloading the sink's libraries failed", exc_info=True)
+
+        threading.Thread(target=preload, name="embedder-sink-preload", daemon=True).start()
 
     def _preload_reference(self, encoder: Any) -> None:
         """Loads the canary check's reference model in the background while the run embeds."""

@@ -53,6 +53,8 @@ class Scheduler:
     def __init__(self, job: Job, control: RunControl) -> None:
         self.job = job
         self.control = control
+        self.marks: dict[str, float] = {}
+        """Milestones the scheduler reached (``time.perf_counter()``), for the run record's ``startup``."""
 
     def setup(self) -> None:
         """Called under the lease before anything is listed or loaded."""

@@ -2,12 +2,18 @@
 
 ::
 
-    driver              Ray Data (streaming executor, backpressure between operators)            driver
-    pending shards ──▶ read_and_chunk ─────────▶ EncoderActor pool ──────────▶ iter_batches ──▶ ShardAssembler
-    (one row, one      (CPU tasks on every CPU    (one model per actor, 1 GPU    (rows in any     (sink commit,
-     block each)        of the cluster: chunk      each: packs its rows by         order, dupes     quarantine,
-                        rows, then one end row     token budget, encodes, end      possible)        completion
-                        per shard)                 rows pass through)                               record)
+    driver              Ray Data read stage              driver dispatcher      EncoderActors          driver
+    pending shards ──▶ read_and_chunk ──────────────▶ block refs ─────────▶ (one model per actor, ──▶ ShardAssembler
+    (one row, one      (CPU tasks on every CPU of      (cut into calls;      1 GPU each: packs by      (sink commit,
+     block each)        the cluster: chunk rows,        ready actors only,    token budget, encodes;    quarantine,
+                        then one end row per shard)     2 calls each)         end rows pass through)    completion record)
+
+Start-up. The encoder actors are asked for as soon as the driver is connected (``setup``), so each
+loads the model while the driver lists shards and opens the output; the model's facts come from
+the first actor loaded (the model is loaded once per actor and nowhere else, never on the driver);
+blocks go to the actors that are ready, the first call of each being ``FIRST_CALL_ROWS`` rows.
+With ``runner.keep_encoders_s`` the actors outlive the run (detached, named by the model settings)
+and the next run of the same settings takes them over loaded.
 
 The stage functions are the local runner's: ``read_and_chunk`` with a ``Chunker`` rebuilt from the
 model's serialized tokenizer in the CPU tasks, ``TokenBudgetPacker`` + ``Encoder`` in the actors,
@@ -23,20 +29,19 @@ lost with its actor is redone whole by Ray's retry. A driver that dies loses onl
 not committed: the next run aborts their leftovers and redoes them.
 
 Memory. Shards enter one per block; a read task yields blocks of at most a few thousand chunks
-(``read_and_chunk``'s blocks) as it reads, blocks are capped at ``BLOCK_BYTES``, and the streaming
-executor launches no new task while an operator's output queue fills its object-store budget. A
+(``read_and_chunk``'s blocks) as it reads, blocks are capped at ``BLOCK_BYTES``, the streaming
+executor launches no new read task while its output waits unconsumed, and the dispatcher takes
+read blocks only while fewer rows wait than the actors' calls in flight can hold. A
 90 GB dump streams through a bounded window, the way the local runner's bounded queues do.
 
 Incremental passes. The driver puts what the output holds (``ExistingChunks``, compact hash arrays)
 in the object store once; each read task filters its shards' chunks with its own ``ChangeFilter``
 and ends each shard with its change record, so unchanged chunks never reach an encoder actor.
-
-The model is not loaded on the driver: a one-off task placed like an encoder actor reports what the
-driver needs (tokenizer, limits, dimension, provenance with the actors' device and dtype).
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import os
@@ -45,7 +50,6 @@ import queue
 import threading
 import time
 import uuid
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -85,6 +89,14 @@ BLOCK_BYTES = 16 * 1024 * 1024
 ENCODER_MAX_RESTARTS = 8
 """Restarts of one encoder actor (its process or node died) and retries of its call before the run fails."""
 QUEUE_POLL_S = 0.2
+DISPATCH_POLL_S = 0.02
+"""How often the dispatcher looks for new read blocks while encoder calls are in flight."""
+FIRST_CALL_ROWS = 16
+"""Rows of each encoder actor's first call: the run's first vectors come back after one small batch."""
+CALLS_PER_ENCODER = 2
+"""Calls in flight per encoder actor: one encoding, one waiting, so that the actor never idles."""
+KEPT_NAMESPACE = "embedder"
+"""Ray namespace of the encoder actors kept between runs (``runner.keep_encoders_s``)."""
 
 CHUNK_ROWS = pa.schema(
     [
@@ -227,11 +239,8 @@ class EncoderFacts:
         return dict(self.facts)
 
 
-def probe_encoder(job_json: str) -> EncoderFacts:
-    """Loads the model once, as an encoder actor does, and reports its facts (runs as a Ray task)."""
-    from embedder.models.encoder import Encoder
-
-    encoder = Encoder.load(Job.model_validate_json(job_json).model)
+def encoder_facts(encoder: Any) -> EncoderFacts:
+    """What the driver needs to know of a loaded ``Encoder`` (measured where it runs)."""
     return EncoderFacts(
         tokenizer_json=encoder.tokenizer_json,
         max_seq_length=encoder.max_seq_length,
@@ -361,7 +370,7 @@ def read_shard_rows(
 
 
 class EncoderActor:
-    """Ray Data actor holding one model. Each call packs its chunk rows by token budget (the local
+    """Ray actor holding one model. Each call packs its chunk rows by token budget (the local
     runner's ``TokenBudgetPacker``), encodes them with two batches in flight, and returns them with a
     ``vector`` column; end rows pass through with a null vector.
 
@@ -369,29 +378,59 @@ class EncoderActor:
     the lost work. The first row of each output carries the call's encode time and the actor's id
     (``encode_seconds``, ``encoder``) for the run record.
 
+    The driver asks the first actor that has loaded the model for the run's ``EncoderFacts``
+    (``facts``): the model is loaded once per actor and nowhere else. A model that fails to load is
+    kept as the error ``facts`` raises (with its own type, e.g. ``ModelError``), not as a dead actor
+    that Ray would restart.
+
     Args:
         job_json: The resolved job.
         num_cpus: CPUs Ray gave this actor (torch's threads on CPU).
         kill_hook: The ``KILL_ENCODER_ENV`` test hook, or None.
     """
 
-    def __init__(self, job_json: str, num_cpus: float, kill_hook: str | None = None) -> None:
-        import torch
-
-        from embedder.models.encoder import Encoder
-
-        torch.set_num_threads(max(1, int(num_cpus)))
-        job = Job.model_validate_json(job_json)
-        self.encoder = Encoder.load(job.model, fidelity_min_cosine=job.validation.min_cosine)
+    def __init__(self, job_json: str, num_cpus: float, kill_hook: str | None = None, keep_s: float = 0.0) -> None:
         self.actor_id = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.calls = 0
         self.kill_hook = kill_hook
+        self.load_error: Exception | None = None
+        self.busy, self.last_used = False, time.monotonic()
+        if keep_s > 0:
+            threading.Thread(target=self._end_when_idle, args=(keep_s,), name="embedder-keep", daemon=True).start()
+        try:
+            import torch
 
-    def __call__(self, rows: pa.Table) -> pa.Table:
-        from embedder.packing import TokenBudgetPacker
+            from embedder.models.encoder import Encoder
 
+            torch.set_num_threads(max(1, int(num_cpus)))
+            job = Job.model_validate_json(job_json)
+            self.encoder = Encoder.load(job.model, fidelity_min_cosine=job.validation.min_cosine)
+        except Exception as err:  # reported by facts(), which the driver waits on
+            self.load_error = err
+
+    def facts(self) -> tuple[EncoderFacts, str]:
+        """The encoder's facts and this actor's id, once the model is loaded."""
+        self.last_used = time.monotonic()
+        if self.load_error is not None:
+            raise self.load_error
+        return encoder_facts(self.encoder), self.actor_id
+
+    def encode(self, spans: Sequence[tuple[int, int]], *blocks: pa.Table) -> pa.Table:
+        """Encodes ``blocks[i]``'s rows ``spans[i]`` (start, count): the driver cuts read blocks into
+        calls of any size without copying them (Ray hands each block over from the object store)."""
         self.calls += 1
         self._maybe_die()
+        if self.load_error is not None:
+            raise self.load_error
+        self.busy = True
+        try:
+            return self._encode(pa.concat_tables([block.slice(start, count) for block, (start, count) in zip(blocks, spans)]))
+        finally:
+            self.busy, self.last_used = False, time.monotonic()
+
+    def _encode(self, rows: pa.Table) -> pa.Table:
+        from embedder.packing import TokenBudgetPacker
+
         chunk_rows, ends = partition_rows(rows)
         chunks = rows_to_chunks(chunk_rows)
         encoder = self.encoder
@@ -417,6 +456,15 @@ class EncoderActor:
         out = out.append_column("encode_seconds", pa.array([seconds if f else None for f in first], pa.float64()))
         return out.append_column("encoder", pa.array([self.actor_id if f else None for f in first], pa.string()))
 
+    def _end_when_idle(self, keep_s: float) -> None:
+        """A kept actor (``runner.keep_encoders_s``) ends itself once no call came for ``keep_s``."""
+        import ray
+
+        while self.busy or time.monotonic() - self.last_used < keep_s:
+            time.sleep(min(1.0, keep_s))
+        log.info("encoder actor %s: idle for %.0f s, ending", self.actor_id, keep_s)
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+
     def _maybe_die(self) -> None:
         if not self.kill_hook:
             return
@@ -429,6 +477,185 @@ class EncoderActor:
             return
         log.warning("test hook %s: encoder actor %s exits at call %d", KILL_ENCODER_ENV, self.actor_id, self.calls)
         os._exit(1)
+
+
+# --- the encoder actors and what feeds them --------------------------------------------------
+
+
+class EncoderActors:
+    """The run's encoder actors, asked for as soon as the driver is connected: each loads the model
+    while the driver lists shards and opens the output, and the first one loaded tells the run the
+    model's facts. Blocks go to actors as they become ready (none waits for the others).
+
+    Actors are restarted by Ray when their process or node dies (``ENCODER_MAX_RESTARTS``), and a
+    call lost with its actor is retried on the restarted one, as Ray Data's actor pool did.
+    """
+
+    def __init__(self, ray: Any, job: Job, pool: EncoderPool, keep_s: float = 0.0) -> None:
+        self.ray, self.keep_s = ray, keep_s
+        remote = ray.remote(EncoderActor)
+        options: dict[str, Any] = {
+            "num_gpus": pool.num_gpus, "num_cpus": pool.num_cpus,
+            "max_restarts": ENCODER_MAX_RESTARTS, "max_task_retries": ENCODER_MAX_RESTARTS,
+        }
+        args = (job.model_dump_json(), pool.num_cpus, os.environ.get(KILL_ENCODER_ENV) or None, keep_s)
+        key = kept_actor_key(job, pool) if keep_s > 0 else ""
+
+        def start(i: int) -> Any:
+            if not key:
+                return remote.options(**options).remote(*args)
+            # a kept actor of an earlier run of the same settings is taken over, not started
+            return remote.options(**options, name=f"{key}-{i}", namespace=KEPT_NAMESPACE, lifetime="detached",
+                                  get_if_exists=True).remote(*args)
+
+        self._start = start
+        self._restarted: set[int] = set()
+        self.actors = [start(i) for i in range(pool.size)]
+        self._loading = {actor.facts.remote(): i for i, actor in enumerate(self.actors)}
+        self.ready: list[int] = []  # indices of actors that hold the model, in the order they loaded
+        self.first: tuple[EncoderFacts, str] | None = None
+
+    def wait_first(self) -> tuple[EncoderFacts, str]:
+        """Blocks until one actor holds the model; its facts and id (raises the load's error)."""
+        while self.first is None:
+            self.poll(timeout=None)
+        return self.first
+
+    def poll(self, timeout: float | None = 0.0) -> None:
+        """Marks the actors that finished loading (waits up to ``timeout`` for one, None: forever)."""
+        if not self._loading:
+            return
+        done, _ = self.ray.wait(list(self._loading), num_returns=1, timeout=timeout)
+        if done:  # the others that are done too, without waiting
+            done, _ = self.ray.wait(list(self._loading), num_returns=len(self._loading), timeout=0)
+        for ref in done:
+            index = self._loading.pop(ref)
+            try:
+                facts = self.ray.get(ref)
+            except self.ray.exceptions.RayActorError:
+                if not self.keep_s or index in self._restarted:
+                    raise
+                # a kept actor that ended itself (idle) just as this run took it over: start it anew
+                self._restarted.add(index)
+                self.actors[index] = self._start(index)
+                self._loading[self.actors[index].facts.remote()] = index
+                continue
+            self.ready.append(index)
+            if self.first is None:
+                self.first = facts
+
+    @property
+    def loading(self) -> list[Any]:
+        return list(self._loading)
+
+    def kill(self) -> None:
+        """Ends the actors, except kept ones (they end themselves once idle for ``keep_s``)."""
+        if self.keep_s > 0:
+            self.actors = []
+            return
+        for actor in self.actors:
+            try:
+                self.ray.kill(actor, no_restart=True)
+            except Exception:
+                log.debug("killing an encoder actor failed", exc_info=True)
+        self.actors = []
+
+
+def kept_actor_key(job: Job, pool: EncoderPool) -> str:
+    """The name prefix of kept encoder actors: the same for runs whose actors would load the same
+    model the same way (embedder version, model settings, fidelity bound, resources per actor)."""
+    import hashlib
+    import json
+
+    from embedder import __version__
+
+    settings = [__version__, job.model.model_dump(mode="json"), job.validation.min_cosine, pool.num_gpus, pool.num_cpus]
+    return "embedder-encoder-" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(slots=True)
+class _Piece:
+    """Rows of a read block not yet sent to an encoder actor."""
+
+    ref: Any
+    start: int
+    rows: int
+
+
+def _take_rows(waiting: collections.deque[_Piece], limit: int) -> tuple[list[tuple[int, int]], list[Any]]:
+    """Up to ``limit`` rows from the front of ``waiting`` (a piece is cut where the limit falls)."""
+    spans: list[tuple[int, int]] = []
+    refs: list[Any] = []
+    taken = 0
+    while waiting and taken < limit:
+        piece = waiting[0]
+        count = min(piece.rows, limit - taken)
+        spans.append((piece.start, count))
+        refs.append(piece.ref)
+        taken += count
+        if count == piece.rows:
+            waiting.popleft()
+        else:
+            piece.start, piece.rows = piece.start + count, piece.rows - count
+    return spans, refs
+
+
+class _Dispatcher:
+    """Sends read blocks to the encoder actors and hands their encoded rows on (the puller thread).
+
+    Each ready actor has up to ``CALLS_PER_ENCODER`` calls in flight; its first call holds at most
+    ``FIRST_CALL_ROWS`` rows (the first vectors come back after one small batch), the next ones
+    ``rows_per_call``. Calls take rows from the blocks waiting, so while the actors are busy blocks
+    pile up into full calls, and while they idle a call leaves with what there is.
+    """
+
+    def __init__(self, actors: EncoderActors, rows_per_call: int, pieces: queue.Queue, fed_all: threading.Event,
+                 out: Callable[[pa.Table], bool]) -> None:
+        self.actors, self.rows_per_call, self.pieces, self.fed_all, self.out = actors, rows_per_call, pieces, fed_all, out
+        self.waiting: collections.deque[_Piece] = collections.deque()
+        self.in_flight: dict[Any, int] = {}
+        self.load = [0] * len(actors.actors)
+        self.calls = [0] * len(actors.actors)
+
+    def run(self) -> None:
+        ray = self.actors.ray
+        while True:
+            self.actors.poll()
+            self._take_pieces()
+            self._send()
+            if not self.in_flight and not self.waiting and self.fed_all.is_set() and self.pieces.empty():
+                return
+            wait_on = list(self.in_flight) + (self.actors.loading if self.waiting else [])
+            if not wait_on:
+                self._take_pieces(timeout=QUEUE_POLL_S)
+                continue
+            done, _ = ray.wait(wait_on, num_returns=1, timeout=DISPATCH_POLL_S)
+            for ref in done:
+                if ref in self.in_flight:
+                    self.load[self.in_flight.pop(ref)] -= 1
+                    if not self.out(ray.get(ref)):
+                        return
+
+    def _take_pieces(self, timeout: float | None = None) -> None:
+        """Moves read blocks from the feeder's queue while fewer rows wait than the actors can take."""
+        room = self.rows_per_call * CALLS_PER_ENCODER * len(self.load)
+        while sum(p.rows for p in self.waiting) < room:
+            try:
+                piece = self.pieces.get(timeout=timeout) if timeout else self.pieces.get_nowait()
+            except queue.Empty:
+                return
+            self.waiting.append(piece)
+            timeout = None
+
+    def _send(self) -> None:
+        for index in sorted(self.actors.ready, key=lambda i: self.load[i]):
+            while self.waiting and self.load[index] < CALLS_PER_ENCODER:
+                limit = FIRST_CALL_ROWS if self.calls[index] == 0 else self.rows_per_call
+                spans, refs = _take_rows(self.waiting, limit)
+                call = self.actors.actors[index].encode.remote(spans, *refs)
+                self.in_flight[call] = index
+                self.load[index] += 1
+                self.calls[index] += 1
 
 
 # --- the driver -----------------------------------------------------------------------------
@@ -449,33 +676,35 @@ class RayScheduler(Scheduler):
         super().__init__(job, control)
         self._connected_here = False
         self.pool: EncoderPool | None = None
+        self.actors: EncoderActors | None = None
+        self.facts_from: str | None = None  # the encoder actor whose facts the run uses
         self.encoders_seen: dict[str, float] = {}  # encoder actor id → its encode seconds
 
     def setup(self) -> None:
+        """Connects, sizes the pool and asks for the encoder actors: they load the model while the
+        skeleton lists shards and opens the output."""
         ray = _import_ray()
+        starts_cluster = not ray.is_initialized() and not (self.job.runner.address or os.environ.get("RAY_ADDRESS"))
         self._connected_here = _connect(ray, self.job.runner.address)
         self.pool = plan_encoder_pool(self.job, ray.cluster_resources())
+        keep_s = 0.0 if starts_cluster else self.job.runner.keep_encoders_s  # a cluster of the run's own ends with it
+        self.actors = EncoderActors(ray, self.job, self.pool, keep_s)
+        self.marks["encoders_started"] = time.perf_counter()
 
     def teardown(self) -> None:
+        if self.actors is not None:
+            self.actors.kill()
         if self._connected_here:
             import ray
 
             ray.shutdown()  # on a shared cluster this also ends the run's actors and tasks
 
     def load_encoder(self) -> EncoderFacts:
-        """The model's facts, from a one-off task placed like an encoder actor.
-
-        On a GPU, ``max_calls=1`` ends its worker after it, so it holds no GPU memory during the run.
-        """
-        import ray
-
-        pool = self.pool
-        assert pool is not None
-        options: dict[str, Any] = {"num_gpus": pool.num_gpus, "num_cpus": pool.num_cpus, "max_retries": 2}
-        if pool.on_gpu:
-            options["max_calls"] = 1
-        task = ray.remote(**options)(probe_encoder)
-        facts = ray.get(task.remote(self.job.model_dump_json()))
+        """The model's facts, from the first encoder actor that has loaded it (the others go on loading)."""
+        pool, actors = self.pool, self.actors
+        assert pool is not None and actors is not None
+        facts, self.facts_from = actors.wait_first()
+        self.marks["encoder_ready"] = time.perf_counter()
         log.info(
             "ray: %d encoder actor(s) of %s each; model %s, %s, token budget %d",
             pool.size, f"{pool.num_gpus:g} GPU" if pool.on_gpu else f"{pool.num_cpus:g} CPU",
@@ -526,14 +755,14 @@ class RayScheduler(Scheduler):
         )
 
     def _dataset(self, ray: Any, pending: Sequence[Shard], encoder: EncoderFacts, existing: Any = None) -> Any:
-        """The Ray Data pipeline: pending shards → chunk rows (CPU tasks) → encoded rows (actors).
+        """The Ray Data read stage: pending shards → chunk rows (CPU tasks); the driver sends its
+        blocks to the encoder actors.
 
         ``existing``: incremental passes, the object ref of the output's ``ExistingChunks``.
         """
-        from ray.data import ActorPoolStrategy, TaskPoolStrategy
+        from ray.data import TaskPoolStrategy
 
-        job, pool = self.job, self.pool
-        assert pool is not None
+        job = self.job
         items = [{"shard": pickle.dumps(shard)} for shard in pending]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ctx = ds.context  # this dataset's own DataContext
@@ -542,13 +771,12 @@ class RayScheduler(Scheduler):
         ctx.execution_options.preserve_order = False
         ctx.max_errored_blocks = 0  # a shard that cannot be read fails the run (a rerun resumes)
         workers = job.runner.workers
-        job_json = job.model_dump_json()
-        ds = ds.map_batches(
+        return ds.map_batches(
             read_shard_rows,
             batch_size=1,
             batch_format="pyarrow",
             fn_kwargs={
-                "job_json": job_json,
+                "job_json": job.model_dump_json(),
                 "tokenizer_json": encoder.tokenizer_json,
                 "max_seq_length": encoder.max_seq_length,
                 "overhead": encoder.layout.overhead,
@@ -558,28 +786,9 @@ class RayScheduler(Scheduler):
             num_cpus=1,
             compute=None if workers == "auto" else TaskPoolStrategy(size=max(1, int(workers))),
         )
-        rows_per_call = max(16, CALL_BUDGETS * encoder.token_budget // max(1, encoder.max_seq_length))
-        with warnings.catch_warnings():
-            # max_restarts/max_task_retries are still only reachable as extra remote args.
-            warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
-            return ds.map_batches(
-                EncoderActor,
-                batch_size=rows_per_call,
-                batch_format="pyarrow",
-                fn_constructor_kwargs={
-                    "job_json": job_json,
-                    "num_cpus": pool.num_cpus,
-                    "kill_hook": os.environ.get(KILL_ENCODER_ENV) or None,
-                },
-                compute=ActorPoolStrategy(size=pool.size),
-                num_gpus=pool.num_gpus,
-                num_cpus=pool.num_cpus,
-                max_restarts=ENCODER_MAX_RESTARTS,
-                max_task_retries=ENCODER_MAX_RESTARTS,
-            )
 
     def execute(self, plan: RunPlan) -> Iterator[Event]:
-        """The dataset's output blocks as events; a puller thread, so the skeleton can stop on time."""
+        """The encoded blocks as events; a puller thread, so the skeleton can stop on time."""
         import ray
 
         # Incremental: what the output holds goes to the object store once; read tasks filter with it.
@@ -588,11 +797,13 @@ class RayScheduler(Scheduler):
             existing = ray.put(plan.change_filter.existing)
             plan.change_filter.existing = ray.get(existing)  # the driver too keeps only the store's copy
         dataset = self._dataset(ray, plan.pending, plan.encoder, existing)
+        rows_per_call = max(16, CALL_BUDGETS * plan.encoder.token_budget // max(1, plan.encoder.max_seq_length))
         blocks: queue.Queue = queue.Queue(maxsize=2)
         failure: list[BaseException] = []
         pulled_all, halt = threading.Event(), threading.Event()
         puller = threading.Thread(
-            target=self._pull, args=(dataset, blocks, failure, pulled_all, halt), name="embedder-ray-pull", daemon=True
+            target=self._pull, args=(dataset, rows_per_call, blocks, failure, pulled_all, halt),
+            name="embedder-ray-pull", daemon=True,
         )
         puller.start()
         seen: set[str] = set()
@@ -611,31 +822,64 @@ class RayScheduler(Scheduler):
         finally:
             halt.set()
             puller.join(timeout=5)
+            if self.actors is not None:
+                self.actors.kill()  # nothing more to encode (also on a shared cluster the run stays on)
 
-    def _pull(self, dataset: Any, blocks: queue.Queue, failure: list[BaseException], pulled_all: threading.Event,
-              halt: threading.Event) -> None:
-        """Ray Data's output stream → ``blocks`` (puller thread)."""
-        stream = iter(dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2))
+    def _pull(self, dataset: Any, rows_per_call: int, blocks: queue.Queue, failure: list[BaseException],
+              pulled_all: threading.Event, halt: threading.Event) -> None:
+        """Read blocks → encoder actors → ``blocks`` (puller thread; a feeder thread walks the dataset)."""
+        pieces: queue.Queue = queue.Queue(maxsize=4 * max(1, len(self.actors.actors)))
+        fed_all = threading.Event()
+        feeder = threading.Thread(target=self._feed, args=(dataset, pieces, failure, fed_all, halt),
+                                  name="embedder-ray-feed", daemon=True)
+        feeder.start()
+
+        def out(rows: pa.Table) -> bool:
+            while not (halt.is_set() or self.control.abort.is_set()):
+                try:
+                    blocks.put(rows, timeout=QUEUE_POLL_S)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
         try:
-            for rows in stream:
-                while not (halt.is_set() or self.control.abort.is_set()):
-                    try:
-                        blocks.put(rows, timeout=QUEUE_POLL_S)
-                        break
-                    except queue.Full:
-                        continue
-                else:
-                    return
+            _Dispatcher(self.actors, rows_per_call, pieces, fed_all, out).run()
+            if failure:  # the feeder's error, which ended the feed early
+                return
         except BaseException as err:
             failure.append(err)
         finally:
-            close = getattr(stream, "close", None)
-            if close is not None:
-                try:
-                    close()  # ends the streaming executor when the run stops early
-                except Exception:
-                    log.debug("closing the Ray Data stream failed", exc_info=True)
+            halt.set()
+            feeder.join(timeout=5)
             pulled_all.set()
+
+    def _feed(self, dataset: Any, pieces: queue.Queue, failure: list[BaseException], fed_all: threading.Event,
+              halt: threading.Event) -> None:
+        """The read stage's output blocks (refs, not data) → ``pieces`` (feeder thread); closing the
+        stream when the run stops early ends the streaming executor."""
+        bundles = dataset.iter_internal_ref_bundles()
+        try:
+            for bundle in bundles:
+                for entry, cut in zip(bundle.blocks, bundle.slices):
+                    start = cut.start_offset if cut is not None else 0
+                    rows = cut.num_rows if cut is not None else entry.metadata.num_rows
+                    if not rows:
+                        continue
+                    while not halt.is_set():
+                        try:
+                            pieces.put(_Piece(entry.ref, start, rows), timeout=QUEUE_POLL_S)
+                            break
+                        except queue.Full:
+                            continue
+                    else:
+                        return
+            fed_all.set()
+        except BaseException as err:
+            failure.append(err)
+            fed_all.set()
+        finally:
+            del bundles  # the executor shuts down when its iterator goes (Ray Data's _ClosingIterator)
 
     def _events(self, rows: pa.Table, seen: set[str]) -> Iterator[Event]:
         """One block of encoded rows and end rows as events (a shard starts when its first rows show)."""
@@ -700,6 +944,6 @@ def run_ray(
 
 
 __all__ = [
-    "EncoderActor", "EncoderFacts", "EncoderPool", "RayRunner", "RayScheduler", "plan_encoder_pool", "read_tasks",
-    "run_ray",
+    "EncoderActor", "EncoderActors", "EncoderFacts", "EncoderPool", "RayRunner", "RayScheduler", "plan_encoder_pool",
+    "read_tasks", "run_ray",
 ]

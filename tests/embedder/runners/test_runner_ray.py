@@ -175,6 +175,12 @@ def test_ray_equals_local_on_jsonl(ray_cluster, corpus, local_jsonl, tmp_path) -
     assert result.canary is not None and result.canary["min_cosine"] >= 0.999
     record = Checkpoint(out).runs()[-1]
     assert record["runner"] == "ray" and record["state"] == "done" and record["shards_done"] == result.shards_total
+    # Start-up: the encoder actors are asked for on connecting, before the shards are listed, and
+    # the model's facts come from one of them (no separate load); the record keeps the order.
+    startup = record["startup"]
+    order = ["encoders_started", "listed", "encoder_ready", "planned", "first_vectors", "first_commit"]
+    assert all(startup[a] <= startup[b] for a, b in zip(order, order[1:])), startup
+    assert runner.scheduler.facts_from in runner.scheduler.encoders_seen
     # A rerun finds every shard committed and writes nothing.
     again = RayRunner(build_job(_job(str(corpus), out, "jsonl", "lance", "ray"))).run()
     assert again.shards_skipped == again.shards_total and again.rows_written == 0
@@ -187,14 +193,12 @@ def test_dry_run_of_a_ray_job_plans_for_the_connected_clusters_readers(ray_clust
     import ray
 
     from embedder.api import plan
-    from embedder.execution.control import RunControl
 
     job = build_job(_job(str(corpus), str(tmp_path / "db"), "jsonl", "lance", "ray", runner__workers="auto",
                          runner__encoders=1))
     info = plan(job)
-    scheduler = RayScheduler(job, RunControl(1.0))
-    scheduler.setup()  # what a run does first: this process's connection, the pool sized on it
-    assert info["readers"] == scheduler.read_parallelism() == 2
+    cluster = ray.cluster_resources()  # what a run's setup sizes its pool on, and counts read tasks from
+    assert info["readers"] == read_tasks(job, cluster, plan_encoder_pool(job, cluster)) == 2
     assert info["shards_to_embed"] == info["shards_total"] >= 8 and not (tmp_path / "db").exists()
     assert ray.is_initialized()  # the dry run left the test's connection as it found it
 
@@ -211,6 +215,31 @@ def test_ray_equals_local_on_wikipedia_dump(ray_cluster, wiki_sample, tmp_path) 
     ray_table, local_table = _read(outputs["ray"], "parquet"), _read(outputs["local"], "parquet")
     assert ray_table.num_rows >= 100
     assert_same_rows(ray_table, local_table)
+
+
+def test_kept_encoder_actors_serve_the_next_run_then_end(ray_cluster, corpus, local_jsonl, tmp_path) -> None:
+    """``runner.keep_encoders_s``: the second run takes over the first run's loaded actors (the
+    same processes encode), its output equals the local runner's, and the idle actors end themselves."""
+    import ray
+
+    from embedder.runners.ray import KEPT_NAMESPACE
+
+    seen = []
+    for i in range(2):
+        out = str(tmp_path / f"db{i}")
+        runner = RayRunner(build_job(_job(str(corpus), out, "jsonl", "lance", "ray", runner__keep_encoders_s=30)))
+        assert runner.run().state == "done"
+        assert_same_rows(_read(out, "lance"), local_jsonl)
+        seen.append(set(runner.scheduler.encoders_seen))
+    assert seen[1] <= seen[0], f"the second run loaded new actors: {seen}"
+
+    def kept() -> list:
+        return [a for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == KEPT_NAMESPACE]
+
+    deadline = time.time() + 120
+    while kept():
+        assert time.time() < deadline, f"kept encoder actors still up: {kept()}"
+        time.sleep(0.5)
 
 
 def test_killed_encoder_actor_loses_and_duplicates_nothing(ray_cluster, corpus, local_jsonl, tmp_path, monkeypatch) -> None:
