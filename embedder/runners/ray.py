@@ -344,10 +344,17 @@ def read_shard_rows(
     ``changes`` as the local runner's feeder does: a call reads whole shards, so its filter sees
     every chunk of them. The connector skips documents by version (``known_versions``) as locally.
     """
-    from embedder.incremental import ChangeFilter
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # a task has one CPU
     import_plugins(plugins)  # connectors the user's own modules register
+    yield from shard_rows(shards, job_json, tokenizer_json, max_seq_length, overhead, existing)
+
+
+def shard_rows(
+    shards: pa.Table, job_json: str, tokenizer_json: str, max_seq_length: int, overhead: int, existing: tuple[Any, ...]
+) -> Iterator[pa.Table]:
+    """``read_shard_rows`` without the task's set-up (the driver reads its first shard with it)."""
+    from embedder.incremental import ChangeFilter
+
     job = Job.model_validate_json(job_json)
     chunker = chunker_for(tokenizer_json, max_seq_length, overhead, job.chunking.model_dump_json())
     connector = make_connector(job)
@@ -788,7 +795,14 @@ class RayScheduler(Scheduler):
         )
 
     def execute(self, plan: RunPlan) -> Iterator[Event]:
-        """The encoded blocks as events; a puller thread, so the skeleton can stop on time."""
+        """The encoded blocks as events; a puller thread, so the skeleton can stop on time.
+
+        The first pending shard is read here, on the driver: a run's read workers are new processes
+        (starting them and importing the read stage takes seconds), and the first vectors need not
+        wait for them. Ray Data's read tasks for the other shards start once the first vectors are
+        back (or the driver has read its shard), so that starting them does not compete with the
+        first encoder calls for the CPUs of a small machine.
+        """
         import ray
 
         # Incremental: what the output holds goes to the object store once; read tasks filter with it.
@@ -796,13 +810,28 @@ class RayScheduler(Scheduler):
         if plan.change_filter is not None:
             existing = ray.put(plan.change_filter.existing)
             plan.change_filter.existing = ray.get(existing)  # the driver too keeps only the store's copy
-        dataset = self._dataset(ray, plan.pending, plan.encoder, existing)
+        first, rest = plan.pending[0], plan.pending[1:]
+        go = threading.Event()  # the read tasks may start
+
+        def read_first(pieces: queue.Queue, halt: threading.Event) -> None:
+            try:
+                self._read_here(first, plan.encoder, existing, pieces, halt)
+            finally:
+                go.set()
+
+        def read_rest(pieces: queue.Queue, halt: threading.Event) -> None:
+            while not go.wait(QUEUE_POLL_S):
+                if halt.is_set():
+                    return
+            self._feed(self._dataset(ray, rest, plan.encoder, existing), pieces, halt)
+
+        sources = [read_first, read_rest] if rest else [read_first]
         rows_per_call = max(16, CALL_BUDGETS * plan.encoder.token_budget // max(1, plan.encoder.max_seq_length))
         blocks: queue.Queue = queue.Queue(maxsize=2)
         failure: list[BaseException] = []
         pulled_all, halt = threading.Event(), threading.Event()
         puller = threading.Thread(
-            target=self._pull, args=(dataset, rows_per_call, blocks, failure, pulled_all, halt),
+            target=self._pull, args=(sources, rows_per_call, blocks, failure, pulled_all, halt, go),
             name="embedder-ray-pull", daemon=True,
         )
         puller.start()
@@ -825,16 +854,20 @@ class RayScheduler(Scheduler):
             if self.actors is not None:
                 self.actors.kill()  # nothing more to encode (also on a shared cluster the run stays on)
 
-    def _pull(self, dataset: Any, rows_per_call: int, blocks: queue.Queue, failure: list[BaseException],
-              pulled_all: threading.Event, halt: threading.Event) -> None:
-        """Read blocks → encoder actors → ``blocks`` (puller thread; a feeder thread walks the dataset)."""
+    def _pull(self, sources: list[Callable[[queue.Queue, threading.Event], None]], rows_per_call: int,
+              blocks: queue.Queue, failure: list[BaseException], pulled_all: threading.Event,
+              halt: threading.Event, first_vectors: threading.Event) -> None:
+        """Read blocks → encoder actors → ``blocks`` (puller thread; feeder threads put read blocks);
+        ``first_vectors`` is set when the first encoded chunk rows come back."""
         pieces: queue.Queue = queue.Queue(maxsize=4 * max(1, len(self.actors.actors)))
         fed_all = threading.Event()
-        feeder = threading.Thread(target=self._feed, args=(dataset, pieces, failure, fed_all, halt),
+        feeder = threading.Thread(target=_feed_all, args=(sources, pieces, failure, fed_all, halt),
                                   name="embedder-ray-feed", daemon=True)
         feeder.start()
 
         def out(rows: pa.Table) -> bool:
+            if not first_vectors.is_set() and rows.column("vector").null_count < rows.num_rows:
+                first_vectors.set()
             while not (halt.is_set() or self.control.abort.is_set()):
                 try:
                     blocks.put(rows, timeout=QUEUE_POLL_S)
@@ -854,32 +887,33 @@ class RayScheduler(Scheduler):
             feeder.join(timeout=5)
             pulled_all.set()
 
-    def _feed(self, dataset: Any, pieces: queue.Queue, failure: list[BaseException], fed_all: threading.Event,
-              halt: threading.Event) -> None:
-        """The read stage's output blocks (refs, not data) → ``pieces`` (feeder thread); closing the
-        stream when the run stops early ends the streaming executor."""
+    @staticmethod
+    def _feed(dataset: Any, pieces: queue.Queue, halt: threading.Event) -> None:
+        """The read stage's output blocks (refs, not data) → ``pieces``; closing the stream when the
+        run stops early ends the streaming executor."""
         bundles = dataset.iter_internal_ref_bundles()
         try:
             for bundle in bundles:
                 for entry, cut in zip(bundle.blocks, bundle.slices):
                     start = cut.start_offset if cut is not None else 0
                     rows = cut.num_rows if cut is not None else entry.metadata.num_rows
-                    if not rows:
-                        continue
-                    while not halt.is_set():
-                        try:
-                            pieces.put(_Piece(entry.ref, start, rows), timeout=QUEUE_POLL_S)
-                            break
-                        except queue.Full:
-                            continue
-                    else:
+                    if rows and not _put(pieces, _Piece(entry.ref, start, rows), halt):
                         return
-            fed_all.set()
-        except BaseException as err:
-            failure.append(err)
-            fed_all.set()
         finally:
             del bundles  # the executor shuts down when its iterator goes (Ray Data's _ClosingIterator)
+
+    def _read_here(self, shard: Shard, encoder: EncoderFacts, existing: Any, pieces: queue.Queue,
+                   halt: threading.Event) -> None:
+        """One shard read on the driver with the read stage's own function, its blocks put in the
+        object store for the encoder actors as the read tasks' are."""
+        import ray
+
+        rows = shard_rows(pa.table({"shard": [pickle.dumps(shard)]}), self.job.model_dump_json(),
+                          encoder.tokenizer_json, encoder.max_seq_length, encoder.layout.overhead,
+                          () if existing is None else (existing,))
+        for table in rows:
+            if table.num_rows and not _put(pieces, _Piece(ray.put(table), 0, table.num_rows), halt):
+                return
 
     def _events(self, rows: pa.Table, seen: set[str]) -> Iterator[Event]:
         """One block of encoded rows and end rows as events (a shard starts when its first rows show)."""
@@ -899,6 +933,38 @@ class RayScheduler(Scheduler):
             yield EncodedBlock(chunks, vectors.reshape(len(chunks), -1))
         for end in ends:
             yield ShardFinished(end)
+
+
+def _put(pieces: queue.Queue, piece: _Piece, halt: threading.Event) -> bool:
+    """``piece`` into ``pieces`` as room frees up; False when the run stopped first."""
+    while not halt.is_set():
+        try:
+            pieces.put(piece, timeout=QUEUE_POLL_S)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _feed_all(sources: list[Callable[[queue.Queue, threading.Event], None]], pieces: queue.Queue,
+              failure: list[BaseException], fed_all: threading.Event, halt: threading.Event) -> None:
+    """Runs each source of read blocks in its own thread; sets ``fed_all`` once every one has
+    ended, or at the first error (kept in ``failure``: the run fails with it)."""
+
+    def feed(source: Callable[[queue.Queue, threading.Event], None]) -> None:
+        try:
+            source(pieces, halt)
+        except BaseException as err:
+            failure.append(err)
+            fed_all.set()
+
+    threads = [threading.Thread(target=feed, args=(source,), name=f"embedder-ray-feed-{i}", daemon=True)
+               for i, source in enumerate(sources)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    fed_all.set()
 
 
 class RayRunner(Run):
