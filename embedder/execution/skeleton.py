@@ -10,7 +10,8 @@
       │       │       │        │            │          └ sampled vectors vs SentenceTransformer fp32
       │       │       │        │            └ the scheduler's event stream → ShardAssembler → commits
       │       │       │        └ which pass (resume / extend / new), the sink opened and checked
-      │       │       └ shard size fixed by the output's first pass; encoder loaded
+      │       │       └ shard size fixed by the output's first pass; encoder loaded (a job whose
+      │       │         config alone shows other vectors than the stored ones is refused before it)
       │       └ the connector's shards
       └ one writer per output (a second job is refused before it loads anything)
 
