@@ -28,6 +28,31 @@ if TYPE_CHECKING:
 CONTEXT_SEPARATOR = " — "
 
 
+def chunk_settings(max_seq_length: int, overhead: int, config: ChunkingConfig) -> dict[str, Any]:
+    """What decides the chunks (``Chunker.settings``, stored in the output's provenance) for a model
+    limit of ``max_seq_length`` tokens, ``overhead`` of them taken by special tokens and the prompt.
+
+    Pure arithmetic on the job's ``chunking`` section, so a run can tell from the stored provenance
+    alone, before the model loads, whether the job would chunk differently.
+
+    Raises:
+        ValueError: the limit leaves fewer than 4 tokens of text.
+    """
+    limit = max_seq_length if config.max_tokens is None else min(config.max_tokens, max_seq_length)
+    max_tokens = limit - overhead
+    if max_tokens < 4:
+        raise ValueError(
+            f"chunking.max_tokens={limit} leaves {max_tokens} tokens after the model's special tokens "
+            f"and prompt ({overhead}); raise chunking.max_tokens"
+        )
+    return {
+        "max_tokens": max_tokens,
+        "overlap_tokens": min(config.overlap_tokens, max_tokens // 2 - 1),
+        "context": config.context,
+        "max_document_chars": config.max_document_chars,
+    }
+
+
 def content_hash(text: str) -> str:
     """Hex hash of a chunk's text (what incremental runs compare)."""
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
@@ -128,15 +153,7 @@ class Chunker:
     ) -> Chunker:
         """A chunker for a model limit of ``max_seq_length`` tokens, ``overhead`` of them taken by
         special tokens and the prompt."""
-        limit = max_seq_length if config.max_tokens is None else min(config.max_tokens, max_seq_length)
-        max_tokens = limit - overhead
-        if max_tokens < 4:
-            raise ValueError(
-                f"chunking.max_tokens={limit} leaves {max_tokens} tokens after the model's special tokens "
-                f"and prompt ({overhead}); raise chunking.max_tokens"
-            )
-        overlap = min(config.overlap_tokens, max_tokens // 2 - 1)
-        return cls(tokenizer, max_tokens, overlap, config.context, config.max_document_chars)
+        return cls(tokenizer, **chunk_settings(max_seq_length, overhead, config))
 
     def settings(self) -> dict[str, Any]:
         """What decides the chunks (stored in the output's provenance)."""

@@ -155,6 +155,11 @@ class Sink(ABC):
             "The other job writes the output; if it failed, run this command again"
         )
 
+    @property
+    def location(self) -> str:
+        """The output as refusals name it (``check_compatible``)."""
+        return self.config.uri
+
     @abstractmethod
     def open(self) -> None:
         """Creates the output if absent; checks an existing one has a compatible schema."""

@@ -382,6 +382,10 @@ class LanceSink(Sink):
         import lance  # noqa: F401
         import lancedb  # noqa: F401
 
+    @property
+    def location(self) -> str:
+        return f"{self.config.uri} (table {self.config.table!r})"
+
     def existing_schema(self) -> pa.Schema | None:
         if not self._fs.exists(self.dataset_uri):
             return None
@@ -393,7 +397,7 @@ class LanceSink(Sink):
         db = connect_database(self.config.uri, self.config.storage_options)
         if table_exists(db, self.config.table):
             table = db.open_table(self.config.table)
-            check_compatible(table.schema, self.schema, f"{self.config.uri} (table {self.config.table!r})")
+            check_compatible(table.schema, self.schema, self.location)
             self.schema = adopt_quantization(table.schema, self.schema)
         else:
             table = db.create_table(self.config.table, schema=self.schema)

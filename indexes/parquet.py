@@ -142,7 +142,7 @@ class ParquetSink(Sink):
         if existing:
             with self.fs.open(existing[0], "rb") as f:
                 stored = pq.read_schema(f)
-            check_compatible(stored, self.schema, self.config.uri)
+            check_compatible(stored, self.schema, self.location)
             self.schema = adopt_quantization(stored, self.schema)
 
     def fence(self, token: str) -> None:

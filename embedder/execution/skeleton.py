@@ -10,7 +10,8 @@
       │       │       │        │            │          └ sampled vectors vs SentenceTransformer fp32
       │       │       │        │            └ the scheduler's event stream → ShardAssembler → commits
       │       │       │        └ which pass (resume / extend / new), the sink opened and checked
-      │       │       └ shard size fixed by the output's first pass; encoder loaded
+      │       │       └ shard size fixed by the output's first pass; encoder loaded (a job whose
+      │       │         config alone shows other vectors than the stored ones is refused before it)
       │       └ the connector's shards
       └ one writer per output (a second job is refused before it loads anything)
 
@@ -154,6 +155,12 @@ class Run:
         shards, generation.shard_bytes = plan_shards(connector, self.scheduler.read_parallelism(), generation.shard_bytes)
         result.shard_bytes = generation.shard_bytes
         result.mark("listed", time.perf_counter(), started)
+        predicted = self._predicted_sink(checkpoint, generation)
+        if predicted is not None:  # settings the config alone shows would change the stored vectors
+            from indexes.base import check_compatible
+
+            sink, existing = predicted
+            check_compatible(existing, sink.schema, sink.location)  # refused before the model loads
         encoder = self.scheduler.load_encoder()
         result.mark("encoder_ready", self.scheduler.marks.get("encoder_ready", time.perf_counter()), started)
         result.dtype = str(encoder.provenance().get("dtype"))
@@ -401,10 +408,10 @@ class Run:
         Lists the shards as the run would (the output's stored shard size included; the reader
         count the scheduler would plan for — for Ray, the cluster's CPUs the encoders leave), says
         which are done and which would be embedded, and checks the job's vector fingerprint against
-        the rows the output holds. The model is loaded (on this machine) to know its fingerprint.
+        the rows the output holds. The model is loaded (on this machine) to know its fingerprint,
+        unless the config alone shows a refusal (``embedder.execution.fingerprint``).
         """
         from embedder.checkpoint import Checkpoint
-        from embedder.models.encoder import Encoder
 
         job = self.job
         checkpoint = Checkpoint(job.output.uri, job.output.storage_options)
@@ -412,7 +419,12 @@ class Run:
         generation = resolve_generation(current, job.output.mode, "dry-run")
         readers = self.scheduler.planned_read_parallelism()
         shards, shard_bytes = plan_shards(make_connector(job), readers, generation.shard_bytes)
-        fingerprint, refused = self._planned_fingerprint(self.sink_for(Encoder.load(job.model)), generation, current)
+        predicted = self._predicted_sink(checkpoint, generation)
+        fingerprint, refused = self._planned_fingerprint(predicted[0], generation, current) if predicted else ("", None)
+        if refused is None:  # a refusal the config alone shows needs no model; anything else does
+            from embedder.models.encoder import Encoder
+
+            fingerprint, refused = self._planned_fingerprint(self.sink_for(Encoder.load(job.model)), generation, current)
         if generation.mode == "incremental":
             shards = [dataclasses.replace(s, id=f"{s.id}@{generation.id}") for s in shards]
         done = {} if generation.new else checkpoint.completed(generation.id)
@@ -436,6 +448,38 @@ class Run:
             "fingerprint": fingerprint,
             "refused": refused,
         }
+
+    def _predicted_sink(self, checkpoint: Checkpoint, generation: Generation) -> tuple[Any, Any] | None:
+        """The job's sink (not opened) with the schema its encoder would give, predicted from the
+        stored rows' provenance and the saved job without loading the model, and the stored schema;
+        None when nothing is stored, the pass replaces it, or only the model can tell
+        (``embedder.execution.fingerprint.predicted_provenance``)."""
+        import yaml
+
+        from embedder.execution.fingerprint import predicted_provenance
+        from embedder.schema import output_schema, provenance_of
+
+        job = self.job
+        if generation.mode == "reembed" and not generation.reset_done:
+            return None  # the stored rows are replaced, whatever made them
+        saved_yaml = checkpoint.load_job_yaml()
+        if saved_yaml is None:
+            return None
+        sink_class = sink_registry().SINKS.get(job.output.sink)
+        try:
+            saved = Job.model_validate(yaml.safe_load(saved_yaml))
+            probe_config = job.output.model_copy(update={"vector_dtype": "float32"})
+            existing = sink_class(probe_config, output_schema(8)).existing_schema()
+            if existing is None:
+                return None
+            predicted = predicted_provenance(provenance_of(existing), saved, job)
+            if predicted is None:
+                return None
+            dim, provenance = predicted
+            return sink_class(job.output, output_schema(dim, job.source.metadata_fields, provenance)), existing
+        except Exception as err:  # whatever goes wrong here, the load path below decides as before
+            log.debug("fingerprint not predicted before the model load: %s", err)
+            return None
 
     def _planned_fingerprint(self, sink: Any, generation: Generation, current: dict | None) -> tuple[str, str | None]:
         """Whether the job's vector fingerprint matches the stored rows, and the refusal if not."""

@@ -64,6 +64,18 @@ def corpus(tmp_path_factory) -> Path:
     return _corpus(tmp_path_factory.mktemp("env") / "corpus.jsonl")
 
 
+@pytest.fixture(scope="module")
+def written(corpus, tmp_path_factory) -> dict[str, Path]:
+    """An uninterrupted run of the corpus per sink, each alone in its folder: what a full-disk run
+    and its rerun must end equal to, and the output written before that the read-only test mounts."""
+    outputs = {}
+    for sink in ("lance", "parquet"):
+        output = tmp_path_factory.mktemp(f"written-{sink}") / "old"
+        assert subprocess.run(_run_args(corpus, str(output), sink), env=_env(), capture_output=True).returncode == 0
+        outputs[sink] = output
+    return outputs
+
+
 def _error_line(stderr: str) -> str:
     """The command's one error line, after checking nothing else it printed is a traceback."""
     assert "Traceback" not in stderr, stderr
@@ -78,7 +90,7 @@ def _assert_plain(line: str) -> None:
 
 
 @pytest.mark.parametrize("sink", ["lance", "parquet"])
-def test_a_full_disk_is_one_line_naming_the_fix_and_the_rerun_resumes(can_mount, corpus, sink, tmp_path) -> None:
+def test_a_full_disk_is_one_line_naming_the_fix_and_the_rerun_resumes(can_mount, corpus, written, sink, tmp_path) -> None:
     """A 300 KB disk fills mid-run (Lance's Rust writer or pyarrow's): exit 2, "no space left on the
     device holding <output>: free space there ... run the same command again". Growing the disk and
     rerunning, as the message says, gives the whole output."""
@@ -99,21 +111,18 @@ def test_a_full_disk_is_one_line_naming_the_fix_and_the_rerun_resumes(can_mount,
     assert "run the same command again" in line
     _assert_plain(line)
     assert (tmp_path / "again.rc").read_text().strip() == "0", (tmp_path / "again.err").read_text()
-    reference = tmp_path / "reference"
-    assert subprocess.run(_run_args(corpus, str(reference), sink), env=_env(), capture_output=True).returncode == 0
+    reference = written[sink]  # the same command, uninterrupted
     ids = read_output(str(tmp_path / "copy"), sink).column("id").to_pylist()
     assert len(ids) == len(set(ids)) and sorted(ids) == sorted(read_output(str(reference), sink).column("id").to_pylist())
 
 
 @pytest.mark.parametrize("sink", ["lance", "parquet"])
-def test_a_read_only_output_is_one_line_naming_the_fix(can_mount, corpus, sink, tmp_path) -> None:
+def test_a_read_only_output_is_one_line_naming_the_fix(can_mount, corpus, written, sink, tmp_path) -> None:
     """An output on a read-only mount (new, or written before and rerun with --mode reembed): exit 2,
     "<path> is on a read-only file system ... choose another --output", the old output untouched;
     searching it still works (reading needs no write access)."""
-    folder = tmp_path / "ro"
-    folder.mkdir()
-    old = folder / "old"
-    assert subprocess.run(_run_args(corpus, str(old), sink), env=_env(), capture_output=True).returncode == 0
+    old = written[sink]
+    folder = old.parent  # holds nothing else: mounted read-only below
     before = sorted(read_output(str(old), sink).column("id").to_pylist())
     new_run = shlex.join(_run_args(corpus, str(folder / "new"), sink))
     rerun = shlex.join(_run_args(corpus, str(old), sink, "--mode", "reembed"))

@@ -123,3 +123,72 @@ def test_fingerprint_keys_and_old_outputs() -> None:
     assert fingerprint_differences(old, provenance) == []
     assert fingerprint_differences(provenance, {**provenance, "vector_dtype": "int8"}) == [
         ("vector_dtype", "float32", "int8")]
+
+
+PREDICTED = [
+    {"chunking": {"max_tokens": 64}},
+    {"chunking": {"overlap_tokens": 16}},
+    {"chunking": {"max_tokens": 1000}},  # clamped to the model's limit
+    {"model": {"max_seq_length": 96}},
+    {"model": {"max_seq_length": 64}, "chunking": {"max_tokens": 1000}},
+    {"model": {"truncate_dim": 128}},
+    {"model": {"truncate_dim": 384}},  # the model's width: no truncation
+    {"output": {"vector_dtype": "float16"}},
+]
+
+
+@pytest.mark.parametrize("changes", PREDICTED, ids=[json.dumps(c) for c in PREDICTED])
+def test_the_fingerprint_told_before_the_model_load_is_the_loaded_one(outputs, changes) -> None:
+    """A refusal before the model loads (embedder.execution.fingerprint) tells what the loaded model
+    would: the same schema and provenance, and the same refusal message (or none) as after the load."""
+    import yaml
+
+    from embedder.config import Job
+    from embedder.execution.generation import resolve_generation
+    from embedder.execution.skeleton import Run
+    from embedder.models.encoder import Encoder
+    from embedder.runners.local import LocalScheduler
+    from embedder.schema import provenance_of
+    from indexes.base import SinkError, check_compatible
+
+    _source, finished = outputs["finished"]
+    checkpoint = Checkpoint(str(finished))
+    data = yaml.safe_load(checkpoint.load_job_yaml())
+    for section, values in changes.items():
+        data[section].update(values)
+    run = Run(Job.model_validate(data), LocalScheduler)
+    generation = resolve_generation(checkpoint.generation(), run.job.output.mode, "test")
+    predicted = run._predicted_sink(checkpoint, generation)
+    assert predicted is not None
+    sink, existing = predicted
+    loaded = run.sink_for(Encoder.load(run.job.model))
+    assert vector_fingerprint(provenance_of(sink.schema)) == vector_fingerprint(provenance_of(loaded.schema))
+    assert sink.schema.equals(loaded.schema, check_metadata=False)
+    outcomes = []
+    for schema in (sink.schema, loaded.schema):
+        try:
+            check_compatible(existing, schema, sink.location)
+            outcomes.append(None)
+        except SinkError as err:
+            outcomes.append(str(err))
+    assert outcomes[0] == outcomes[1]
+    assert (outcomes[0] is None) == (changes == {"model": {"truncate_dim": 384}})
+
+
+def test_what_only_the_model_tells_is_not_predicted(outputs) -> None:
+    """Another prompt, model or device: the run loads the model to know the fingerprint."""
+    import yaml
+
+    from embedder.config import Job
+    from embedder.execution.generation import resolve_generation
+    from embedder.execution.skeleton import Run
+    from embedder.runners.local import LocalScheduler
+
+    _source, finished = outputs["finished"]
+    checkpoint = Checkpoint(str(finished))
+    for changes in ({"document_prompt": "passage: "}, {"device": "auto"}, {"max_seq_length": 512}, {"name": "other"}):
+        data = yaml.safe_load(checkpoint.load_job_yaml())
+        data["model"].update(changes)
+        run = Run(Job.model_validate(data), LocalScheduler)
+        generation = resolve_generation(checkpoint.generation(), run.job.output.mode, "test")
+        assert run._predicted_sink(checkpoint, generation) is None, changes
