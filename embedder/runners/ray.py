@@ -797,7 +797,7 @@ class RayScheduler(Scheduler):
     def execute(self, plan: RunPlan) -> Iterator[Event]:
         """The encoded blocks as events; a puller thread, so the skeleton can stop on time.
 
-        The first pending shard is read here, on the driver: a run's read workers are new processes
+        The smallest pending shard is read here, on the driver: a run's read workers are new processes
         (starting them and importing the read stage takes seconds), and the first vectors need not
         wait for them. Ray Data's read tasks for the other shards start once the first vectors are
         back (or the driver has read its shard), so that starting them does not compete with the
@@ -810,7 +810,9 @@ class RayScheduler(Scheduler):
         if plan.change_filter is not None:
             existing = ray.put(plan.change_filter.existing)
             plan.change_filter.existing = ray.get(existing)  # the driver too keeps only the store's copy
-        first, rest = plan.pending[0], plan.pending[1:]
+        # the smallest shard: the driver's one reader then never holds the run's tail for long
+        first = min(plan.pending, key=lambda shard: shard.size_bytes)
+        rest = [shard for shard in plan.pending if shard is not first]
         go = threading.Event()  # the read tasks may start
 
         def read_first(pieces: queue.Queue, halt: threading.Event) -> None:

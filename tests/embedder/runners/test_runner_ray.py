@@ -203,6 +203,18 @@ def test_dry_run_of_a_ray_job_plans_for_the_connected_clusters_readers(ray_clust
     assert ray.is_initialized()  # the dry run left the test's connection as it found it
 
 
+def test_a_one_shard_job_is_read_on_the_driver_alone(ray_cluster, corpus, tmp_path) -> None:
+    """One pending shard: the driver reads it and no Ray Data read stage starts; rows as locally."""
+    source = tmp_path / "one.jsonl"
+    source.write_text(corpus.read_text(encoding="utf-8").splitlines()[0] + "\n", encoding="utf-8")
+    outputs = {}
+    for kind in ("local", "ray"):
+        outputs[kind] = str(tmp_path / kind)
+        result = run(build_job(_job(str(source), outputs[kind], "jsonl", "parquet", kind)))
+        assert result.state == "done" and result.shards_total == 1 and result.chunks >= 2
+    assert_same_rows(_read(outputs["ray"], "parquet"), _read(outputs["local"], "parquet"))
+
+
 def test_ray_equals_local_on_wikipedia_dump(ray_cluster, wiki_sample, tmp_path) -> None:
     """The real dump through the Wikipedia connector, ``runner: ray`` dispatched by ``embedder.run``."""
     outputs = {}
