@@ -691,7 +691,7 @@ class RayScheduler(Scheduler):
         """Connects, sizes the pool and asks for the encoder actors: they load the model while the
         skeleton lists shards and opens the output."""
         ray = _import_ray()
-        starts_cluster = not ray.is_initialized() and not (self.job.runner.address or os.environ.get("RAY_ADDRESS"))
+        starts_cluster = not ray.is_initialized() and _cluster_address(self.job.runner.address) is None
         self._connected_here = _connect(ray, self.job.runner.address)
         self.pool = plan_encoder_pool(self.job, ray.cluster_resources())
         keep_s = 0.0 if starts_cluster else self.job.runner.keep_encoders_s  # a cluster of the run's own ends with it
@@ -732,11 +732,10 @@ class RayScheduler(Scheduler):
         if self.job.runner.workers != "auto":
             return read_tasks(self.job, {}, None)
         ray = _import_ray()
-        address = self.job.runner.address or os.environ.get("RAY_ADDRESS") or None
         if ray.is_initialized():
             cluster = ray.cluster_resources()
-        elif address is not None:
-            ray.init(address=address, logging_level=logging.WARNING)
+        elif _cluster_address(self.job.runner.address) is not None:
+            _connect(ray, self.job.runner.address)
             try:
                 cluster = ray.cluster_resources()
             finally:
@@ -987,6 +986,11 @@ def _import_ray() -> Any:
     return ray
 
 
+def _cluster_address(configured: str | None) -> str | None:
+    """The cluster a run connects to: ``runner.address``, else ``RAY_ADDRESS``; None: a new local one."""
+    return configured or os.environ.get("RAY_ADDRESS") or None
+
+
 def _connect(ray: Any, address: str | None) -> bool:
     """Connects to the cluster; True when this call did (so the run disconnects after).
 
@@ -995,7 +999,7 @@ def _connect(ray: Any, address: str | None) -> bool:
     """
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address = _cluster_address(address)
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING}
     if address is None:
         kwargs["include_dashboard"] = False

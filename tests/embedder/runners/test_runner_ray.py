@@ -203,8 +203,9 @@ def test_dry_run_of_a_ray_job_plans_for_the_connected_clusters_readers(ray_clust
     assert ray.is_initialized()  # the dry run left the test's connection as it found it
 
 
-def test_a_one_shard_job_is_read_on_the_driver_alone(ray_cluster, corpus, tmp_path) -> None:
-    """One pending shard: the driver reads it and no Ray Data read stage starts; rows as locally."""
+def test_a_one_shard_job_equals_the_local_run(ray_cluster, corpus, tmp_path) -> None:
+    """One pending shard (the one the driver reads; no Ray Data read stage is made for the rest):
+    the rows equal the local runner's. The rows show the output is right, not which process read."""
     source = tmp_path / "one.jsonl"
     source.write_text(corpus.read_text(encoding="utf-8").splitlines()[0] + "\n", encoding="utf-8")
     outputs = {}
