@@ -43,7 +43,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests" / "embedder"))
+sys.path.insert(0, str(REPO / "tests" / "embedder" / "models"))  # tiny_models
 
 SHAPES: dict[str, dict[str, int]] = {
     "bge-large": dict(hidden=1024, layers=24, heads=16, intermediate=4096),

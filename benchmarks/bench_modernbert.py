@@ -45,7 +45,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests" / "embedder"))
+sys.path.insert(0, str(REPO / "tests" / "embedder" / "models"))  # tiny_models
 
 SHAPE = dict(hidden=768, layers=22, heads=12, intermediate=1152, local_attention=128, global_every=3, max_positions=8192)
 SMOKE_SHAPE = dict(hidden=64, layers=2, heads=4, intermediate=96, local_attention=32, global_every=2, max_positions=1024)

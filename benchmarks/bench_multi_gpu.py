@@ -53,7 +53,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests" / "embedder"))
+sys.path.insert(0, str(REPO / "tests" / "embedder" / "models"))  # tiny_models
 
 WIKIPEDIA_TOKENS = 4.6e9
 """English Wikipedia's articles in BERT tokens (the issue's figure)."""

@@ -24,7 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests" / "embedder"))
+sys.path.insert(0, str(REPO / "tests" / "embedder" / "models"))  # tiny_models
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests" / "embedder"))
+sys.path.insert(0, str(REPO / "tests" / "embedder" / "models"))  # tiny_models
 
 MEMORY_PERIOD_S = 0.5
 
