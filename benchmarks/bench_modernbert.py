@@ -14,9 +14,10 @@ The corpus is ``bench_encoder``'s synthetic Wikipedia-like mix of chunks up to `
 * ``embedder.run``: the whole product (local runner, JSONL reader processes, Parquet sink with
   per-shard commits, checkpoints); tokens/s of the embedding phase, the run's canary min cos.
 
-Variants: ``default`` (what ``Encoder.load`` gives: on CUDA the elementwise passes fused by
-``torch.compile``), ``eager`` (``compile=False``), ``flex`` (every layer in ``flex_attention``; opt-in).
-Each row names the attention backend and whether the forward was compiled.
+Variants: ``default`` (what ``Encoder.load`` gives: on CUDA the elementwise passes as Triton
+kernels, ``fused``), ``compiled`` (``fused=False``: the same passes fused by ``torch.compile``),
+``eager`` (neither), ``flex`` (every layer in ``flex_attention``; opt-in). Each row names the
+attention backend and the forward (fused, compiled or eager).
 
 Usage (GPU machine, repository root; ~4 minutes on an H200)::
 
@@ -95,9 +96,11 @@ def load_variant(path: str, label: str, device: str) -> Any:
     if label == "flex":
         return Encoder.load(ModelConfig(name=path, device=device, dtype=dtype, attention="flex"))
     encoder = Encoder.load(ModelConfig(name=path, device=device, dtype=dtype))
-    if label == "eager":  # the job config's compile: false means "auto" for ModernBERT; force eager here
+    if label in ("compiled", "eager"):  # the job config's compile: false means "auto"; force the forward here
         hf = transformers.AutoModel.from_pretrained(path)
-        encoder._packed_model = PackedModernBertEncoder.from_hf(hf, encoder.device, encoder.dtype, compile=False)
+        encoder._packed_model = PackedModernBertEncoder.from_hf(
+            hf, encoder.device, encoder.dtype, fused=False, compile=label == "compiled"
+        )
         del hf
     return encoder
 
@@ -135,7 +138,7 @@ def main() -> None:
     parser.add_argument("--chunk-tokens", type=int, default=512, help="longest chunk (specials included)")
     parser.add_argument("--pooling", default="mean", choices=["mean", "cls"])
     parser.add_argument("--st-batch-sizes", default="32,64,128")
-    parser.add_argument("--variants", default="default,eager", help="of default, eager, flex")
+    parser.add_argument("--variants", default="default,compiled", help="of default, compiled, eager, flex")
     parser.add_argument("--token-budget", type=int, default=0, help="0: the encoder's auto budget")
     parser.add_argument("--budget-sweep", default="", help="GPU-only token budgets for the first variant, e.g. 65536,131072")
     parser.add_argument("--e2e-repeats", type=int, default=2)
@@ -214,7 +217,8 @@ def main() -> None:
                 if args.token_budget:
                     enc.token_budget = args.token_budget
                 packed = enc._packed_model
-                backend = f"{packed.attention_backend} {'compiled' if packed.compiled else 'eager'}"
+                forward = "fused" if packed.fused else "compiled" if packed.compiled else "eager"
+                backend = f"{packed.attention_backend} {forward}"
                 t_warm = time.perf_counter()
                 run_end_to_end(enc, docs[: max(64, len(docs) // 8)], pool, 2, workers=args.workers)
                 print(f"    {label} ({backend}): warm-up {time.perf_counter() - t_warm:.1f}s, budget {enc.token_budget}",

@@ -100,18 +100,20 @@ def activation_quantize_kernel(
         _store_rowwise_e4m3(tl.where(mask, x.to(tl.float32), 0.0), q_ptr, scale_ptr, rows, row_ok, offsets, mask)
 
 
-# --- decoder kernels (packed_decoder): RMSNorm with the float32 residual, q/k norm + RoPE, GLU -----
+# --- decoder and ModernBERT kernels: RMSNorm/LayerNorm with the float32 residual, q/k norm + RoPE, GLU
 
 ACT_SILU = tl.constexpr(4)
 
 
 @triton.jit
-def add_rms_norm_kernel(
-    x_ptr, h_ptr, w_ptr, y_ptr, n_rows, n_cols, eps,
-    ROWS: tl.constexpr, BLOCK: tl.constexpr, ADD: tl.constexpr,
+def add_norm_kernel(
+    x_ptr, h_ptr, w_ptr, b_ptr, y_ptr, n_rows, n_cols, eps,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr, ADD: tl.constexpr, LAYER: tl.constexpr, BIAS: tl.constexpr,
 ):
-    # x (float32, the residual stream) += h (when ADD; written back in place), then Hugging Face's
-    # RMSNorm of it: normalised in fp32, rounded to the weight's dtype, times the weight (rounded).
+    # x (float32, the residual stream) += h (when ADD; written back in place), then the norm of it.
+    # LAYER=False: Hugging Face's RMSNorm (decoders): normalised in fp32, rounded to the weight's
+    # dtype, times the weight (rounded). LAYER=True: LayerNorm (ModernBERT), in fp32 throughout
+    # (+ bias when BIAS) and rounded once, as torch's LayerNorm computes it.
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
     col_ok = cols < n_cols
@@ -121,10 +123,18 @@ def add_rms_norm_kernel(
     if ADD:
         s += tl.load(h_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         tl.store(x_ptr + offsets, s, mask=mask)
-    rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=1) / n_cols + eps)
-    n = (s * rstd[:, None]).to(y_ptr.dtype.element_ty).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + offsets, (n * w[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
+    if LAYER:
+        mean = tl.sum(s, axis=1) / n_cols
+        centred = tl.where(mask, s - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / n_cols + eps)
+        y = centred * rstd[:, None] * w[None, :]
+        if BIAS:
+            y += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    else:
+        rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=1) / n_cols + eps)
+        y = (s * rstd[:, None]).to(y_ptr.dtype.element_ty).to(tl.float32) * w[None, :]
+    tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -15,7 +15,9 @@ read of its input.
 
 The decoder forward (``packed_decoder``: Qwen, Mistral, Llama) has three more: ``add_rms_norm``
 (the float32 residual add and the next RMSNorm, in place), ``qk_norm_rope`` (the fused QKV output
-split into heads, Qwen3's q/k norms and RoPE, in one pass) and ``glu`` (SwiGLU/GeGLU).
+split into heads, Qwen3's q/k norms and RoPE, in one pass) and ``glu`` (SwiGLU/GeGLU). ModernBERT's
+(``packed_modernbert``) uses the last two and ``add_layer_norm_f32``, the LayerNorm form of
+``add_rms_norm``.
 
 Triton is optional: ``fused_add_layer_norm_available()`` says whether the kernel can run (Triton
 importable, CUDA tensors); the packed forward falls back to PyTorch otherwise. With
@@ -136,7 +138,8 @@ def activation_quantize(x: torch.Tensor, activation: str = "none") -> tuple[torc
     return q, scale
 
 
-# --- the decoder's kernels (``packed_decoder``): every elementwise pass between its GEMMs ----------
+# --- the decoder's and ModernBERT's kernels (``packed_decoder``, ``packed_modernbert``): every ----
+# elementwise pass between their GEMMs, around a float32 residual stream
 
 
 def add_rms_norm(x: torch.Tensor, h: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -151,10 +154,30 @@ def add_rms_norm(x: torch.Tensor, h: torch.Tensor | None, weight: torch.Tensor, 
     Returns:
         ``weight * (x * rsqrt(mean(x²) + eps)).to(weight.dtype)``, ``[T, hidden]`` in the weight's dtype.
     """
+    return _add_norm(x, h, weight, None, eps, layer=False)
+
+
+def add_layer_norm_f32(
+    x: torch.Tensor, h: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    """``x += h`` (in place, when ``h`` is given) and ``LayerNorm(x)`` (``bias`` None: none), in one pass.
+
+    ``add_layer_norm`` with a float32 residual stream: the sum is kept in ``x`` in float32 and only
+    the normalised output is rounded, once, to the weight's dtype (ModernBERT's pre-norm layers).
+    """
+    return _add_norm(x, h, weight, bias, eps, layer=True)
+
+
+def _add_norm(
+    x: torch.Tensor, h: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, layer: bool
+) -> torch.Tensor:
     n_rows, n_cols = x.shape
     y = torch.empty((n_rows, n_cols), dtype=weight.dtype, device=x.device)
     grid, meta = _row_launch(n_rows, n_cols)
-    _kernels().add_rms_norm_kernel[grid](x, x if h is None else h, weight, y, n_rows, n_cols, eps, ADD=h is not None, **meta)
+    _kernels().add_norm_kernel[grid](
+        x, x if h is None else h, weight, weight if bias is None else bias, y, n_rows, n_cols, eps,
+        ADD=h is not None, LAYER=layer, BIAS=bias is not None, **meta,
+    )
     return y
 
 

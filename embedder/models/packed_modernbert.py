@@ -35,9 +35,15 @@ whole sequence; the others over a sliding window, a token seeing the keys at dis
 window covers the longest sequence of the batch (``max_seqlen - 1 ≤ w/2``) runs as a global one:
 same result, no mask.
 
-On CUDA in fp16/bf16 the elementwise work around the matmuls (LayerNorm, RoPE, GeGLU, residual
-adds) is compiled with ``torch.compile`` into a few fused kernels per layer (``compile=None``, the
-default, means "there"; ``False`` keeps eager PyTorch ops). Elsewhere it runs eagerly.
+On CUDA in fp16/bf16 with Triton (``fused=None``, the default, means "there"), each elementwise
+pass between the GEMMs is one Triton kernel of ``embedder.models.kernels``, as in the decoder
+forward: the residual stream is float32, a layer's closing residual add fuses with the next
+LayerNorm (``add_layer_norm_f32``), RoPE with the split of ``Wqkv``'s output into heads
+(``qk_norm_rope``, cos/sin from the positions in the kernel) and GeGLU is one pass (``glu``).
+Where that cannot run (no Triton, a head size that is not a power of two, an activation ``glu``
+lacks) or with ``fused=False``, the same math is compiled with ``torch.compile`` into a few fused
+kernels per layer (``compile=None``: on CUDA in fp16/bf16; ``False`` keeps eager PyTorch ops).
+Elsewhere it runs eagerly.
 """
 
 from __future__ import annotations
@@ -361,7 +367,11 @@ class PackedModernBertEncoder:
         act: Callable[[torch.Tensor], torch.Tensor],
         attention: str,
         compile: bool = False,
+        fused: bool = False,
+        act_name: str = "",
     ) -> None:
+        from embedder.models.kernels import GLU_ACTIVATIONS
+
         if attention not in MODERNBERT_ATTENTION:
             raise ValueError(f"attention must be one of {MODERNBERT_ATTENTION}, not {attention!r}")
         self.embeddings = embeddings
@@ -372,7 +382,9 @@ class PackedModernBertEncoder:
         self.half_window = half_window
         self.eps = eps
         self.act = act
-        self.compiled = compile
+        self.act_name = act_name
+        self.fused = fused and act_name in GLU_ACTIVATIONS
+        self.compiled = compile and not self.fused
         self._global = {"varlen": _attend_varlen, "flex": _attend_flex, "padded": _attend_padded}[attention]
         self._local = self._global
         self.attention_backend = attention
@@ -387,23 +399,33 @@ class PackedModernBertEncoder:
         self._first: Callable[..., tuple[torch.Tensor, ...]] = _embed_then_pre
         self._between: Callable[..., tuple[torch.Tensor, ...]] = _post_then_pre
         self._last: Callable[..., torch.Tensor] = _post_then_final
-        if compile:
+        if self.compiled:
             self._first = torch.compile(_embed_then_pre, dynamic=True, fullgraph=True)
             self._between = torch.compile(_post_then_pre, dynamic=True, fullgraph=True)
             self._last = torch.compile(_post_then_final, dynamic=True, fullgraph=True)
 
     @classmethod
     def from_hf(
-        cls, auto_model: Any, device: torch.device, dtype: torch.dtype, attention: str = "auto", compile: bool | None = None
+        cls,
+        auto_model: Any,
+        device: torch.device,
+        dtype: torch.dtype,
+        attention: str = "auto",
+        compile: bool | None = None,
+        fused: bool | None = None,
     ) -> PackedModernBertEncoder:
         """Takes the weights of a loaded ``ModernBertModel`` (see ``modernbert_support``).
 
-        ``attention``: ``auto`` or one of ``MODERNBERT_ATTENTION``. ``compile`` (None: on CUDA in
-        fp16/bf16) fuses the elementwise passes around the matmuls with ``torch.compile``.
+        ``attention``: ``auto`` or one of ``MODERNBERT_ATTENTION``. ``fused`` (None: on CUDA in
+        fp16/bf16 with Triton and a power-of-two head size) runs the elementwise passes between the
+        GEMMs as Triton kernels; otherwise ``compile`` (None: on CUDA in fp16/bf16) fuses them with
+        ``torch.compile``.
 
         Raises:
             ValueError: an explicitly requested attention backend cannot run here.
         """
+        from embedder.models.kernels import fused_add_layer_norm_available
+
         config = auto_model.config
 
         def take(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -425,6 +447,9 @@ class PackedModernBertEncoder:
         ]
         backend = choose_modernbert_attention(attention, device, dtype)
         half_cuda = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+        head_dim = int(config.hidden_size) // int(config.num_attention_heads)
+        if fused is None:
+            fused = half_cuda and fused_add_layer_norm_available(device) and head_dim & (head_dim - 1) == 0
         return cls(
             embeddings=(take(emb.tok_embeddings.weight), *norm(emb.norm)),
             layers=layers,
@@ -436,6 +461,8 @@ class PackedModernBertEncoder:
             act=_ACTIVATIONS[config.hidden_activation],
             attention=backend,
             compile=half_cuda if compile is None else compile,
+            fused=fused,
+            act_name=str(config.hidden_activation),
         )
 
     @property
@@ -460,10 +487,11 @@ class PackedModernBertEncoder:
         return int(self.layers[0][8].shape[0]) if self.layers else 0
 
     def _batch_attention(self, position_ids: torch.Tensor, meta: Any) -> _BatchAttention:
-        """RoPE tables of each theta and the backend's masks, once per batch."""
+        """RoPE tables of each theta (the fused kernels compute their own) and the backend's masks,
+        once per batch."""
         positions = position_ids.long()
         rope = {}
-        for theta, inv_freq in self._inv_freq.items():
+        for theta, inv_freq in ({} if self.fused else self._inv_freq).items():
             freqs = positions.float().unsqueeze(1) * inv_freq  # [T, head_dim / 2], float32
             rope[theta] = (freqs.cos().unsqueeze(1), freqs.sin().unsqueeze(1))
         out = _BatchAttention(cu_seqlens=meta.cu_seqlens, max_seqlen=meta.max_seqlen, rope=rope)
@@ -490,16 +518,13 @@ class PackedModernBertEncoder:
             meta: ``packed_bert.build_attention(..., varlen=self.varlen)`` of the batch.
         """
         batch = self._batch_attention(position_ids, meta)
+        if self.fused:
+            return self._forward_fused(input_ids, position_ids, batch)
         eps, heads, act = self.eps, self.num_heads, self.act
-        window_needed = meta.max_seqlen - 1 > self.half_window
         last = len(self.layers) - 1
         x, q, k, v = self._first(input_ids, *self.embeddings, *self.layers[0][:4], *batch.rope[self.plan[0][1]], eps, heads)
-        num_tokens, hidden = x.shape
-        for i, (local, _) in enumerate(self.plan):
-            if local and window_needed:
-                attn = self._local(q, k, v, batch, self.half_window).reshape(num_tokens, hidden)
-            else:
-                attn = self._global(q, k, v, batch, None).reshape(num_tokens, hidden)
+        for i in range(len(self.layers)):
+            attn = self._attend(i, q, k, v, batch)
             post = self.layers[i][4:]
             if i < last:
                 cos, sin = batch.rope[self.plan[i + 1][1]]
@@ -507,3 +532,36 @@ class PackedModernBertEncoder:
             else:
                 x = self._last(x, attn, *post, *self.final_norm, eps, act)
         return x
+
+    def _attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: _BatchAttention) -> torch.Tensor:
+        """Layer ``i``'s attention ``[T, hidden]``: windowed on a local layer whose window does not
+        cover the batch's longest sequence, global otherwise."""
+        if self.plan[i][0] and batch.max_seqlen - 1 > self.half_window:
+            out = self._local(q, k, v, batch, self.half_window)
+        else:
+            out = self._global(q, k, v, batch, None)
+        return out.reshape(q.shape[0], self.hidden_size)
+
+    def _forward_fused(self, input_ids: torch.Tensor, position_ids: torch.Tensor, batch: _BatchAttention) -> torch.Tensor:
+        """The forward with each elementwise pass one Triton kernel (``kernels.add_layer_norm_f32``,
+        ``qk_norm_rope``, ``glu``) around a float32 residual stream; a layer's closing residual add
+        fuses with the next layer's ``attn_norm`` (the last one's with ``final_norm``)."""
+        from embedder.models import kernels
+
+        heads, eps, last = self.num_heads, self.eps, len(self.layers) - 1
+        table, emb_w, emb_b = self.embeddings
+        # the float32 residual stream, updated in place by the kernels
+        x = _layer_norm(F.embedding(input_ids, table).float(), emb_w.float(), None if emb_b is None else emb_b.float(), eps)
+        h = x.to(table.dtype) if self.layers[0][0] is None else kernels.add_layer_norm_f32(x, None, *self.layers[0][:2], eps)
+        for i, (_, _, qkv_w, qkv_b, wo, wo_b, mlp_w, mlp_b, wi, wi_b, w2, w2_b) in enumerate(self.layers):
+            inv_freq = self._inv_freq[self.plan[i][1]]
+            q, k, v = kernels.qk_norm_rope(F.linear(h, qkv_w, qkv_b), position_ids, inv_freq, 1.0, heads, heads, None, None, eps)
+            h = kernels.add_layer_norm_f32(x, F.linear(self._attend(i, q, k, v, batch), wo, wo_b), mlp_w, mlp_b, eps)
+            out = F.linear(kernels.glu(F.linear(h, wi, wi_b), self.act_name), w2, w2_b)
+            norm_w, norm_b = self.final_norm if i == last else self.layers[i + 1][:2]
+            if norm_w is None:  # an identity attn_norm: the residual itself goes on
+                x += out
+                h = x.to(table.dtype)
+            else:
+                h = kernels.add_layer_norm_f32(x, out, norm_w, norm_b, eps)
+        return h

@@ -188,3 +188,52 @@ def test_modernbert_through_the_pipeline(modernbert_dirs: dict[str, str], tmp_pa
         table.column("text").to_pylist(), prompt="search_document: ", batch_size=8
     )
     assert cosines(np.asarray(table.column("vector").to_pylist()), reference).min() >= FP32_MIN_COS
+
+
+_FUSED_KERNELS = """
+import sys, torch, transformers
+sys.path.insert(0, {tests!r})
+from tiny_models import hf_config, randomize
+from embedder.models.packed_bert import build_attention
+from embedder.models.packed_modernbert import PackedModernBertEncoder
+from embedder.models.pooling import token_segments
+lengths = [1, {max_len}, 7, 50, 2, 130, {window} // 2 + 1, 33]
+cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+ids = torch.randint(1000, 30000, (int(cu[-1]),), generator=torch.Generator().manual_seed(0))
+positions = torch.cat([torch.arange(n) for n in lengths])
+for seed, biases in enumerate([False, True]):
+    extra = dict(attention_bias=True, mlp_bias=True, norm_bias=True) if biases else {{}}
+    config = hf_config("modernbert", 64, 6, 4, {max_len}, "gelu", 96, local_attention={window}, **extra)
+    model = transformers.AutoModel.from_config(config, attn_implementation="sdpa")
+    randomize(model, seed)
+    model.eval()
+    cpu = torch.device("cpu")
+    plain = PackedModernBertEncoder.from_hf(model, cpu, torch.float32, attention="padded", fused=False, compile=False)
+    fused = PackedModernBertEncoder.from_hf(model, cpu, torch.float32, attention="padded", fused=True)
+    assert fused.fused and not plain.fused and not fused.compiled
+    meta = build_attention(cu, token_segments(cu, int(cu[-1])), max(lengths), int(cu[-1]), plain.varlen)
+    with torch.inference_mode():
+        a, b = plain(ids, positions, meta), fused(ids, positions, meta)
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+print("fused kernels match")
+"""
+
+
+def test_fused_modernbert_kernels_equal_the_pytorch_ops_in_the_triton_interpreter(tmp_path: Path) -> None:
+    """The float32-residual add + LayerNorm (with and without biases), RoPE of each layer's theta and
+    the GeGLU, as the GPU runs them (Triton kernels, here in Triton's interpreter), against the
+    eager forward in fp32 on sequences longer and shorter than the window; Triton reads
+    TRITON_INTERPRET when first imported, hence a fresh interpreter."""
+    import os
+    import subprocess
+
+    if sys.platform != "linux":
+        pytest.skip("Triton ships for Linux only")
+    import triton  # noqa: F401  (a test dependency on Linux: missing it fails, never skips)
+
+    repo = Path(__file__).resolve().parents[3]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo)}
+    code = _FUSED_KERNELS.format(tests=str(Path(__file__).parent), max_len=MAX_LEN, window=WINDOW)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "fused kernels match" in done.stdout

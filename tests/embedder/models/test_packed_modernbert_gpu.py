@@ -92,18 +92,26 @@ def test_sliding_window_attention_kernels_are_exact(backend: str) -> None:
     torch.testing.assert_close(got.float(), _windowed_reference(q, k, v, lengths, half), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("forward", ["fused", "compiled"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("name", ["cls", "mean"])
 def test_modernbert_half_precision_matches_fp32_sentence_transformers(
-    gpu_modernbert_dirs: dict[str, str], name: str, dtype: str
+    gpu_modernbert_dirs: dict[str, str], name: str, dtype: str, forward: str
 ) -> None:
+    """The default forward (Triton kernels between the GEMMs) and the ``torch.compile`` one."""
+    import transformers
     from sentence_transformers import SentenceTransformer
 
     path = gpu_modernbert_dirs[name]
     encoder = Encoder.load(ModelConfig(name=path, device="cuda", dtype=dtype))
     packed = encoder._packed_model
     assert encoder.packed and isinstance(packed, PackedModernBertEncoder)
-    assert packed.attention_backend in ("varlen", "varlen+flex") and packed.compiled
+    assert packed.attention_backend in ("varlen", "varlen+flex") and packed.fused and not packed.compiled
+    if forward == "compiled":
+        hf = transformers.AutoModel.from_pretrained(path)
+        packed = PackedModernBertEncoder.from_hf(hf, encoder.device, encoder.dtype, fused=False)
+        assert packed.compiled and not packed.fused
+        encoder._packed_model = packed
     room = encoder.max_seq_length - encoder.layout.overhead
     rng = np.random.default_rng(0)
     lengths = sorted({1, 2, 3, WINDOW // 2, WINDOW, room - 1, room, *rng.integers(1, room, size=40).tolist()})
