@@ -12,7 +12,9 @@ builds in seconds. For each model, in one run:
   (bf16, varlen causal attention) → vectors on the host (the runner's encode path, no sink);
 * ``embedder gpu-only``: the same packed batches, pre-built, through ``encode_async`` alone;
 * min cosine of embedder's vectors to sentence-transformers fp32 (on the GPU, TF32 off) on a sample;
-  on the sentence-transformers row, its own bf16 vectors' min cosine to fp32 (the floor bf16 sets).
+  on the sentence-transformers row, its own bf16 vectors' min cosine to fp32;
+* ``--variants``: the same batches through other forwards, a gpu-only row each — ``compiled``,
+  ``eager``, and ``fp32out`` (the fused forward with float32 GEMM outputs, with its min cosine).
 
 % of peak counts the matmul FLOPs (q/k/v/o with GQA widths, gate/up/down) and attention (causal:
 half of QKᵀ and PV) against the bf16 matmul peak measured here.
@@ -130,8 +132,11 @@ def hf_base_model(path: str, device: str) -> Any:
 
 
 def forward_kind(packed: Any) -> str:
-    """How the packed decoder runs its elementwise passes: ``fused`` (Triton), ``compiled`` or ``eager``."""
-    return "fused" if packed.fused else "compiled" if packed.compiled else "eager"
+    """How the packed decoder runs its elementwise passes: ``fused`` (Triton; ``fused fp32-out`` with
+    float32 GEMM outputs), ``compiled`` or ``eager``."""
+    if packed.fused:
+        return "fused fp32-out" if packed.fp32_gemm_out else "fused"
+    return "compiled" if packed.compiled else "eager"
 
 
 def profile_batches(encoder: Any, batches: list[Any]) -> None:
@@ -208,20 +213,26 @@ def bench_model(name: str, args: argparse.Namespace, root: Path, peak: float) ->
         if args.profile:
             profile_batches(encoder, batches[:4])
         for variant in [v for v in args.variants.split(",") if v] if device == "cuda" else []:
-            # the same batches through the other forwards (torch.compile, eager), for the kernels' gain
+            # the same batches through the other forwards (torch.compile, eager), for the kernels'
+            # gain; fp32out: the fused forward with float32 GEMM outputs, with its fidelity
             from embedder.models.packed_decoder import PackedDecoderEncoder
 
             hf = hf_base_model(path, device)
+            fp32out = variant == "fp32out"
             encoder._packed_model = PackedDecoderEncoder.from_hf(
-                hf, encoder.device, encoder.dtype, fused=False, compile=variant == "compiled"
+                hf, encoder.device, encoder.dtype, fused=fp32out, compile=variant == "compiled", fp32_gemm_out=fp32out
             )
             del hf
             encoder.encode(batches[0])
             gpu = run_gpu_only(encoder, batches, device)
             rate = gpu["tokens"] / gpu["seconds"]
+            variant_cos = None
+            if fp32out:
+                ours = encoder.encode_texts([texts[i] for i in sample], encoder.document_prompt)
+                variant_cos = float(cosines(ours, reference).min())
             other = f"packed {packed.attention_backend} {forward_kind(encoder._packed_model)}"
             rows.append(_row(name, f"embedder gpu-only {dtype} {other} budget={encoder.token_budget}", rate,
-                             flops / gpu["seconds"], peak, rate / st_rate, None))
+                             flops / gpu["seconds"], peak, rate / st_rate, variant_cos))
             print(f"    gpu-only {variant}: {gpu['seconds']:.2f}s ({rate / 1e3:.0f}k tok/s)", flush=True)
     del encoder
     if device == "cuda":
@@ -244,7 +255,8 @@ def main() -> None:
     parser.add_argument("--check-texts", type=int, default=128)
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of a few batches")
     parser.add_argument("--variants", default="compiled",
-                        help="GPU: comma-separated other forwards for a gpu-only row each, of compiled, eager ('' for none)")
+                        help="GPU: comma-separated other forwards for a gpu-only row each, of compiled, eager, "
+                        "fp32out (float32 GEMM outputs, with its min cos) ('' for none)")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

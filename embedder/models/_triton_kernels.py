@@ -147,8 +147,10 @@ def qk_norm_rope_kernel(
     # q and k heads: (RMSNorm over the head when NORM, as Qwen3's q_norm/k_norm), then RoPE in the
     # rotate-half form with cos/sin of position * inv_freq (fp32, rounded to the run's dtype as
     # Hugging Face's rotary module returns them). v heads: copied. Outputs are contiguous
-    # [T, heads, head_dim] tensors, as varlen attention takes them.
+    # [T, heads, head_dim] tensors, as varlen attention takes them. The roundings are to the
+    # outputs' dtype (the run's), so a float32 QKV (a GEMM that wrote fp32) is rounded once, here.
     head = tl.program_id(1)
+    dtype = q_ptr.dtype.element_ty
     tokens = tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)
     half = tl.arange(0, HALF)
     ok = (tokens < n_tokens)[:, None]
@@ -158,8 +160,8 @@ def qk_norm_rope_kernel(
     x2 = tl.load(base + HALF, mask=ok, other=0.0)
     if head >= HEADS + KV_HEADS:
         out = v_ptr + tokens.to(tl.int64)[:, None] * (KV_HEADS * 2 * HALF) + (head - HEADS - KV_HEADS) * 2 * HALF
-        tl.store(out + half[None, :], x1, mask=ok)
-        tl.store(out + HALF + half[None, :], x2, mask=ok)
+        tl.store(out + half[None, :], x1.to(dtype), mask=ok)
+        tl.store(out + HALF + half[None, :], x2.to(dtype), mask=ok)
     else:
         a = x1.to(tl.float32)
         b = x2.to(tl.float32)
@@ -172,14 +174,14 @@ def qk_norm_rope_kernel(
             else:
                 w1 = tl.load(kw_ptr + half).to(tl.float32)
                 w2 = tl.load(kw_ptr + HALF + half).to(tl.float32)
-            a = ((a * rstd[:, None]).to(x1.dtype).to(tl.float32) * w1[None, :]).to(x1.dtype).to(tl.float32)
-            b = ((b * rstd[:, None]).to(x1.dtype).to(tl.float32) * w2[None, :]).to(x1.dtype).to(tl.float32)
+            a = ((a * rstd[:, None]).to(dtype).to(tl.float32) * w1[None, :]).to(dtype).to(tl.float32)
+            b = ((b * rstd[:, None]).to(dtype).to(tl.float32) * w2[None, :]).to(dtype).to(tl.float32)
         pos = tl.load(pos_ptr + tokens, mask=tokens < n_tokens, other=0).to(tl.float32)
         freqs = pos[:, None] * tl.load(inv_freq_ptr + half)[None, :]
-        cos = (tl.cos(freqs) * rope_scale).to(x1.dtype).to(tl.float32)
-        sin = (tl.sin(freqs) * rope_scale).to(x1.dtype).to(tl.float32)
-        o1 = (a * cos - b * sin).to(x1.dtype)
-        o2 = (b * cos + a * sin).to(x1.dtype)
+        cos = (tl.cos(freqs) * rope_scale).to(dtype).to(tl.float32)
+        sin = (tl.sin(freqs) * rope_scale).to(dtype).to(tl.float32)
+        o1 = (a * cos - b * sin).to(dtype)
+        o2 = (b * cos + a * sin).to(dtype)
         if is_q:
             out = q_ptr + tokens.to(tl.int64)[:, None] * (HEADS * 2 * HALF) + head * 2 * HALF
         else:

@@ -191,6 +191,7 @@ def qk_norm_rope(
     q_norm: torch.Tensor | None,
     k_norm: torch.Tensor | None,
     eps: float,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fused QKV projection's output split into heads, q and k normalised (Qwen3's q/k norms,
     when given) and rotated (RoPE at ``positions``), in one pass.
@@ -200,16 +201,18 @@ def qk_norm_rope(
         positions: ``[T]`` each token's position in its sequence.
         inv_freq: ``[head_dim / 2]`` float32, the model's rotary inverse frequencies.
         rope_scale: the rotary module's attention scaling (cos and sin are multiplied by it).
+        dtype: the outputs' dtype (None: ``qkv``'s); a float32 ``qkv`` is then rounded once, here.
 
     Returns:
-        ``(q [T, heads, d], k [T, kv_heads, d], v [T, kv_heads, d])``, contiguous, ``qkv``'s dtype.
+        ``(q [T, heads, d], k [T, kv_heads, d], v [T, kv_heads, d])``, contiguous, ``dtype``.
     """
     import triton
 
     num_tokens = qkv.shape[0]
     head_dim = qkv.shape[1] // (heads + 2 * kv_heads)
-    q = torch.empty((num_tokens, heads, head_dim), dtype=qkv.dtype, device=qkv.device)
-    k = torch.empty((num_tokens, kv_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    dtype = qkv.dtype if dtype is None else dtype
+    q = torch.empty((num_tokens, heads, head_dim), dtype=dtype, device=qkv.device)
+    k = torch.empty((num_tokens, kv_heads, head_dim), dtype=dtype, device=qkv.device)
     v = torch.empty_like(k)
     tokens = 16
     grid = (triton.cdiv(num_tokens, tokens), heads + 2 * kv_heads)
@@ -226,11 +229,12 @@ GLU_ACTIVATIONS = {"silu": 4, "swish": 4, "gelu": 1, "gelu_pytorch_tanh": 2}
 """Hugging Face ``hidden_act`` names ``glu`` applies to the gate (others: PyTorch ops)."""
 
 
-def glu(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
-    """``act(gate) * up`` of a fused gate/up projection ``[T, 2I]`` (gate first): ``[T, I]``, one pass."""
+def glu(gate_up: torch.Tensor, activation: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``act(gate) * up`` of a fused gate/up projection ``[T, 2I]`` (gate first): ``[T, I]`` in
+    ``dtype`` (None: ``gate_up``'s), one pass."""
     n_rows, width = gate_up.shape
     inter = width // 2
-    out = torch.empty((n_rows, inter), dtype=gate_up.dtype, device=gate_up.device)
+    out = torch.empty((n_rows, inter), dtype=gate_up.dtype if dtype is None else dtype, device=gate_up.device)
     import triton
 
     block = 2048

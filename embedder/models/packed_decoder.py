@@ -294,6 +294,7 @@ class PackedDecoderEncoder:
         compile: bool = False,
         fused: bool = False,
         act_name: str = "",
+        fp32_gemm_out: bool = False,
     ) -> None:
         if attention not in ("varlen", "padded"):
             raise ValueError(f"the packed decoder runs varlen or padded attention, not {attention!r}")
@@ -310,6 +311,7 @@ class PackedDecoderEncoder:
         self.attention_backend = attention
         self.causal = causal
         self.fused = fused and act_name in GLU_ACTIVATIONS
+        self.fp32_gemm_out = fp32_gemm_out and self.fused
         self.act_name = act_name
         self.compiled = compile and not self.fused
         self._first: Any = _embed_then_pre
@@ -329,6 +331,7 @@ class PackedDecoderEncoder:
         attention: str = "auto",
         compile: bool | None = None,
         fused: bool | None = None,
+        fp32_gemm_out: bool = False,
     ) -> PackedDecoderEncoder:
         """Takes the weights of a loaded decoder base model (see ``decoder_support``).
 
@@ -336,6 +339,11 @@ class PackedDecoderEncoder:
         ``fused`` (None: on CUDA in fp16/bf16 with Triton, varlen attention and a power-of-two
         head size) runs every elementwise pass between the GEMMs as one of ``kernels``' decoder
         kernels; otherwise ``compile`` (None: on CUDA in fp16/bf16) fuses them with ``torch.compile``.
+        ``fp32_gemm_out`` (fused forward only; opt-in, not measured on a GPU yet) has the GEMMs write
+        float32 (cuBLAS accumulates in fp32 anyway), so their outputs are rounded once, by the kernel
+        that reads them, instead of twice: a CPU emulation of the 7B shape moves min cos to fp32 from
+        0.99763 to 0.99845 (``benchmarks/decoder_bf16_sensitivity.py``). The gate/up output then
+        takes twice the memory, which ``auto_token_budget`` does not count: set the budget.
 
         Raises:
             ValueError: an explicitly requested attention backend cannot run here.
@@ -396,6 +404,7 @@ class PackedDecoderEncoder:
             fused=(half_cuda and fused_add_layer_norm_available(device) and head_dim & (head_dim - 1) == 0)
             if fused is None else fused,
             act_name=str(config.hidden_act),
+            fp32_gemm_out=fp32_gemm_out,
         )
 
     @property
@@ -459,20 +468,32 @@ class PackedDecoderEncoder:
         from embedder.models import kernels
 
         heads, kv_heads, eps, last = self.num_heads, self.num_kv_heads, self.eps, len(self.layers) - 1
+        dtype, linear = self.embed.dtype, _linear_f32 if self.fp32_gemm_out else F.linear
         x = F.embedding(input_ids, self.embed).float()  # the float32 residual stream, updated in place
         num_tokens = x.shape[0]
         mask = None if self.varlen else self._padded_mask(meta)
         h = kernels.add_rms_norm(x, None, self.layers[0][0], eps)
         for i, (_, qkv_w, qkv_b, q_norm, k_norm, o_w, o_b, ln2, gu_w, gu_b, down_w, down_b) in enumerate(self.layers):
             q, k, v = kernels.qk_norm_rope(
-                F.linear(h, qkv_w, qkv_b), position_ids, self.inv_freq, self.rope_scale, heads, kv_heads, q_norm, k_norm, eps
+                linear(h, qkv_w, qkv_b), position_ids, self.inv_freq, self.rope_scale, heads, kv_heads, q_norm, k_norm,
+                eps, dtype=dtype,
             )
             if mask is None:
                 attn = _attend_varlen(q, k, v, meta, self.causal)
             else:
                 attn = _attend_padded(q, k, v, meta, mask)
-            h = kernels.add_rms_norm(x, F.linear(attn.reshape(num_tokens, heads * self.head_dim), o_w, o_b), ln2, eps)
-            up = kernels.glu(F.linear(h, gu_w, gu_b), self.act_name)
+            h = kernels.add_rms_norm(x, linear(attn.reshape(num_tokens, heads * self.head_dim), o_w, o_b), ln2, eps)
+            up = kernels.glu(linear(h, gu_w, gu_b), self.act_name, dtype=dtype)
             norm = self.final_norm if i == last else self.layers[i + 1][0]
-            h = kernels.add_rms_norm(x, F.linear(up, down_w, down_b), norm, eps)
+            h = kernels.add_rms_norm(x, linear(up, down_w, down_b), norm, eps)
         return h
+
+
+def _linear_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` with a float32 output. On CUDA from fp16/bf16 operands, cuBLAS writes its fp32
+    accumulator (``torch.mm(..., out_dtype=torch.float32)``, torch >= 2.8); elsewhere the result of
+    ``F.linear`` in float32 (exact in an fp32 run)."""
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+        out = torch.mm(x, weight.t(), out_dtype=torch.float32)
+        return out if bias is None else out.add_(bias)
+    return F.linear(x, weight, bias).float()

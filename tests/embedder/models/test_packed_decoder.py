@@ -260,11 +260,33 @@ for i, (family, kw) in enumerate([("qwen3", dict(head_dim=32)), ("qwen2", dict(i
     model = AutoModel.from_pretrained(save_tiny_decoder({root!r} + "/" + family, seed=i, family=family, **kw)).eval()
     plain = PackedDecoderEncoder.from_hf(model, torch.device("cpu"), torch.float32, fused=False, compile=False)
     fused = PackedDecoderEncoder.from_hf(model, torch.device("cpu"), torch.float32, fused=True)
-    assert fused.fused and not plain.fused
+    fp32_out = PackedDecoderEncoder.from_hf(model, torch.device("cpu"), torch.float32, fused=True, fp32_gemm_out=True)
+    assert fused.fused and not plain.fused and fp32_out.fp32_gemm_out and not fused.fp32_gemm_out
     meta = build_attention(cu, segments, max(lengths), int(cu[-1]), plain.varlen)
     with torch.inference_mode():
-        a, b = plain(ids, positions, meta), fused(ids, positions, meta)
+        a, b, c = plain(ids, positions, meta), fused(ids, positions, meta), fp32_out(ids, positions, meta)
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-4)
+# float32 GEMM outputs into bf16 kernels: one rounding, to the output dtype (the interpreter's bf16
+# cast truncates where the GPU's rounds to nearest, hence a tolerance of one bf16 step)
+from embedder.models import kernels
+one_step = dict(rtol=2**-7, atol=1e-6)
+heads, kv, d, t = 4, 2, 32, 9
+qkv = torch.randn(t, (heads + 2 * kv) * d, generator=torch.Generator().manual_seed(1))
+inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+q, k, v = kernels.qk_norm_rope(qkv, torch.arange(t), inv, 1.0, heads, kv, None, None, 1e-6, dtype=torch.bfloat16)
+assert q.dtype == k.dtype == v.dtype == torch.bfloat16
+f = torch.arange(t).float()[:, None] * inv[None]
+cos, sin = f.cos().bfloat16().float()[:, None], f.sin().bfloat16().float()[:, None]
+x1, x2 = qkv.view(t, heads + 2 * kv, d)[:, :heads].chunk(2, -1)
+# (the interpreter also truncates cos/sin to bf16: one step of them times |x| ~ 4, absolutely)
+rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)
+torch.testing.assert_close(q.float(), rotated, rtol=2**-7, atol=0.05)
+torch.testing.assert_close(v.float(), qkv.view(t, heads + 2 * kv, d)[:, heads + kv:], **one_step)
+gu = torch.randn(t, 64, generator=torch.Generator().manual_seed(2))
+out = kernels.glu(gu, "silu", dtype=torch.bfloat16)
+assert out.dtype == torch.bfloat16
+torch.testing.assert_close(out.float(), torch.nn.functional.silu(gu[:, :32]) * gu[:, 32:], **one_step)
 print("fused kernels match")
 """
 

@@ -73,3 +73,27 @@ def test_fp32_padded_on_cuda_matches_too(gpu_decoder_dirs: dict[str, str]) -> No
     texts = _texts_up_to(encoder, 16, seed=5)
     cos = cosines(encoder.encode_texts(texts, ""), reference.encode(texts, batch_size=8, convert_to_numpy=True))
     assert cos.min() >= 0.9999
+
+
+@pytest.mark.parametrize("name", list(DECODERS))
+def test_fp32_gemm_outputs_are_no_further_from_fp32(gpu_decoder_dirs: dict[str, str], name: str) -> None:
+    """``fp32_gemm_out`` (cuBLAS writes float32, one rounding less per GEMM) passes the same bound,
+    with a mean error no larger than the default fused forward's on the same texts."""
+    from sentence_transformers import SentenceTransformer
+
+    from embedder.models.packed_decoder import PackedDecoderEncoder
+
+    path = gpu_decoder_dirs[name]
+    encoder = Encoder.load(ModelConfig(name=path, device="cuda", dtype="bfloat16"))
+    assert encoder._packed_model.fused
+    torch.backends.cuda.matmul.allow_tf32 = False
+    texts = _texts_up_to(encoder, 40, seed=4)
+    reference = SentenceTransformer(path, device="cuda").float()
+    theirs = reference.encode(texts, prompt=encoder.document_prompt or None, batch_size=8, convert_to_numpy=True)
+    default = cosines(encoder.encode_texts(texts, encoder.document_prompt), theirs)
+    hf = reference[0].auto_model
+    encoder._packed_model = PackedDecoderEncoder.from_hf(hf, encoder.device, encoder.dtype, fp32_gemm_out=True)
+    assert encoder._packed_model.fp32_gemm_out
+    fp32_out = cosines(encoder.encode_texts(texts, encoder.document_prompt), theirs)
+    assert fp32_out.min() >= HALF_MIN_COS, (name, float(fp32_out.min()))
+    assert (1 - fp32_out).mean() <= (1 - default).mean(), (name, float(fp32_out.mean()), float(default.mean()))
