@@ -157,10 +157,16 @@ def _sync(device: str) -> None:
 
 def _st_model(path: str, device: str, dtype: Any) -> Any:
     """A sentence-transformers model in ``dtype`` on ``device`` (loaded on the CPU first, so a large
-    model is cast before it takes device memory in fp32)."""
+    model is cast before it takes device memory in fp32). RoPE's ``inv_freq`` stays float32, as
+    ``SentenceTransformer(..., model_kwargs={"dtype": ...})`` leaves it: a plain ``.to(bf16)``
+    rounds it and moves every rotary model's positions (the decoder shapes' bf16 rows before
+    2026-12-04 were measured that way)."""
+    import torch
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(path, device="cpu").to(device=device, dtype=dtype).eval()
+    from embedder.models.encoder import cast_keeping_rotary_frequencies
+
+    return cast_keeping_rotary_frequencies(SentenceTransformer(path, device="cpu"), torch.device(device), dtype).eval()
 
 
 def run_sentence_transformers(

@@ -430,7 +430,7 @@ class Encoder:
             log.warning(
                 "%s: %s; using the padded Hugging Face forward (correct, slower)", spec.architecture, reason
             )
-            self._hf_model = auto_model.to(device=device, dtype=dtype).eval()
+            self._hf_model = cast_keeping_rotary_frequencies(auto_model, device, dtype).eval()
             hidden = int(getattr(model_config, "hidden_size", 1024) or 1024)
             layers = int(getattr(model_config, "num_hidden_layers", 24) or 24)
             intermediate = int(getattr(model_config, "intermediate_size", 4 * hidden) or 4 * hidden)
@@ -750,6 +750,23 @@ class Encoder:
         out = self._hf_model(input_ids=padded.view(n, max_seqlen), attention_mask=mask.view(n, max_seqlen))
         states = out[0] if isinstance(out, tuple) else out.last_hidden_state
         return states.reshape(n * max_seqlen, -1)[grid_index]
+
+
+def cast_keeping_rotary_frequencies(module: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """``module.to(device, dtype)`` that leaves rotary embeddings' ``inv_freq`` buffers in float32.
+
+    ``Module.to(dtype)`` casts buffers too, and a bf16 ``inv_freq`` is off by up to 0.4%: RoPE's
+    angles then drift by a tenth of a radian at position 500 and further beyond — the model sees
+    wrong positions. Loading with ``from_pretrained(dtype=...)`` keeps them in float32, and
+    transformers' rotary modules compute cos/sin from them in float32; this keeps the same.
+    """
+    kept = {name: buf for name, buf in module.named_buffers() if name.endswith("inv_freq") and buf.is_floating_point()}
+    module.to(device=device, dtype=dtype)
+    for name, buf in kept.items():
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        owner._buffers[leaf] = buf.to(device=device, dtype=torch.float32)
+    return module
 
 
 def packed_family(auto_model: Any, max_seq_length: int) -> tuple[str | None, str | None]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -308,3 +309,30 @@ def test_fused_decoder_kernels_equal_the_pytorch_ops_in_the_triton_interpreter(t
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "fused kernels match" in done.stdout
+
+
+
+def test_fallback_cast_keeps_rope_frequencies_in_float32(decoder_dirs: dict[str, str]) -> None:
+    """The padded fallback casts the model to the run's dtype (``cast_keeping_rotary_frequencies``)
+    but keeps RoPE's ``inv_freq`` in float32, as ``from_pretrained(dtype=...)`` leaves it; a bf16
+    ``inv_freq`` (what a plain ``Module.to(bf16)`` gives) puts tokens at the wrong positions, the
+    further the worse. bf16 runs on GPUs only; the forward here is transformers' own, on CPU."""
+    import copy
+
+    from embedder.models.encoder import cast_keeping_rotary_frequencies
+
+    fp32 = _reference(decoder_dirs["mistral-e5"])[0].auto_model.eval()
+    kept = cast_keeping_rotary_frequencies(copy.deepcopy(fp32), torch.device("cpu"), torch.bfloat16)
+    cast = copy.deepcopy(fp32).to(dtype=torch.bfloat16)
+    assert next(kept.parameters()).dtype == torch.bfloat16
+    assert kept.rotary_emb.inv_freq.dtype == torch.float32 and torch.equal(kept.rotary_emb.inv_freq, fp32.rotary_emb.inv_freq)
+    assert cast.rotary_emb.inv_freq.dtype == torch.bfloat16  # the damage the helper avoids
+    vocab, positions = fp32.config.vocab_size, min(fp32.config.max_position_embeddings, 512)
+    ids = torch.randint(3, vocab, (4, positions), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        reference = fp32(input_ids=ids).last_hidden_state
+        errors = [
+            (1 - F.cosine_similarity(m(input_ids=ids).last_hidden_state.float(), reference, dim=-1))[:, positions // 2 :].mean()
+            for m in (kept, cast)
+        ]
+    assert errors[0] < errors[1], errors
