@@ -19,13 +19,16 @@ Rounding points (names used in the table):
 * ``resid_in`` — the attention output and down projections' outputs rounded before they are added
   to the float32 residual;
 * ``resid`` — the residual stream itself rounded after each add (transformers' bf16 forward,
-  as sentence-transformers runs it).
+  as sentence-transformers runs it);
+* ``inv_freq`` — RoPE's inverse frequencies rounded to bf16 (what ``Module.to(bf16)`` does to the
+  rotary buffer; ``from_pretrained(dtype=...)`` keeps it float32).
 
 Variants: ``embedder fused (today)`` is everything but ``resid`` — ``packed_decoder``'s fused
 forward; ``o/down out fp32`` drops ``resid_in`` (cuBLAS can write those two GEMMs' outputs in fp32
 from bf16 operands: ``torch.mm(..., out_dtype=torch.float32)``); ``GEMM inputs only`` is the floor
 of a bf16 GEMM path; ``transformers bf16`` adds ``resid`` (the sentence-transformers row of the
-benchmark). Each line prints the cosine to fp32 of every token's final state — in a causal model a
+benchmark), and ``transformers bf16 + bf16 inv_freq`` that baseline as the benchmark built it before
+2026-12-04 (``.to(bf16)``). ``--variants`` picks some by name. Each line prints the cosine to fp32 of every token's final state — in a causal model a
 token's state is the last-token embedding of the text up to it, so each position is one pooled
 embedding of a prefix — as min / 1st percentile / mean, and at each sequence's last token.
 
@@ -54,6 +57,7 @@ VARIANTS = {
     "all GEMM outputs fp32": frozenset({"gemm_in", "p"}),
     "GEMM inputs only (no p)": frozenset({"gemm_in"}),
     "transformers bf16": ALL | {"resid"},
+    "transformers bf16 + bf16 inv_freq": ALL | {"resid", "inv_freq"},
 }
 
 
@@ -110,7 +114,7 @@ def draw(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     return bf16(torch.empty(shape).normal_(0.0, 0.02, generator=gen))
 
 
-def layer(paths: list[Path], gen: torch.Generator, lengths: list[int], cos: torch.Tensor, sin: torch.Tensor) -> None:
+def layer(paths: list[Path], gen: torch.Generator, lengths: list[int], tables: dict[bool, tuple[torch.Tensor, torch.Tensor]]) -> None:
     h, heads, kv, d, inter = (SHAPE[k] for k in ("hidden", "heads", "kv_heads", "head_dim", "intermediate"))
     ones = torch.ones(h)
     wqkv = draw(((heads + 2 * kv) * d, h), gen)
@@ -118,6 +122,7 @@ def layer(paths: list[Path], gen: torch.Generator, lengths: list[int], cos: torc
     wgu = draw((2 * inter, h), gen)
     wdown = draw((h, inter), gen)
     for path in paths:
+        cos, sin = tables["inv_freq" in path.rounds]
         qkv = path.r("qkv_out", F.linear(path.norm(ones), wqkv))
         q, k, v = qkv.split([heads * d, kv * d, kv * d], dim=-1)
         q = rope(q.reshape(-1, heads, d), cos, sin, path)
@@ -134,7 +139,15 @@ def main() -> None:
     parser.add_argument("--seqs", type=int, default=2)
     parser.add_argument("--length", type=int, default=256, help="tokens per sequence")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--variants", default="", help="comma-separated names (default: all); the reference always runs")
     args = parser.parse_args()
+    variants = dict(VARIANTS)
+    if args.variants:
+        wanted = {v.strip() for v in args.variants.split(",")}
+        unknown = wanted - set(VARIANTS)
+        if unknown:
+            parser.error(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
+        variants = {k: v for k, v in VARIANTS.items() if k in wanted or not v}
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -142,15 +155,17 @@ def main() -> None:
     lengths = [args.length] * args.seqs
     ids = torch.randint(1000, 30000, (sum(lengths),), generator=torch.Generator().manual_seed(1))
     table = draw((SHAPE["vocab"], SHAPE["hidden"]), gen)
-    paths = [Path(rounds, table[ids]) for rounds in VARIANTS.values()]
+    paths = [Path(rounds, table[ids]) for rounds in variants.values()]
     del table
     positions = torch.cat([torch.arange(n) for n in lengths]).float()
     d = SHAPE["head_dim"]
     inv_freq = 1.0 / (SHAPE["theta"] ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
-    freqs = positions[:, None] * inv_freq[None, :]
-    cos, sin = freqs.cos()[:, None, :], freqs.sin()[:, None, :]
+    tables = {}
+    for rounded in (False, True):
+        freqs = positions[:, None] * (bf16(inv_freq) if rounded else inv_freq)[None, :]
+        tables[rounded] = (freqs.cos()[:, None, :], freqs.sin()[:, None, :])
     for i in range(args.layers):
-        layer(paths, gen, lengths, cos, sin)
+        layer(paths, gen, lengths, tables)
         print(f"  layer {i + 1}/{args.layers} ({time.perf_counter() - t0:.0f}s)", flush=True)
     finals = [F.normalize(path.norm(torch.ones(SHAPE["hidden"])), dim=-1) for path in paths]
     ends = np.cumsum(lengths) - 1
@@ -158,15 +173,15 @@ def main() -> None:
         f"\nmistral-7b shape, {args.layers} layers, {args.seqs} x {args.length} random tokens, "
         f"cos of every token's final state to fp32 ({time.perf_counter() - t0:.0f}s)"
     )
-    print(f"| {'variant':<26} | rounds at                                        |    min   |    p1    |   mean   | last tokens min |")
-    print(f"|{'-' * 28}|{'-' * 50}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 17}|")
-    for (name, rounds), final in zip(VARIANTS.items(), finals, strict=True):
+    print(f"| {'variant':<36} | rounds at                                                |    min   |    p1    |   mean   | last tokens min |")
+    print(f"|{'-' * 38}|{'-' * 58}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 17}|")
+    for (name, rounds), final in zip(variants.items(), finals, strict=True):
         if not rounds:
             continue
         cos_all = (final * finals[0]).sum(-1).numpy()
         points = ", ".join(sorted(rounds)) or "-"
         print(
-            f"| {name:<26} | {points:<48} | {cos_all.min():.5f} | {np.percentile(cos_all, 1):.5f} | "
+            f"| {name:<36} | {points:<56} | {cos_all.min():.5f} | {np.percentile(cos_all, 1):.5f} | "
             f"{cos_all.mean():.5f} | {cos_all[ends].min():.5f}         |"
         )
 

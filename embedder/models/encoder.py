@@ -458,7 +458,9 @@ class Encoder:
                 f"{'' if getattr(self._packed_model, 'causal', True) else ', bidirectional'}"
                 f"{', FP8 GEMMs (e4m3, rowwise scales), bf16 elsewhere' if fp8 else ''}"
                 f"{', fused tanh-GELU' if self._packed_model.gelu_fused else ''}"
-                f"{', fused add+LayerNorm' if self._packed_model.add_norm_fused else ''})"
+                f"{', fused add+LayerNorm' if self._packed_model.add_norm_fused else ''}"
+                f"{', Triton kernels between the GEMMs' if getattr(self._packed_model, 'fused', False) else ''}"
+                f"{', torch.compile between the GEMMs' if getattr(self._packed_model, 'compiled', False) else ''})"
             )
             if self.packed
             else "padded fallback",
