@@ -1,9 +1,10 @@
 """The Ray runner on a local Ray cluster (CPU machine): same output as the local runner, with two
 encoder actors; an encoder actor killed mid-job and a SIGKILLed driver lose and duplicate nothing.
 
-The cluster is started once for the module (3 logical CPUs: 2 encoder actors of 1 CPU, 1 for
-reading) and the encoder actors run the model on CPU; the code path is the GPU one except for the
-resource each actor asks for (see ``test_encoder_pool_follows_the_cluster`` for GPU clusters).
+The cluster (``ray_cluster``, tests/embedder/conftest.py) is started once for the module (3 logical
+CPUs: 2 encoder actors of 1 CPU, 1 for reading) and the encoder actors run the model on CPU; the
+code path is the GPU one except for the resource each actor asks for (see
+``test_encoder_pool_follows_the_cluster`` for GPU clusters).
 """
 
 from __future__ import annotations
@@ -43,18 +44,6 @@ from tests.embedder.outputs import assert_same_rows, read_output, sample_article
 
 REPO = Path(__file__).resolve().parents[3]
 CHARS_PER_ARTICLE = 800  # keeps CPU encoding of the sample to seconds
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """A local Ray cluster for the module; yields its address (for drivers in subprocesses)."""
-    import ray
-
-    ray.init(num_cpus=3, object_store_memory=1_000_000_000, include_dashboard=False, logging_level="WARNING")
-    try:
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
