@@ -6,7 +6,8 @@ Every other ``EmbedderError`` is a run that failed (exit 1) with a message meant
 concrete error also keeps the built-in base it always had (``ConfigError`` is a ``ValueError``...),
 so existing ``except`` clauses go on working. This module imports nothing, so the CLI maps errors to
 exit codes without importing torch. ``environment_failure`` maps what the machine or the store
-refused (a full disk, a read-only output, a missing bucket) to ``EnvironmentFailure`` errors of one line.
+refused (a full disk, a read-only output, a missing bucket) to ``EnvironmentFailure`` errors of one line;
+``ray_auth_refused`` maps a ``ray.init`` refused on token authentication to ``RayAuthRefused``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ class OutputNotWritable(EnvironmentFailure):
 
 class BucketMissing(EnvironmentFailure):
     """The object store has no bucket of the given name (S3 ``NoSuchBucket``)."""
+
+
+class RayAuthRefused(UsageError, ConnectionError):
+    """Connecting to a Ray cluster failed on token authentication: the cluster wants a token this
+    process does not send (``RAY_AUTH_MODE`` unset or ``disabled``), or not the one it sends. The
+    message names ``RAY_AUTH_MODE`` / ``RAY_AUTH_TOKEN_PATH`` and what to set (exit 2)."""
 
 
 _TEXT = (  # how libraries that do not raise a plain OSError (Lance, object_store, s3fs, Ray) word them
@@ -117,3 +124,49 @@ def environment_failure(err: BaseException, uri: str | None = None) -> Environme
             "output URI; check the endpoint (AWS_ENDPOINT_URL) and region if it does exist"
         )
     return None
+
+
+_RAY_AUTH_TEXT = ("authenticationerror", "invalidauthtoken", "authentication token", "token authentication")
+"""Ray's words (2.60) for a refused token, in ray.init's error or the exceptions it was raised from."""
+
+
+def ray_auth_refused(err: BaseException, address: str | None) -> RayAuthRefused | None:
+    """The ``RayAuthRefused`` that ``ray.init``'s failure ``err`` stands for, or None.
+
+    A driver without the cluster's token gets ``ConnectionError: Failed to connect to Ray cluster
+    at ...`` after about 20 s; only the exceptions it was raised from (an ``AuthenticationError``:
+    "InvalidAuthToken: Authentication token is missing or incorrect") say why. A driver with
+    ``RAY_AUTH_MODE=token`` and no token at all gets Ray's ``AuthenticationError`` at once.
+
+    Args:
+        err: What ``ray.init`` raised.
+        address: The cluster it was asked to connect to (None: a local one).
+    """
+    import os
+
+    causes = _chain(err)
+    text = " ".join(f"{type(c).__name__}: {c}" for c in causes).lower()
+    if not any(needle in text for needle in _RAY_AUTH_TEXT):
+        return None
+    cluster = f"the Ray cluster at {address}" if address else "the local Ray cluster"
+    mode = os.environ.get("RAY_AUTH_MODE", "")
+    token = "RAY_AUTH_TOKEN_PATH to the file holding the cluster's token (or RAY_AUTH_TOKEN to the token)"
+    if "no authentication token was found" in text or "couldn't find an authentication token" in text:
+        return RayAuthRefused(
+            f"RAY_AUTH_MODE=token but no Ray auth token was found to connect to {cluster}: set {token}, or "
+            "RAY_AUTH_MODE=disabled if the cluster runs without token auth, then run the same command again"
+        )
+    if mode.lower() != "token":
+        return RayAuthRefused(
+            f"{cluster} requires token authentication and this process has "
+            f"{f'RAY_AUTH_MODE={mode}' if mode else 'no RAY_AUTH_MODE'}: set RAY_AUTH_MODE=token and {token}, "
+            "then run the same command again"
+        )
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    sent = f"RAY_AUTH_TOKEN_PATH={path}" if path else "~/.ray/auth_token"
+    if os.environ.get("RAY_AUTH_TOKEN"):  # the token itself is never named
+        sent = "RAY_AUTH_TOKEN"
+    return RayAuthRefused(
+        f"{cluster} refused this process's Ray auth token (from {sent}, RAY_AUTH_MODE=token): set {token}, "
+        "then run the same command again"
+    )

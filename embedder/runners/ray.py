@@ -996,6 +996,10 @@ def _connect(ray: Any, address: str | None) -> bool:
 
     A process already connected (a notebook, a Ray job's entrypoint, the tests) keeps its
     connection; otherwise ``address`` or ``RAY_ADDRESS``, or else a new local cluster.
+
+    Raises:
+        RayAuthRefused: The cluster refused the connection on token authentication; the message
+            says what to set ``RAY_AUTH_MODE`` / ``RAY_AUTH_TOKEN_PATH`` to.
     """
     if ray.is_initialized():
         return False
@@ -1004,7 +1008,15 @@ def _connect(ray: Any, address: str | None) -> bool:
     if address is None:
         kwargs["include_dashboard"] = False
         log.info("ray: no runner.address or RAY_ADDRESS; starting a local Ray cluster on this machine")
-    ray.init(address=address, **kwargs)
+    try:
+        ray.init(address=address, **kwargs)
+    except Exception as err:
+        from embedder.errors import ray_auth_refused
+
+        refused = ray_auth_refused(err, address)
+        if refused is None:
+            raise
+        raise refused from err
     return True
 
 

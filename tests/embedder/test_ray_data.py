@@ -1,9 +1,9 @@
 """``embedder.ray_data.Embed`` in a user's Ray Data pipeline on a local Ray cluster: the vectors it adds
 equal ``embedder.embed`` (cos >= 0.9999) for every batch format, rows and other columns untouched.
 
-The cluster is started once for the module, like tests/embedder/runners/test_runner_ray.py's (a
-session-scoped one would still be up when that module starts its own); the encoder actors run the
-model on CPU, the code path being the GPU one but for the resource each actor asks for.
+The cluster (``ray_cluster``, tests/embedder/conftest.py) is started once for the module; the
+encoder actors run the model on CPU, the code path being the GPU one but for the resource each actor
+asks for.
 """
 
 from __future__ import annotations
@@ -16,17 +16,6 @@ from embedder.ray_data import Embed
 from tests.embedder.models.tiny_models import cosines
 
 TOPICS = ["rivers", "mountains", "bread", "stars", "bees", "chess", "tides", "volcanoes", "coffee", "sleep"]
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=3, object_store_memory=1_000_000_000, include_dashboard=False, logging_level="WARNING")
-    try:
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
 
 
 def _items(n: int = 40) -> list[dict]:

@@ -1,9 +1,10 @@
 """The Ray runner on a local Ray cluster (CPU machine): same output as the local runner, with two
 encoder actors; an encoder actor killed mid-job and a SIGKILLed driver lose and duplicate nothing.
 
-The cluster is started once for the module (3 logical CPUs: 2 encoder actors of 1 CPU, 1 for
-reading) and the encoder actors run the model on CPU; the code path is the GPU one except for the
-resource each actor asks for (see ``test_encoder_pool_follows_the_cluster`` for GPU clusters).
+The cluster (``ray_cluster``, tests/embedder/conftest.py) is started once for the module (3 logical
+CPUs: 2 encoder actors of 1 CPU, 1 for reading) and the encoder actors run the model on CPU; the
+code path is the GPU one except for the resource each actor asks for (see
+``test_encoder_pool_follows_the_cluster`` for GPU clusters).
 """
 
 from __future__ import annotations
@@ -40,21 +41,10 @@ from embedder.runners.ray import (
     rows_to_ends,
 )
 from tests.embedder.outputs import assert_same_rows, read_output, sample_articles, wait_lease_expired
+from tests.embedder.runners.ray_nodes import LocalRayCluster
 
 REPO = Path(__file__).resolve().parents[3]
 CHARS_PER_ARTICLE = 800  # keeps CPU encoding of the sample to seconds
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """A local Ray cluster for the module; yields its address (for drivers in subprocesses)."""
-    import ray
-
-    ray.init(num_cpus=3, object_store_memory=1_000_000_000, include_dashboard=False, logging_level="WARNING")
-    try:
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -470,6 +460,44 @@ def test_sigterm_drains_the_ray_driver_and_rerun_completes(ray_cluster, corpus, 
     proc = _run_cli(corpus, out, ray_cluster)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_rows(_read(out, "lance"), local_jsonl)
+
+
+def test_a_driver_a_token_cluster_refuses_is_told_what_to_set(corpus, tmp_path, monkeypatch) -> None:
+    """A cluster started with token auth (RAY_AUTH_MODE=token) and ``embedder run`` against it with
+    no token, without RAY_AUTH_MODE=token, or with another token: exit 2 and one line that names
+    RAY_AUTH_MODE / RAY_AUTH_TOKEN_PATH, not Ray's "Failed to connect to Ray cluster at ..."."""
+    import socket
+    import uuid
+
+    token, other = tmp_path / "token", tmp_path / "other"
+    token.write_text(uuid.uuid4().hex * 2)
+    other.write_text(uuid.uuid4().hex * 2)
+    for key in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(key, raising=False)
+    drivers = {  # the driver's auth settings → what its error line must say
+        "disabled": ({"RAY_AUTH_MODE": "disabled"}, "has RAY_AUTH_MODE=disabled: set RAY_AUTH_MODE=token and "
+                     "RAY_AUTH_TOKEN_PATH to the file holding the cluster's token"),
+        "no token": ({"RAY_AUTH_MODE": "token", "HOME": str(tmp_path)}, "RAY_AUTH_MODE=token but no Ray auth "
+                     "token was found"),
+        "another token": ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(other)},
+                          f"refused this process's Ray auth token (from RAY_AUTH_TOKEN_PATH={other}"),
+    }
+    with LocalRayCluster(head_cpus=1, env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}) as cluster:
+        host, port = cluster.address.split(":")
+        deadline = time.time() + 60
+        while True:  # the head's GCS is up once its port answers (connecting as a driver needs the token)
+            try:
+                socket.create_connection((host, int(port)), timeout=1).close()
+                break
+            except OSError:
+                assert time.time() < deadline and cluster.head.process.poll() is None, cluster.log(cluster.head)[-2000:]
+                time.sleep(0.25)
+        for name, (env, says) in drivers.items():
+            # 3 connection attempts of about a second each, not Ray's default 20
+            proc = _run_cli(corpus, str(tmp_path / "db"), cluster.address, {**env, "RAY_gcs_server_port_wait_time_s": "3"})
+            error = proc.stderr.strip().splitlines()[-1]
+            assert proc.returncode == 2 and error.startswith("error: ") and says in error, (name, proc.stderr[-3000:])
+            assert "Traceback" not in proc.stderr, name
 
 
 @pytest.mark.gpu
