@@ -40,6 +40,11 @@ class BucketMissing(EnvironmentFailure):
     """The object store has no bucket of the given name (S3 ``NoSuchBucket``)."""
 
 
+class RayClusterUnreachable(EnvironmentFailure, ConnectionError):
+    """Nothing answers at the Ray cluster address the run was given (``runner.address`` or
+    ``RAY_ADDRESS``): refused in seconds, where ``ray.init`` would retry for minutes."""
+
+
 class RayAuthRefused(UsageError, ConnectionError):
     """Connecting to a Ray cluster failed on token authentication: the cluster wants a token this
     process does not send (``RAY_AUTH_MODE`` unset or ``disabled``), or not the one it sends. The

@@ -1003,7 +1003,10 @@ def _connect(ray: Any, address: str | None) -> bool:
     """
     if ray.is_initialized():
         return False
+    source = "runner.address" if address else "RAY_ADDRESS"
     address = _cluster_address(address)
+    if address is not None:
+        _check_reachable(address, source)
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING}
     if address is None:
         kwargs["include_dashboard"] = False
@@ -1018,6 +1021,34 @@ def _connect(ray: Any, address: str | None) -> bool:
             raise
         raise refused from err
     return True
+
+
+def _check_reachable(address: str, source: str) -> None:
+    """Refuses, in seconds, a ``host:port`` (or ``ray://host:port``) address nothing listens at:
+    ``ray.init`` would retry it for minutes before saying so. ``auto``, ``local`` and other URL
+    forms go to ``ray.init`` as they are.
+
+    Raises:
+        RayClusterUnreachable: The connection was refused, or timed out (5 s), or the host is unknown.
+    """
+    import socket
+
+    from embedder.errors import RayClusterUnreachable
+
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if "://" in target or not sep or not port.isdigit() or not host:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as err:
+        why = err.strerror or type(err).__name__
+        start = f"--ray-client-server-port={port}" if address.startswith("ray://") else f"--port={port}"
+        raise RayClusterUnreachable(
+            f"nothing answers at the Ray cluster address {address} (from {source}): {why}; start the "
+            f"cluster there (ray start --head {start}) or set {source} to a running cluster's "
+            "address, then run the same command again"
+        ) from None
 
 
 def run_ray(

@@ -500,6 +500,24 @@ def test_a_driver_a_token_cluster_refuses_is_told_what_to_set(corpus, tmp_path, 
             assert "Traceback" not in proc.stderr, name
 
 
+def test_an_address_nothing_answers_at_is_refused_in_seconds(corpus, tmp_path) -> None:
+    """RAY_ADDRESS at a port nothing listens on: exit 2 and one line naming the address, where it
+    came from and the fix, before ``ray.init`` (which retries such an address for minutes)."""
+    import socket
+
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    address = f"127.0.0.1:{free.getsockname()[1]}"
+    free.close()
+    started = time.monotonic()
+    proc = _run_cli(corpus, str(tmp_path / "db"), address)
+    assert time.monotonic() - started < 60, "not refused before ray.init's retries"
+    error = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert error.startswith(f"error: nothing answers at the Ray cluster address {address} (from RAY_ADDRESS)"), error
+    assert "set RAY_ADDRESS to a running cluster's address" in error
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif("__import__('torch').cuda.device_count() < 2", reason="needs 2 or more CUDA GPUs")
 def test_gpu_encoder_actors_match_local(ray_cluster, wiki_sample, tmp_path) -> None:
