@@ -240,7 +240,11 @@ class RunnerConfig(_Section):
 
     kind: RunnerName = "local"
     workers: int | Literal["auto"] = Field("auto", description="Reader/tokenizer processes.")
-    address: str | None = Field(None, description="Ray cluster address (runner: ray).")
+    address: str | None = Field(
+        None,
+        description="Ray cluster address (runner: ray): host:port, ray://host:port, auto, or local (a new "
+        "local cluster); none: RAY_ADDRESS, else the cluster `ray start` runs here, else a new local one.",
+    )
     encoders: int | Literal["auto"] = Field(
         "auto", description="Encoders: local, one model per GPU (several on CPU share it); ray, encoder actors. "
         "auto: one per GPU (one on a CPU)."

@@ -691,7 +691,7 @@ class RayScheduler(Scheduler):
         """Connects, sizes the pool and asks for the encoder actors: they load the model while the
         skeleton lists shards and opens the output."""
         ray = _import_ray()
-        starts_cluster = not ray.is_initialized() and _cluster_address(self.job.runner.address) is None
+        starts_cluster = not ray.is_initialized() and _local(_cluster_address(self.job.runner.address))
         self._connected_here = _connect(ray, self.job.runner.address)
         self.pool = plan_encoder_pool(self.job, ray.cluster_resources())
         keep_s = 0.0 if starts_cluster else self.job.runner.keep_encoders_s  # a cluster of the run's own ends with it
@@ -734,7 +734,7 @@ class RayScheduler(Scheduler):
         ray = _import_ray()
         if ray.is_initialized():
             cluster = ray.cluster_resources()
-        elif _cluster_address(self.job.runner.address) is not None:
+        elif not _local(_cluster_address(self.job.runner.address)):
             _connect(ray, self.job.runner.address)
             try:
                 cluster = ray.cluster_resources()
@@ -987,8 +987,15 @@ def _import_ray() -> Any:
 
 
 def _cluster_address(configured: str | None) -> str | None:
-    """The cluster a run connects to: ``runner.address``, else ``RAY_ADDRESS``; None: a new local one."""
+    """The cluster a run connects to: ``runner.address``, else ``RAY_ADDRESS``; None: a new local
+    one (or the one ``ray start`` runs here, as ``ray.init()`` finds it)."""
     return configured or os.environ.get("RAY_ADDRESS") or None
+
+
+def _local(address: str | None) -> bool:
+    """Whether ``ray.init(address)`` starts a cluster of this run's own on this machine (``local``:
+    always; None: unless ``ray start`` runs one here)."""
+    return address in (None, "local")
 
 
 def _connect(ray: Any, address: str | None) -> bool:
@@ -1005,12 +1012,18 @@ def _connect(ray: Any, address: str | None) -> bool:
         return False
     source = "runner.address" if address else "RAY_ADDRESS"
     address = _cluster_address(address)
-    if address is not None:
-        _check_reachable(address, source)
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING}
-    if address is None:
+    if address == "local":
         kwargs["include_dashboard"] = False
-        log.info("ray: no runner.address or RAY_ADDRESS; starting a local Ray cluster on this machine")
+        log.info("ray: %s is local; starting a local Ray cluster on this machine", source)
+    elif address is None:
+        kwargs["include_dashboard"] = False
+        log.info(
+            "ray: no runner.address or RAY_ADDRESS; joining the cluster `ray start` runs on this machine, "
+            "if any, else starting a local one (runner.address: local always starts one)"
+        )
+    else:
+        _check_reachable(address, source)
     try:
         ray.init(address=address, **kwargs)
     except Exception as err:

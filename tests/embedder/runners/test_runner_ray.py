@@ -500,6 +500,19 @@ def test_a_driver_a_token_cluster_refuses_is_told_what_to_set(corpus, tmp_path, 
             assert "Traceback" not in proc.stderr, name
 
 
+@pytest.mark.slow
+def test_address_local_starts_a_cluster_of_the_runs_own(corpus, local_jsonl, tmp_path) -> None:
+    """``RAY_ADDRESS=local`` (or ``runner.address: local``): the driver starts a Ray cluster of its
+    own on this machine (not the module's, which it is not given) and embeds the same rows as the
+    local runner."""
+    out = str(tmp_path / "db")
+    proc = _run_cli(corpus, out, "local")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_rows(_read(out, "lance"), local_jsonl)
+    last = Checkpoint(out).runs()[-1]
+    assert last["runner"] == "ray" and last["state"] == "done"
+
+
 def test_an_address_nothing_answers_at_is_refused_in_seconds(corpus, tmp_path) -> None:
     """RAY_ADDRESS at a port nothing listens on: exit 2 and one line naming the address, where it
     came from and the fix, before ``ray.init`` (which retries such an address for minutes)."""
