@@ -1002,9 +1002,11 @@ def _connect(ray: Any, address: str | None) -> bool:
     """Connects to the cluster; True when this call did (so the run disconnects after).
 
     A process already connected (a notebook, a Ray job's entrypoint, the tests) keeps its
-    connection; otherwise ``address`` or ``RAY_ADDRESS``, or else a new local cluster.
+    connection; otherwise ``address`` or ``RAY_ADDRESS`` (``local``: a new local cluster), or else
+    what ``ray.init()`` finds: the cluster ``ray start`` runs here, else a new local one.
 
     Raises:
+        RayClusterUnreachable: Nothing answers at a ``host:port`` address (``_check_reachable``).
         RayAuthRefused: The cluster refused the connection on token authentication; the message
             says what to set ``RAY_AUTH_MODE`` / ``RAY_AUTH_TOKEN_PATH`` to.
     """
