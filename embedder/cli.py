@@ -34,13 +34,39 @@ def _print_version(value: bool) -> None:
         raise typer.Exit(EXIT_OK)
 
 
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
 @app.callback()
 def _root(
     version: bool = typer.Option(
         False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
     ),
+    log_level: str | None = typer.Option(
+        None,
+        "--log-level",
+        envvar="EMBEDDER_LOG_LEVEL",
+        help="Show embedder's log lines from this level on: debug, info (which forward the model runs, "
+        "what the runner connects to...), warning, error. Default: warnings and errors only.",
+    ),
 ) -> None:
     """Embed whole corpora (Wikipedia dumps, Parquet, JSONL, text) into LanceDB or Parquet."""
+    if log_level is not None:
+        _show_logs(log_level)
+
+
+def _show_logs(level: str) -> None:
+    """Prints the ``embedder`` loggers' lines from ``level`` on to stderr, one ``LEVEL logger: message``
+    line each (without it, Python's last-resort handler shows warnings and errors, bare)."""
+    import logging
+
+    if level.lower() not in _LOG_LEVELS:
+        _fail(f"--log-level {level!r} is not a level; use one of {', '.join(_LOG_LEVELS)}", EXIT_USAGE)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("embedder")
+    logger.addHandler(handler)
+    logger.setLevel(level.upper())
 
 
 def _fail(message: str, code: int) -> NoReturn:

@@ -219,6 +219,22 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, quickstart: Path) 
     assert _tree(quickstart) == before  # no lease, no run record, no job file touched
 
 
+def test_log_level_info_shows_which_forward_the_model_runs(tmp_path) -> None:
+    """``--log-level info`` (or EMBEDDER_LOG_LEVEL) prints embedder's INFO lines, such as the one the
+    encoder logs on load; by default they stay hidden; a level that is none is one line, exit 2."""
+    args = ("run", "configs/quickstart.yaml", "--output", str(tmp_path / "db"), "--dry-run")
+    shown = _cli("--log-level", "info", *args)
+    assert shown.returncode == 0, shown.stderr
+    loaded = [line for line in shown.stderr.splitlines() if line.startswith("INFO embedder.models.encoder: model ")]
+    assert len(loaded) == 1 and "packed bert" in loaded[0], shown.stderr[-2000:]
+    hidden = _cli(*args)
+    assert hidden.returncode == 0 and "INFO " not in hidden.stderr, hidden.stderr[-2000:]
+    bad = _cli("--log-level", "loud", *args)
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        "error: --log-level 'loud' is not a level; use one of debug, info, warning, error"
+    ), bad.stderr
+
+
 def test_a_table_name_outside_the_output_is_refused_before_anything_is_deleted(tmp_path) -> None:
     """Issue #19 item 2: on an output written before (so ``_embedder/staging/`` exists), a reembed
     with output.table=../../../victim removed <output>/../victim recursively."""
