@@ -12,7 +12,8 @@ each layer's weights are drawn, used by every variant and dropped (the draw is t
 Rounding points (names used in the table):
 
 * ``gemm_in`` — every GEMM's input in bf16 (the normalised states, attention output, GLU output),
-  and attention's q/k/v: what any bf16 tensor-core path must round;
+  and attention's q/k/v (with RoPE's cos/sin, which the kernels round to the run's dtype): what any
+  bf16 tensor-core path must round;
 * ``p`` — FlashAttention's probabilities rounded to bf16 before the P·V product (its second MMA);
 * ``qkv_out``, ``gu_out`` — the QKV and gate/up GEMM outputs rounded (their consumers, RoPE and the
   GLU, read them in bf16);
@@ -65,7 +66,7 @@ def bf16(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.bfloat16).float()
 
 
-class Path:
+class Variant:
     """One variant's state through the layers: the residual ``x`` ([T, hidden] float32)."""
 
     def __init__(self, rounds: frozenset[str], x: torch.Tensor) -> None:
@@ -84,14 +85,14 @@ class Path:
         self.x = self.r("resid", self.x + self.r("resid_in", out))
 
 
-def rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, path: Path) -> torch.Tensor:
+def rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, path: Variant) -> torch.Tensor:
     """``rotate_half`` RoPE in fp32 on ``t`` [T, h, d] with cos/sin [T, 1, d/2] (bf16 values when rounding)."""
     c, s = path.r("gemm_in", cos), path.r("gemm_in", sin)
     a, b = t.chunk(2, dim=-1)
     return path.r("gemm_in", torch.cat((a * c - b * s, b * c + a * s), dim=-1))
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int], path: Path) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int], path: Variant) -> torch.Tensor:
     """Causal GQA attention per sequence, FlashAttention's arithmetic: fp32 scores and softmax
     statistics, P rounded to bf16 (``p``) for the P·V product, divided by the fp32 row sum."""
     heads, kv_heads, d = q.shape[1], k.shape[1], q.shape[2]
@@ -114,7 +115,7 @@ def draw(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     return bf16(torch.empty(shape).normal_(0.0, 0.02, generator=gen))
 
 
-def layer(paths: list[Path], gen: torch.Generator, lengths: list[int], tables: dict[bool, tuple[torch.Tensor, torch.Tensor]]) -> None:
+def layer(paths: list[Variant], gen: torch.Generator, lengths: list[int], tables: dict[bool, tuple[torch.Tensor, torch.Tensor]]) -> None:
     h, heads, kv, d, inter = (SHAPE[k] for k in ("hidden", "heads", "kv_heads", "head_dim", "intermediate"))
     ones = torch.ones(h)
     wqkv = draw(((heads + 2 * kv) * d, h), gen)
@@ -155,7 +156,7 @@ def main() -> None:
     lengths = [args.length] * args.seqs
     ids = torch.randint(1000, 30000, (sum(lengths),), generator=torch.Generator().manual_seed(1))
     table = draw((SHAPE["vocab"], SHAPE["hidden"]), gen)
-    paths = [Path(rounds, table[ids]) for rounds in variants.values()]
+    paths = [Variant(rounds, table[ids]) for rounds in variants.values()]
     del table
     positions = torch.cat([torch.arange(n) for n in lengths]).float()
     d = SHAPE["head_dim"]

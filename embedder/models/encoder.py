@@ -457,10 +457,7 @@ class Encoder:
                 f"packed {family} ({self._packed_model.attention_backend} attention"
                 f"{'' if getattr(self._packed_model, 'causal', True) else ', bidirectional'}"
                 f"{', FP8 GEMMs (e4m3, rowwise scales), bf16 elsewhere' if fp8 else ''}"
-                f"{', fused tanh-GELU' if self._packed_model.gelu_fused else ''}"
-                f"{', fused add+LayerNorm' if self._packed_model.add_norm_fused else ''}"
-                f"{', Triton kernels between the GEMMs' if getattr(self._packed_model, 'fused', False) else ''}"
-                f"{', torch.compile between the GEMMs' if getattr(self._packed_model, 'compiled', False) else ''})"
+                f"{', ' + self._packed_model.elementwise if self._packed_model.elementwise else ''})"
             )
             if self.packed
             else "padded fallback",
@@ -766,8 +763,8 @@ def cast_keeping_rotary_frequencies(module: Any, device: torch.device, dtype: to
     module.to(device=device, dtype=dtype)
     for name, buf in kept.items():
         owner_name, _, leaf = name.rpartition(".")
-        owner = module.get_submodule(owner_name) if owner_name else module
-        owner._buffers[leaf] = buf.to(device=device, dtype=torch.float32)
+        # assigning a tensor to a buffer's name replaces the buffer (its persistence unchanged)
+        setattr(module.get_submodule(owner_name), leaf, buf.to(device=device, dtype=torch.float32))
     return module
 
 

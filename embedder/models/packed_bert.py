@@ -384,7 +384,8 @@ class PackedBertEncoder:
         self.fp8_activation = fp8_activation
         self._embed: Callable[..., torch.Tensor] = _embed
         self._after_attention: Callable[..., torch.Tensor] = _layer_after_attention
-        if compile and fp8 is None:
+        self.compiled = bool(compile and fp8 is None)
+        if self.compiled:
             self._embed = torch.compile(_embed, dynamic=True, fullgraph=True)
             self._after_attention = torch.compile(_layer_after_attention, dynamic=True, fullgraph=True)
 
@@ -551,6 +552,16 @@ class PackedBertEncoder:
         if self.fp8 is not None:
             return self.fp8.fused
         return self.add_norm is not _add_layer_norm_torch
+
+    @property
+    def elementwise(self) -> str:
+        """Which passes around the GEMMs are fused, for the load log line ("" when none)."""
+        notes = [
+            "fused tanh-GELU" if self.gelu_fused else "",
+            "fused add+LayerNorm" if self.add_norm_fused else "",
+            "torch.compile" if self.compiled else "",
+        ]
+        return ", ".join(n for n in notes if n)
 
     @property
     def hidden_size(self) -> int:

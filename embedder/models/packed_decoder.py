@@ -274,9 +274,6 @@ class PackedDecoderEncoder:
         >>> hidden = packed(input_ids, position_ids, meta)  # [num_tokens, hidden_size]
     """
 
-    gelu_fused = False
-    add_norm_fused = False
-
     def __init__(
         self,
         embed: torch.Tensor,
@@ -411,6 +408,13 @@ class PackedDecoderEncoder:
     def varlen(self) -> bool:
         """Whether attention runs on the packed tokens directly (no padded grid metadata needed)."""
         return self.attention_backend != "padded"
+
+    @property
+    def elementwise(self) -> str:
+        """How the passes between the GEMMs run, for the load log line ("" when eager)."""
+        if self.fused:
+            return "Triton kernels between the GEMMs"
+        return "torch.compile between the GEMMs" if self.compiled else ""
 
     @property
     def hidden_size(self) -> int:

@@ -470,8 +470,12 @@ class PackedModernBertEncoder:
         """Whether attention runs on the packed tokens directly (no padded grid metadata needed)."""
         return self.attention_backend != "padded"
 
-    gelu_fused = False
-    add_norm_fused = False
+    @property
+    def elementwise(self) -> str:
+        """How the passes between the GEMMs run, for the load log line ("" when eager)."""
+        if self.fused:
+            return "Triton kernels between the GEMMs"
+        return "torch.compile between the GEMMs" if self.compiled else ""
 
     @property
     def hidden_size(self) -> int:
