@@ -173,6 +173,15 @@ def split_batch(batch: PackedBatch) -> tuple[PackedBatch, PackedBatch]:
     return part(slice(0, k), slice(0, cut), 0), part(slice(k, None), slice(cut, None), cut)
 
 
+def activation_bytes_per_token(
+    dtype: torch.dtype, hidden: int, intermediate: int, glu: bool = False, f32_residual: bool = False
+) -> int:
+    """Peak activation bytes of one token in one layer, as ``auto_token_budget`` counts them."""
+    elem = torch.finfo(dtype).bits // 8
+    per_token = elem * (8 * hidden + (3 if glu else 2) * intermediate) + 8 * hidden + 16 * 128
+    return per_token + (4 * hidden if f32_residual else 0)
+
+
 def auto_token_budget(
     device: torch.device,
     dtype: torch.dtype,
@@ -181,12 +190,15 @@ def auto_token_budget(
     intermediate: int,
     max_seq_length: int,
     glu: bool = False,
+    f32_residual: bool = False,
 ) -> int:
     """Tokens per batch from free GPU memory and the model's size (CPU: ``CPU_TOKEN_BUDGET``).
 
     Peak activation memory of one layer is about ``(8 * hidden + 2 * intermediate)`` values a token
     (residual stream, fused q/k/v, attention output, FFN in/out; ``glu``: ``3 * intermediate`` for
-    the fused gate/up projection and their product) plus float32 pooling and RoPE tables; half the
+    the fused gate/up projection and their product; ``f32_residual``: 4 bytes more per hidden value
+    for the float32 residual stream the fused decoder and ModernBERT forwards keep beside the
+    half-precision normed copy) plus float32 pooling and RoPE tables; half the
     free memory is left as margin for the allocator and other batches in flight. Memory is linear
     in the tokens whatever the sequence length (varlen attention keeps no ``L × L`` scores), so the
     same budget holds 8k- or 32k-token chunks; it is never below ``max_seq_length``, so one
@@ -196,9 +208,8 @@ def auto_token_budget(
     if device.type != "cuda":
         return max(CPU_TOKEN_BUDGET, max_seq_length)
     free, _ = torch.cuda.mem_get_info(device)
-    elem = torch.finfo(dtype).bits // 8
-    per_token = elem * (8 * hidden + (3 if glu else 2) * intermediate) + 8 * hidden + 16 * 128
-    budget = int(0.5 * free / max(per_token, 1))
+    per_token = activation_bytes_per_token(dtype, hidden, intermediate, glu=glu, f32_residual=f32_residual)
+    budget = int(0.5 * free / per_token)
     return int(max(max_seq_length, min(AUTO_BUDGET_CAP, budget)))
 
 
@@ -436,7 +447,10 @@ class Encoder:
             intermediate = int(getattr(model_config, "intermediate_size", 4 * hidden) or 4 * hidden)
         self.token_granule = CUDA_TOKEN_GRANULE if device.type == "cuda" else 1
         if config.token_budget == "auto":
-            self.token_budget = auto_token_budget(device, compute_dtype, hidden, layers, intermediate, limit, glu=glu)
+            f32_residual = bool(getattr(self._packed_model, "fused", False)) and family in ("decoder", "modernbert")
+            self.token_budget = auto_token_budget(
+                device, compute_dtype, hidden, layers, intermediate, limit, glu=glu, f32_residual=f32_residual
+            )
         else:
             if config.token_budget < limit:
                 raise ConfigError(

@@ -22,7 +22,7 @@ from tiny_models import bpe_tokenizer, cosines, save_tiny_decoder, training_text
 
 from embedder.chunking import Chunker  # noqa: E402
 from embedder.config import ChunkingConfig, ModelConfig  # noqa: E402
-from embedder.models.encoder import Encoder, auto_token_budget, packed_family  # noqa: E402
+from embedder.models.encoder import Encoder, activation_bytes_per_token, auto_token_budget, packed_family  # noqa: E402
 from embedder.models.loader import task_query_prompt  # noqa: E402
 from embedder.models.packed_decoder import PackedDecoderEncoder, decoder_support  # noqa: E402
 from embedder.records import Document  # noqa: E402
@@ -214,6 +214,15 @@ def test_bpe_chunks_retokenize_to_the_ids_embedded(style: str) -> None:
 def test_long_chunks_get_a_budget_of_at_least_one_chunk() -> None:
     """A 32k-token chunk always fits a batch, on CPU too; on CUDA the budget follows free memory."""
     assert auto_token_budget(torch.device("cpu"), torch.float32, 4096, 32, 14336, 32768, glu=True) >= 32768
+
+
+def test_the_float32_residual_of_the_fused_forwards_is_counted_in_the_budget() -> None:
+    """The fused decoder/ModernBERT forwards keep a float32 residual stream beside the bf16 normed
+    copy: 4 bytes a hidden value more than a bf16 stream, so the auto budget per token is larger."""
+    plain = activation_bytes_per_token(torch.bfloat16, 4096, 14336, glu=True)
+    fused = activation_bytes_per_token(torch.bfloat16, 4096, 14336, glu=True, f32_residual=True)
+    assert plain == 2 * (8 * 4096 + 3 * 14336) + 8 * 4096 + 16 * 128
+    assert fused - plain == 4 * 4096
 
 
 def test_decoder_through_the_whole_pipeline_into_parquet(decoder_dirs: dict[str, str], tmp_path: Path) -> None:
