@@ -9,8 +9,10 @@ there (every thread, heartbeat included: a frozen VM); the test resumes it with 
 Points: ``after_read`` (a shard fully read), ``mid_encode`` (a batch encoded), ``after_sink_write``
 (rows staged, shard not committed), ``after_commit`` (shard committed, completion not recorded),
 ``before_publish`` (the sink checked its fencing token and is about to publish a shard: the
-window a stale writer must not slip through), ``during_finish`` (before the final compaction), ``during_compaction`` (Lance: fragments compacted,
-indexes and cleanup not done yet). Unset, a call costs one comparison.
+window a stale writer must not slip through), ``lease_renew`` (the lease heartbeat read the lease
+file and is about to renew it), ``during_finish`` (before the final compaction),
+``during_compaction`` (Lance: fragments compacted, indexes and cleanup not done yet). Unset, a
+call costs one comparison.
 
 ``EMBEDDER_TEST_CORRUPT_VECTORS=1`` perturbs every encoded vector (``corrupt``): the canary test's
 deliberately broken encoder.

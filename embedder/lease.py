@@ -32,6 +32,7 @@ import uuid
 from typing import Any
 
 from embedder.errors import EmbedderError
+from embedder.failpoints import failpoint
 from embedder.storage import create_exclusive, filesystem, join, read_bytes, write_bytes_atomic
 
 log = logging.getLogger("embedder")
@@ -70,6 +71,7 @@ class Lease:
         self.on_lost = on_lost
         self.owner = uuid.uuid4().hex
         self.generation = 0  # set by acquire: one more than the lease it replaced
+        self._replaced: str | None = None  # owner of the lease acquire took over, if any
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -148,6 +150,7 @@ class Lease:
                     log.warning("taking over the expired lease of %s", self.describe(current))
                 self._remove_if_owner(current.get("owner"))
             if create_exclusive(self.fs, self.path, json.dumps(self._record()).encode()):
+                self._replaced = None if current is None or current.get("broken") else current.get("owner")
                 self._start_heartbeat()
                 return
             force = False  # someone else created it meanwhile: re-read and judge again
@@ -162,23 +165,76 @@ class Lease:
             except FileNotFoundError:
                 pass
 
+    def check_held(self, what: str) -> None:
+        """Raises ``LeaseLost`` unless the lease file still names this job.
+
+        The run calls it before it opens (and, re-embedding, resets) the output and again after
+        ``Sink.fence``: a job frozen between taking the lease and fencing (past ``ttl_s``, while
+        another job took over and fenced) must not reset the newer job's output nor store its
+        token over the newer one's, and one whose fence landed late anyway stops before it writes
+        anything (the newer job's commits are then refused: it stops with the fence's message and
+        a rerun resumes).
+        """
+        current = self.read()
+        if current is None or current.get("owner") != self.owner:
+            raise LeaseLost(
+                f"{what} of {self.output_uri!r} stopped: the output's lease was taken over by another job "
+                f"({self.describe(current or {})}) while this one was paused past runner.lease_ttl_s; nothing was "
+                "written. The other job writes the output; if it failed, run this command again"
+            )
+
     def _start_heartbeat(self) -> None:
         self._thread = threading.Thread(target=self._beat, name="embedder-lease", daemon=True)
         self._thread.start()
 
     def _beat(self) -> None:
+        """Renews the lease every ``ttl_s / 4`` while the file names this job; stops at the first
+        read that names another (``on_lost``).
+
+        A renewal is a read, then a write: a thread frozen between the two (SIGSTOP, a suspended VM)
+        past the expiry would write its record over the lease of the job that took over meanwhile.
+        So the write happens only while this job's last record has not expired; otherwise the file
+        is read again first. The rest of that window (a second freeze right there) is closed on the
+        other side: a job that finds its lease overwritten by the job it took the lease over from
+        puts its own record back (``_reclaim``) instead of stopping; that writer's commits are
+        refused by the sink's fence whatever the file says.
+        """
         interval = max(0.2, self.ttl_s / 4)
+        expires_at = time.time() + self.ttl_s
         while not self._stop.wait(interval):
             try:
                 current = self.read()
+                failpoint("lease_renew")
+                if time.time() >= expires_at:  # frozen past our own expiry: what was read may be stale
+                    current = self.read()
                 if current is None or current.get("owner") != self.owner:
+                    if self._reclaim(current):
+                        continue
                     log.error("the output's lease was taken over by %s; stopping", self.describe(current or {}))
                     if self.on_lost:
                         self.on_lost()
                     return
-                write_bytes_atomic(self.fs, self.path, json.dumps(self._record()).encode())
+                record = self._record()
+                write_bytes_atomic(self.fs, self.path, json.dumps(record).encode())
+                expires_at = record["expires_at"]
             except Exception:  # a transient storage error: try again at the next beat
                 log.warning("lease heartbeat failed; retrying", exc_info=True)
+
+    def _reclaim(self, current: dict[str, Any] | None) -> bool:
+        """Puts this job's record back when ``current`` is the lease this job took over (its owner,
+        frozen mid-renewal, wrote it back late); False for any other owner, or no lease file.
+
+        Only that owner is known to be older than this job: generations restart at 1 after a
+        corrupt lease file, so they cannot tell which of two jobs came later.
+        """
+        if current is None or self._replaced is None or current.get("owner") != self._replaced:
+            return False
+        log.warning(
+            "the job this one took the output over from (%s) renewed its old lease late; putting ours back "
+            "(its commits are refused by the fence)", self.describe(current),
+        )
+        write_bytes_atomic(self.fs, self.path, json.dumps(self._record()).encode())
+        return True
 
     def release(self) -> None:
         """Stops the heartbeat and removes the lease if this job still owns it."""

@@ -109,7 +109,7 @@ class Run:
             for milestone, at in self.scheduler.marks.items():  # those of setup (Ray: encoders_started)
                 result.mark(milestone, at, started)
             result.mark("connected", time.perf_counter(), started)
-            plan = self._plan(checkpoint, result, started, lease.token)
+            plan = self._plan(checkpoint, result, started, lease)
             if plan.pending and not self.control.draining:
                 self._execute(plan, result)
             if self.control.draining:
@@ -143,9 +143,9 @@ class Run:
         self.scheduler.setup()
         stops.append(self.control.install_signal_handlers())
 
-    def _plan(self, checkpoint: Checkpoint, result: RunResult, started: float, token: str) -> RunPlan:
-        """list → plan → generation: the shards, the encoder, the opened sink (fenced with the lease's
-        ``token``), what is pending."""
+    def _plan(self, checkpoint: Checkpoint, result: RunResult, started: float, lease: Any) -> RunPlan:
+        """list → plan → generation: the shards, the encoder, the opened sink (fenced with the
+        ``lease``'s token), what is pending."""
         from embedder.checkpoint import check_source_unchanged
 
         job = self.job
@@ -165,8 +165,12 @@ class Run:
         result.mark("encoder_ready", self.scheduler.marks.get("encoder_ready", time.perf_counter()), started)
         result.dtype = str(encoder.provenance().get("dtype"))
         sink = self.sink_for(encoder)
+        # A job frozen since it took the lease must not reset or fence an output a newer job took
+        # over, nor go on if its fence landed after the newer one's (Lease.check_held).
+        lease.check_held("opening the output")
         self._open_output(sink, checkpoint, generation)
-        sink.fence(token)  # only this lease's commits land from now on (a stalled writer's are refused)
+        sink.fence(lease.token)  # only this lease's commits land from now on (a stalled writer's are refused)
+        lease.check_held("fencing the output")
         result.load_seconds = time.perf_counter() - started
         result.mark("planned", started + result.load_seconds, started)
         checkpoint.save_job(job.to_yaml())

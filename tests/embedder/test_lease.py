@@ -3,9 +3,11 @@ for good (issue #19 item 12)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -67,3 +69,41 @@ def test_a_corrupt_lease_reads_as_expired_and_is_not_mistaken_for_a_newer_one(tm
     finally:
         lease.release()
     assert lease.read() is None
+
+
+def _wait_until(predicate, timeout_s: float = 10.0) -> bool:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_late_renewal_by_the_job_taken_over_is_undone_and_a_newer_job_still_wins(tmp_path, caplog) -> None:
+    """A renewal that lands after a takeover (the old job froze between its read and its write)
+    puts the old record back in the file; the job that took over writes its own again and keeps
+    running. A lease of any other job (a later takeover) still stops it."""
+    output = str(tmp_path)
+    old = Lease(output, ttl_s=0.8)
+    old.acquire()
+    old._stop.set()  # its heartbeat dies: the lease expires
+    old._thread.join()
+    stale_record = json.dumps(old._record()).encode()
+    assert _wait_until(lambda: old.read()["expires_at"] < time.time())
+
+    lost: list[str] = []
+    new = Lease(output, ttl_s=0.8, on_lost=lambda: lost.append("lost"))
+    new.acquire()
+    assert new.generation == old.generation + 1
+    path = tmp_path / "_embedder" / "lease.json"
+    path.write_bytes(stale_record)  # the old job's late write
+    assert _wait_until(lambda: new.read()["owner"] == new.owner), "the takeover's record was not put back"
+    assert not lost
+    assert "renewed its old lease late; putting ours back" in caplog.text
+
+    newer = Lease(output, ttl_s=0.8)
+    path.write_bytes(json.dumps(newer._record()).encode())  # a job that is not the one `new` replaced
+    assert _wait_until(lambda: lost == ["lost"]), "a foreign lease did not stop the heartbeat"
+    assert new.read()["owner"] == newer.owner  # left alone
+    new._stop.set()

@@ -235,6 +235,33 @@ def test_a_writer_paused_past_its_lease_cannot_commit_after_a_takeover(corpus, r
         }  # every shard committed by the second run
 
 
+def test_a_writer_frozen_mid_renewal_does_not_overwrite_the_takeovers_lease(corpus, references, tmp_path) -> None:
+    """The stale writer freezes inside its lease heartbeat, after reading its own lease and before
+    renewing it (SIGSTOP at ``lease_renew``), and thaws after a second run took the output over:
+    its late renewal must not replace the new lease (the second run would then stop as if taken
+    over). It stops with the lease-lost line; the second run ends like a clean run. The lease is
+    the same for both sinks."""
+    output = str(tmp_path / "out")
+    stale = _run_cli(corpus, output, "parquet", {"EMBEDDER_FAILPOINT_STOP": "lease_renew",
+                                                 "EMBEDDER_FAILPOINT_DELAY": "mid_encode:0.3"}, wait=False)
+    takeover = None
+    try:
+        _wait_for(lambda: stale.poll() is None and _stopped(stale.pid))
+        wait_lease_expired(output)
+        takeover = _run_cli(corpus, output, "parquet", {"EMBEDDER_FAILPOINT_DELAY": "mid_encode:0.3"}, wait=False)
+        _wait_for(lambda: len(Checkpoint(output).completed()) >= 1)
+    finally:
+        os.kill(stale.pid, signal.SIGCONT)
+    _, stderr = stale.communicate(timeout=120)
+    assert stale.returncode == 1, stderr
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert "another job took this output over" in last or "lease was taken over by another job" in last, last
+    _, takeover_err = takeover.communicate(timeout=300)
+    assert takeover.returncode == 0, takeover_err
+    _assert_equal_to_reference(output, "parquet", references["parquet"])
+
+
 class _SpotHandler(http.server.BaseHTTPRequestHandler):
     notice_after = 0.0
 
