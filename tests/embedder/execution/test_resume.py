@@ -200,15 +200,11 @@ def _stopped(pid: int) -> bool:
         return f.read().rsplit(")", 1)[1].split()[0] == "T"
 
 
-@pytest.mark.parametrize("sink", ["parquet", "lance"])
-def test_a_writer_paused_past_its_lease_cannot_commit_after_a_takeover(corpus, references, sink, tmp_path) -> None:
-    """Issue #19 case 1: a writer frozen (SIGSTOP, every thread) right before it publishes a shard,
-    past runner.lease_ttl_s, while a second run takes the output over. Resumed in the middle of the
-    second run (after its first commit), the stale writer's commit is refused by the fence: it
-    exits 1 with one clear line, adds no version and no row, its staged rows are gone, and the
-    second run ends exactly like a clean run (no duplicate id)."""
-    output = str(tmp_path / "out")
-    stale = _run_cli(corpus, output, sink, {"EMBEDDER_FAILPOINT_STOP": "before_publish"}, wait=False)
+def _stale_writer_thawed_after_a_takeover(corpus, output: str, sink: str, stale_env: dict) -> str:
+    """A run frozen by ``stale_env``'s failpoint, past its lease, a second run started once the
+    lease expired, the first thawed after the second's first commit: the stale one must exit 1
+    with the lease-lost line and no traceback, the second 0. Returns the second's stderr."""
+    stale = _run_cli(corpus, output, sink, stale_env, wait=False)
     takeover = None
     try:
         _wait_for(lambda: stale.poll() is None and _stopped(stale.pid))
@@ -224,6 +220,18 @@ def test_a_writer_paused_past_its_lease_cannot_commit_after_a_takeover(corpus, r
     assert "another job took this output over" in last or "lease was taken over by another job" in last, last
     _, takeover_err = takeover.communicate(timeout=300)
     assert takeover.returncode == 0, takeover_err
+    return takeover_err
+
+
+@pytest.mark.parametrize("sink", ["parquet", "lance"])
+def test_a_writer_paused_past_its_lease_cannot_commit_after_a_takeover(corpus, references, sink, tmp_path) -> None:
+    """Issue #19 case 1: a writer frozen (SIGSTOP, every thread) right before it publishes a shard,
+    past runner.lease_ttl_s, while a second run takes the output over. Resumed in the middle of the
+    second run (after its first commit), the stale writer's commit is refused by the fence: it
+    exits 1 with one clear line, adds no version and no row, its staged rows are gone, and the
+    second run ends exactly like a clean run (no duplicate id)."""
+    output = str(tmp_path / "out")
+    takeover_err = _stale_writer_thawed_after_a_takeover(corpus, output, sink, {"EMBEDDER_FAILPOINT_STOP": "before_publish"})
     assert "taking over the expired lease" in takeover_err
     _assert_equal_to_reference(output, sink, references[sink])
     if sink == "parquet":
@@ -242,23 +250,8 @@ def test_a_writer_frozen_mid_renewal_does_not_overwrite_the_takeovers_lease(corp
     over). It stops with the lease-lost line; the second run ends like a clean run. The lease is
     the same for both sinks."""
     output = str(tmp_path / "out")
-    stale = _run_cli(corpus, output, "parquet", {"EMBEDDER_FAILPOINT_STOP": "lease_renew",
-                                                 "EMBEDDER_FAILPOINT_DELAY": "mid_encode:0.3"}, wait=False)
-    takeover = None
-    try:
-        _wait_for(lambda: stale.poll() is None and _stopped(stale.pid))
-        wait_lease_expired(output)
-        takeover = _run_cli(corpus, output, "parquet", {"EMBEDDER_FAILPOINT_DELAY": "mid_encode:0.3"}, wait=False)
-        _wait_for(lambda: len(Checkpoint(output).completed()) >= 1)
-    finally:
-        os.kill(stale.pid, signal.SIGCONT)
-    _, stderr = stale.communicate(timeout=120)
-    assert stale.returncode == 1, stderr
-    assert "Traceback" not in stderr
-    last = stderr.strip().splitlines()[-1]
-    assert "another job took this output over" in last or "lease was taken over by another job" in last, last
-    _, takeover_err = takeover.communicate(timeout=300)
-    assert takeover.returncode == 0, takeover_err
+    stale_env = {"EMBEDDER_FAILPOINT_STOP": "lease_renew", "EMBEDDER_FAILPOINT_DELAY": "mid_encode:0.3"}
+    _stale_writer_thawed_after_a_takeover(corpus, output, "parquet", stale_env)
     _assert_equal_to_reference(output, "parquet", references["parquet"])
 
 
