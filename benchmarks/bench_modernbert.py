@@ -130,6 +130,128 @@ def run_pipeline(path: str, docs: list[Any], root: Path, chunk_tokens: int, work
     }
 
 
+LOCAL_CONFIGS = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 4, 3)]
+
+
+def profile_forward(budgets: list[int]) -> None:
+    """Where the fused forward's time goes, on one GPU: whole forwards of a random ModernBERT-base
+    (RoPE copying q/k/v out of Wqkv's output, then in place) at each token budget, each piece alone
+    at the last budget (ms per batch: per-layer time times the layers that run it; GB/s for the
+    memory-bound kernels), other attention kernels, and the top CUDA kernels of one forward."""
+    import torch
+    import torch.nn.functional as F
+    import transformers
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.bench_encoder import _cuda_seconds, _profile_batch
+    from embedder.models import kernels
+    from embedder.models.packed_bert import build_attention
+    from embedder.models.packed_modernbert import PackedModernBertEncoder
+
+    h, i, layers, heads = SHAPE["hidden"], SHAPE["intermediate"], SHAPE["layers"], SHAPE["heads"]
+    config = transformers.ModernBertConfig(
+        vocab_size=50368, hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=i,
+        local_attention=SHAPE["local_attention"], global_attn_every_n_layers=SHAPE["global_every"],
+        max_position_embeddings=SHAPE["max_positions"],
+    )
+    model = transformers.ModernBertModel(config).eval()
+    cuda = torch.device("cuda")
+    packed = PackedModernBertEncoder.from_hf(model, cuda, torch.bfloat16)
+    print(f"  profile: attention {packed.attention_backend}, {packed.elementwise}", flush=True)
+    rng = np.random.default_rng(0)
+    batches = [_profile_batch(rng, budget) for budget in budgets]
+
+    def forward(b: dict[str, Any]) -> Any:
+        with torch.inference_mode():
+            return packed(b["ids"], b["pos"], build_attention(b["cu"], b["seg"], b["max_len"], b["total"], True))
+
+    for in_place in (False, True):
+        packed.rope_in_place = in_place
+        for b in batches:
+            seconds = _cuda_seconds(lambda b=b: forward(b))
+            print(f"  forward T={b['total']} rope {'in place' if in_place else 'copies'}: {seconds * 1e3:.1f} ms/batch, "
+                  f"{b['total'] / seconds / 1e6:.3f}M tok/s, {flops_per_corpus(b['lengths']) / seconds / 1e12:.0f} TFLOP/s",
+                  flush=True)
+    b = batches[-1]
+    total = b["total"]
+    n_global = len(range(0, layers, SHAPE["global_every"]))
+    bf = dict(device=cuda, dtype=torch.bfloat16)
+    x = torch.randn(total, h, device=cuda)
+    hidden = torch.randn(total, h, **bf)
+    wide = torch.randn(total, i, **bf)
+    w = {"Wqkv": torch.randn(3 * h, h, **bf) * 0.02, "Wo": torch.randn(h, h, **bf) * 0.02,
+         "Wi": torch.randn(2 * i, h, **bf) * 0.02, "Wo (mlp)": torch.randn(h, i, **bf) * 0.02}
+    ones = torch.ones(h, **bf)
+    inv_freq = packed._inv_freq[packed.plan[0][1]]
+    rows: list[tuple[str, float, float | None]] = []  # (piece, ms per batch, GB/s)
+    with torch.inference_mode():
+        for name, weight in w.items():
+            inp = wide if name == "Wo (mlp)" else hidden
+            sec = _cuda_seconds(lambda inp=inp, weight=weight: F.linear(inp, weight))
+            rows.append((f"mm {name} ({2 * total * weight.numel() / sec / 1e12:.0f} TFLOP/s)", sec * layers * 1e3, None))
+        qkv = F.linear(hidden, w["Wqkv"])
+        gu = F.linear(hidden, w["Wi"])
+        elementwise = {
+            "rope, q/k/v copied (16 tok/program)": (lambda: kernels.qk_norm_rope(qkv, b["pos"], inv_freq, 1.0, heads, heads, None, None, 1e-5), layers, 2 * qkv.numel() * 2),
+            "rope in place (16)": (lambda: kernels.qk_norm_rope(qkv, b["pos"], inv_freq, 1.0, heads, heads, None, None, 1e-5, in_place=True), layers, 2 * qkv.numel() * 2 * 2 // 3),
+            "rope in place (32)": (lambda: kernels.qk_norm_rope(qkv, b["pos"], inv_freq, 1.0, heads, heads, None, None, 1e-5, in_place=True, tokens=32), layers, 2 * qkv.numel() * 2 * 2 // 3),
+            "rope in place (64)": (lambda: kernels.qk_norm_rope(qkv, b["pos"], inv_freq, 1.0, heads, heads, None, None, 1e-5, in_place=True, tokens=64), layers, 2 * qkv.numel() * 2 * 2 // 3),
+            "add + LayerNorm, fp32 residual": (lambda: kernels.add_layer_norm_f32(x, hidden, ones, None, 1e-5), 2 * layers, total * h * (4 + 2 + 4 + 2)),
+            "GeGLU": (lambda: kernels.glu(gu, "gelu"), layers, gu.numel() * 2 * 3 // 2),
+        }
+        for name, (fn, count, nbytes) in elementwise.items():
+            sec = _cuda_seconds(fn)
+            rows.append((name, sec * count * 1e3, nbytes / sec / 1e9))
+        from torch.nn.attention.varlen import varlen_attn
+
+        cu, m = b["cu"], b["max_len"]
+        split = qkv.view(total, 3, heads, h // heads)
+        views = split.unbind(1)
+        copies = [t.contiguous() for t in views]
+        half = SHAPE["local_attention"] // 2
+        for label, (q, k, v) in (("contiguous", copies), ("views of qkv", views)):
+            sec = _cuda_seconds(lambda q=q, k=k, v=v: varlen_attn(q, k, v, cu, cu, m, m))
+            rows.append((f"attention global, {label}", sec * n_global * 1e3, None))
+            sec = _cuda_seconds(lambda q=q, k=k, v=v: varlen_attn(q, k, v, cu, cu, m, m, window_size=(half, half)))
+            rows.append((f"attention local +-{half}, {label}", sec * (layers - n_global) * 1e3, None))
+        windowed = varlen_attn(*views, cu, cu, m, m, window_size=(half, half))
+        for bm, bn, warps, stages in LOCAL_CONFIGS:
+            def local(bm: int = bm, bn: int = bn, warps: int = warps, stages: int = stages) -> Any:
+                return kernels.local_attention(*views, cu, m, half, block_m=bm, block_n=bn, num_warps=warps,
+                                               num_stages=stages)
+
+            diff = (local().float() - windowed.float()).abs().max().item()
+            sec = _cuda_seconds(local)
+            rows.append((f"attention local, Triton {bm}x{bn} w{warps} s{stages} (diff {diff:.1e})",
+                         sec * (layers - n_global) * 1e3, None))
+        reference = varlen_attn(*copies, cu, cu, m, m)
+        try:
+            def cudnn() -> Any:
+                return torch.ops.aten._cudnn_attention_forward(*copies, None, cu, cu, m, m, False, 0.0, False, False)[0]
+
+            diff = (cudnn().float() - reference.float()).abs().max().item()
+            sec = _cuda_seconds(cudnn)
+            rows.append((f"attention global, cuDNN varlen (max diff {diff:.1e})", sec * n_global * 1e3, None))
+        except Exception as err:  # a private op: exploration only
+            print(f"    cuDNN varlen attention: {type(err).__name__}: {str(err).splitlines()[0][:160]}", flush=True)
+    for name, ms, gbs in rows:
+        print(f"    {name:<58} {ms:7.1f} ms/batch" + (f"  {gbs:6.0f} GB/s" if gbs else ""), flush=True)
+    packed.rope_in_place = True
+    for bm, bn, warps, stages in LOCAL_CONFIGS:
+        packed._local = lambda q, k, v, meta, window, cfg=(bm, bn, warps, stages): kernels.local_attention(
+            q, k, v, meta.cu_seqlens, meta.max_seqlen, window, block_m=cfg[0], block_n=cfg[1], num_warps=cfg[2],
+            num_stages=cfg[3])
+        for b in batches:
+            seconds = _cuda_seconds(lambda b=b: forward(b))
+            print(f"  forward T={b['total']} rope in place, Triton local {bm}x{bn} w{warps} s{stages}: "
+                  f"{seconds * 1e3:.1f} ms/batch, {b['total'] / seconds / 1e6:.3f}M tok/s", flush=True)
+    forward(b)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        forward(b)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=16, max_name_column_width=70), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke run of a tiny model")
@@ -146,12 +268,16 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     parser.add_argument("--check-texts", type=int, default=256, help="texts compared with sentence-transformers fp32")
     parser.add_argument("--out", default="", help="write the rows as JSON here")
+    parser.add_argument("--profile", default="", help="token budgets, e.g. 65536,131072: only profile the fused forward")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ["TOKENIZERS_PARALLELISM"] = "true"
 
     import torch
 
+    if args.profile:
+        profile_forward([int(b) for b in args.profile.split(",") if b])
+        return
     from benchmarks.bench_encoder import (
         _chunk_task,
         _init_worker,

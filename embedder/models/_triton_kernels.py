@@ -142,6 +142,7 @@ def qk_norm_rope_kernel(
     qkv_ptr, pos_ptr, inv_freq_ptr, qw_ptr, kw_ptr, q_ptr, k_ptr, v_ptr,
     n_tokens, eps, rope_scale,
     HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr, NORM: tl.constexpr, TOKENS: tl.constexpr,
+    IN_PLACE: tl.constexpr,
 ):
     # One program: TOKENS tokens of one head of the fused QKV output [T, (HEADS + 2 KV_HEADS) * 2 HALF].
     # q and k heads: (RMSNorm over the head when NORM, as Qwen3's q_norm/k_norm), then RoPE in the
@@ -149,6 +150,8 @@ def qk_norm_rope_kernel(
     # Hugging Face's rotary module returns them). v heads: copied. Outputs are contiguous
     # [T, heads, head_dim] tensors, as varlen attention takes them. The roundings are to the
     # outputs' dtype (the run's), so a float32 QKV (a GEMM that wrote fp32) is rounded once, here.
+    # IN_PLACE: q and k are written back over their place in qkv (the grid then spans the q and k
+    # heads only: v stays where the GEMM put it), and attention reads strided views of qkv.
     head = tl.program_id(1)
     dtype = q_ptr.dtype.element_ty
     tokens = tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)
@@ -182,7 +185,9 @@ def qk_norm_rope_kernel(
         sin = (tl.sin(freqs) * rope_scale).to(dtype).to(tl.float32)
         o1 = (a * cos - b * sin).to(dtype)
         o2 = (b * cos + a * sin).to(dtype)
-        if is_q:
+        if IN_PLACE:
+            out = qkv_ptr + tokens.to(tl.int64)[:, None] * width + head * 2 * HALF
+        elif is_q:
             out = q_ptr + tokens.to(tl.int64)[:, None] * (HEADS * 2 * HALF) + head * 2 * HALF
         else:
             out = k_ptr + tokens.to(tl.int64)[:, None] * (KV_HEADS * 2 * HALF) + (head - HEADS) * 2 * HALF
@@ -208,3 +213,54 @@ def glu_kernel(gu_ptr, out_ptr, n_elements, inter, BLOCK: tl.constexpr, ACT: tl.
     else:  # ACT_GELU_TANH
         g = g * tl.sigmoid(2.0 * SQRT_2_OVER_PI * (g + 0.044715 * g * g * g))
     tl.store(out_ptr + idx, (g * u).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def local_attention_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    qk_scale,
+    WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Sliding-window attention over packed sequences (ModernBERT's local layers): query i of a
+    # sequence attends the keys j of the same sequence with |i - j| <= WINDOW. One program: BLOCK_M
+    # queries of one sequence and head; it visits only the keys [m0 - WINDOW, m0 + BLOCK_M + WINDOW)
+    # of its sequence, BLOCK_N at a time, with the online softmax of FlashAttention (fp32 statistics,
+    # exp2 with the scale folded into qk_scale = softmax scale * log2(e)).
+    pid_m = tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    start = tl.load(cu_ptr + seq)
+    length = tl.load(cu_ptr + seq + 1) - start
+    m0 = pid_m * BLOCK_M
+    if m0 < length:
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        rows = (start + offs_m).to(tl.int64)
+        row_ok = offs_m < length
+        q = tl.load(q_ptr + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        lo = tl.maximum(m0 - WINDOW, 0)
+        hi = tl.minimum(m0 + BLOCK_M + WINDOW, length)
+        for n0 in range(lo, hi, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            keys = (start + offs_n).to(tl.int64)
+            key_ok = offs_n < hi
+            k = tl.load(k_ptr + keys[:, None] * stride_kt + head * stride_kh + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+            v = tl.load(v_ptr + keys[:, None] * stride_vt + head * stride_vh + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            distance = offs_m[:, None] - offs_n[None, :]
+            ok = key_ok[None, :] & (distance <= WINDOW) & (distance >= -WINDOW)
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: no NaN
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(o_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])

@@ -192,6 +192,8 @@ def qk_norm_rope(
     k_norm: torch.Tensor | None,
     eps: float,
     dtype: torch.dtype | None = None,
+    in_place: bool = False,
+    tokens: int = 16,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fused QKV projection's output split into heads, q and k normalised (Qwen3's q/k norms,
     when given) and rotated (RoPE at ``positions``), in one pass.
@@ -202,25 +204,38 @@ def qk_norm_rope(
         inv_freq: ``[head_dim / 2]`` float32, the model's rotary inverse frequencies.
         rope_scale: the rotary module's attention scaling (cos and sin are multiplied by it).
         dtype: the outputs' dtype (None: ``qkv``'s); a float32 ``qkv`` is then rounded once, here.
+        in_place: rotate q and k where they lie in ``qkv`` and return views of it (v is not copied:
+            a third less memory traffic); needs ``dtype`` to be ``qkv``'s.
+        tokens: tokens per program (a power of two).
 
     Returns:
-        ``(q [T, heads, d], k [T, kv_heads, d], v [T, kv_heads, d])``, contiguous, ``dtype``.
+        ``(q [T, heads, d], k [T, kv_heads, d], v [T, kv_heads, d])`` in ``dtype``: contiguous
+        tensors, or with ``in_place`` strided views of ``qkv`` (the last dimension contiguous, as
+        varlen attention takes them).
     """
     import triton
 
     num_tokens = qkv.shape[0]
     head_dim = qkv.shape[1] // (heads + 2 * kv_heads)
     dtype = qkv.dtype if dtype is None else dtype
-    q = torch.empty((num_tokens, heads, head_dim), dtype=dtype, device=qkv.device)
-    k = torch.empty((num_tokens, kv_heads, head_dim), dtype=dtype, device=qkv.device)
-    v = torch.empty_like(k)
-    tokens = 16
-    grid = (triton.cdiv(num_tokens, tokens), heads + 2 * kv_heads)
+    if in_place:
+        if dtype != qkv.dtype:
+            raise ValueError(f"in_place needs the output dtype to be qkv's ({qkv.dtype}), not {dtype}")
+        split = qkv.view(num_tokens, heads + 2 * kv_heads, head_dim)
+        q, k, v = split[:, :heads], split[:, heads:heads + kv_heads], split[:, heads + kv_heads:]
+        out_q = out_k = out_v = qkv
+    else:
+        q = torch.empty((num_tokens, heads, head_dim), dtype=dtype, device=qkv.device)
+        k = torch.empty((num_tokens, kv_heads, head_dim), dtype=dtype, device=qkv.device)
+        v = torch.empty_like(k)
+        out_q, out_k, out_v = q, k, v
+    grid = (triton.cdiv(num_tokens, tokens), heads + (1 if in_place else 2) * kv_heads)
     norm = q_norm is not None
     _kernels().qk_norm_rope_kernel[grid](
-        qkv, positions, inv_freq, q_norm if norm else qkv, k_norm if norm else qkv, q, k, v,
+        qkv, positions, inv_freq, q_norm if norm else qkv, k_norm if norm else qkv, out_q, out_k, out_v,
         num_tokens, eps, rope_scale,
-        HEADS=heads, KV_HEADS=kv_heads, HALF=head_dim // 2, NORM=norm, TOKENS=tokens, num_warps=4,
+        HEADS=heads, KV_HEADS=kv_heads, HALF=head_dim // 2, NORM=norm, TOKENS=tokens, IN_PLACE=in_place,
+        num_warps=4,
     )
     return q, k, v
 
@@ -241,4 +256,49 @@ def glu(gate_up: torch.Tensor, activation: str, dtype: torch.dtype | None = None
     n = n_rows * inter
     grid = (triton.cdiv(n, block),)
     _kernels().glu_kernel[grid](gate_up, out, n, inter, BLOCK=block, ACT=GLU_ACTIVATIONS[activation], num_warps=8)
+    return out
+
+
+def local_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    window: int,
+    scale: float | None = None,
+    block_m: int = 64,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    """Exact sliding-window attention over packed sequences: token ``i`` of a sequence attends the
+    tokens ``j`` of the same sequence with ``|i - j| <= window`` (ModernBERT's local layers, where
+    ``window`` is ``local_attention // 2``).
+
+    Each program visits only the keys its queries can see (``block_m + 2 window`` of them), so a
+    local layer costs O(T · window) and no key block is wasted on masking whole tiles.
+
+    Args:
+        q, k, v: ``[T, heads, head_dim]`` (strided views allowed; the last dimension contiguous),
+            ``head_dim`` a power of two.
+        cu_seqlens: ``[n + 1]`` int32 sequence offsets into the packed tokens.
+        max_seqlen: the longest sequence.
+        scale: softmax scale (None: ``head_dim ** -0.5``).
+
+    Returns:
+        ``[T, heads, head_dim]`` contiguous, ``q``'s dtype.
+    """
+    import triton
+
+    num_tokens, heads, head_dim = q.shape
+    out = torch.empty((num_tokens, heads, head_dim), dtype=q.dtype, device=q.device)
+    scale = head_dim**-0.5 if scale is None else scale
+    grid = (triton.cdiv(max_seqlen, block_m), cu_seqlens.numel() - 1, heads)
+    _kernels().local_attention_kernel[grid](
+        q, k, v, out, cu_seqlens,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        scale * 1.4426950408889634,  # log2(e): the kernel's exponentials are exp2
+        WINDOW=window, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
+    )
     return out

@@ -40,8 +40,10 @@ bf16 (together with the fused kernels below, measured on an H200: a Mistral-7B s
 went from 0.99716 to 0.99780, Qwen3-0.6B's from 0.99989 to 0.99995).
 
 On CUDA in fp16/bf16 every elementwise pass between the GEMMs is one Triton kernel
-(``kernels.add_rms_norm``: the residual add and the next RMSNorm; ``kernels.qk_norm_rope``: the
-split into heads, Qwen3's q/k norms and RoPE; ``kernels.glu``) — ``fused=None``, the default there.
+(``kernels.add_rms_norm``: the residual add and the next RMSNorm; ``kernels.qk_norm_rope``:
+Qwen3's q/k norms and RoPE, written in place inside the QKV output that attention then reads as
+strided views — with ``fp32_gemm_out``, rounded into new q/k/v tensors; ``kernels.glu``) —
+``fused=None``, the default there.
 Where the kernels cannot take the model (a head size that is not a power of two, an activation
 they do not implement) or with ``fused=False``, the same math is compiled with ``torch.compile`` into
 regions running from one attention to the next (``compile``), or runs eagerly. Measured on an H200
@@ -480,7 +482,7 @@ class PackedDecoderEncoder:
         for i, (_, qkv_w, qkv_b, q_norm, k_norm, o_w, o_b, ln2, gu_w, gu_b, down_w, down_b) in enumerate(self.layers):
             q, k, v = kernels.qk_norm_rope(
                 linear(h, qkv_w, qkv_b), position_ids, self.inv_freq, self.rope_scale, heads, kv_heads, q_norm, k_norm,
-                eps, dtype=dtype,
+                eps, dtype=dtype, in_place=not self.fp32_gemm_out,
             )
             if mask is None:
                 attn = _attend_varlen(q, k, v, meta, self.causal)

@@ -25,7 +25,11 @@ whole sequence; the others over a sliding window, a token seeing the keys at dis
   the key blocks outside the window, so local layers cost O(T·w) rather than O(Σ L²). The window
   argument appeared after torch 2.10; where ``varlen_attn`` lacks it, local layers run in
   ``flex_attention`` with a document + window block mask (compiled, also exact and block-sparse),
-  global layers staying on ``varlen_attn`` (the backend then reads ``varlen+flex``).
+  global layers staying on ``varlen_attn`` (the backend then reads ``varlen+flex``). With the
+  fused forward (below), local layers run in ``kernels.local_attention`` instead, a Triton kernel
+  whose programs visit only the keys their 64 queries can see (``varlen+triton-window``): measured
+  on an H100 at 5.6 ms a batch of 131k tokens over 14 local layers, against 15.7 ms for
+  ``varlen_attn``'s window (whose 128-key tiles all need masking).
 * ``flex`` — ``torch.nn.attention.flex_attention`` for every layer (any device; on CPU in eager
   mode only for tests, it materialises the scores).
 * ``padded`` — anywhere (CPU, fp32): q/k/v scattered into a ``[n, L]`` grid, SDPA with the key mask
@@ -38,8 +42,9 @@ same result, no mask.
 On CUDA in fp16/bf16 with Triton (``fused=None``, the default, means "there"), each elementwise
 pass between the GEMMs is one Triton kernel of ``embedder.models.kernels``, as in the decoder
 forward: the residual stream is float32, a layer's closing residual add fuses with the next
-LayerNorm (``add_layer_norm_f32``), RoPE with the split of ``Wqkv``'s output into heads
-(``qk_norm_rope``, cos/sin from the positions in the kernel) and GeGLU is one pass (``glu``).
+LayerNorm (``add_layer_norm_f32``), RoPE rotates q and k in place inside ``Wqkv``'s output,
+attention reading strided views of it (``qk_norm_rope``, cos/sin from the positions in the
+kernel; v is never copied) and GeGLU is one pass (``glu``).
 Where that cannot run (no Triton, a head size that is not a power of two, an activation ``glu``
 lacks) or with ``fused=False``, the same math is compiled with ``torch.compile`` into a few fused
 kernels per layer (``compile=None``: on CUDA in fp16/bf16; ``False`` keeps eager PyTorch ops).
@@ -309,6 +314,12 @@ def _attend_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: _Bat
     return out.transpose(1, 2).reshape(n * length, heads, head_dim)[meta.pad_index]
 
 
+def _attend_window_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: _BatchAttention, half: int) -> torch.Tensor:
+    from embedder.models import kernels
+
+    return kernels.local_attention(q, k, v, meta.cu_seqlens, meta.max_seqlen, half, block_m=64, block_n=64, num_stages=3)
+
+
 @functools.cache
 def _compiled_flex() -> Callable[..., torch.Tensor]:
     from torch.nn.attention.flex_attention import flex_attention
@@ -384,11 +395,15 @@ class PackedModernBertEncoder:
         self.act = act
         self.act_name = act_name
         self.fused = fused and act_name in GLU_ACTIVATIONS
+        self.rope_in_place = True  # fused: RoPE rotates q and k inside Wqkv's output (False: copies, for benchmarks)
         self.compiled = compile and not self.fused
         self._global = {"varlen": _attend_varlen, "flex": _attend_flex, "padded": _attend_padded}[attention]
         self._local = self._global
         self.attention_backend = attention
-        if attention == "varlen" and not varlen_window_supported():
+        if attention == "varlen" and self.fused:
+            self._local = _attend_window_kernel
+            self.attention_backend = "varlen+triton-window"
+        elif attention == "varlen" and not varlen_window_supported():
             self._local = _attend_flex
             self.attention_backend = "varlen+flex"
         head_dim = self.hidden_size // num_heads
@@ -559,7 +574,10 @@ class PackedModernBertEncoder:
         h = x.to(table.dtype) if self.layers[0][0] is None else kernels.add_layer_norm_f32(x, None, *self.layers[0][:2], eps)
         for i, (_, _, qkv_w, qkv_b, wo, wo_b, mlp_w, mlp_b, wi, wi_b, w2, w2_b) in enumerate(self.layers):
             inv_freq = self._inv_freq[self.plan[i][1]]
-            q, k, v = kernels.qk_norm_rope(F.linear(h, qkv_w, qkv_b), position_ids, inv_freq, 1.0, heads, heads, None, None, eps)
+            q, k, v = kernels.qk_norm_rope(
+                F.linear(h, qkv_w, qkv_b), position_ids, inv_freq, 1.0, heads, heads, None, None, eps,
+                in_place=self.rope_in_place, tokens=32,
+            )
             h = kernels.add_layer_norm_f32(x, F.linear(self._attend(i, q, k, v, batch), wo, wo_b), mlp_w, mlp_b, eps)
             out = F.linear(kernels.glu(F.linear(h, wi, wi_b), self.act_name), w2, w2_b)
             norm_w, norm_b = self.final_norm if i == last else self.layers[i + 1][:2]

@@ -293,6 +293,14 @@ x1, x2 = qkv.view(t, heads + 2 * kv, d)[:, :heads].chunk(2, -1)
 rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)
 torch.testing.assert_close(q.float(), rotated, rtol=2**-7, atol=0.05)
 torch.testing.assert_close(v.float(), qkv.view(t, heads + 2 * kv, d)[:, heads + kv:], **one_step)
+# in place: the same rotation written over q and k inside qkv, returned as views; v untouched
+copied = kernels.qk_norm_rope(qkv, torch.arange(t), inv, 1.0, heads, kv, None, None, 1e-6)
+inside = qkv.clone()
+views = kernels.qk_norm_rope(inside, torch.arange(t), inv, 1.0, heads, kv, None, None, 1e-6, in_place=True, tokens=4)
+for a, b in zip(copied, views):
+    assert b.data_ptr() >= inside.data_ptr() and not b.is_contiguous() and b.stride(-1) == 1
+    torch.testing.assert_close(b, a, rtol=0, atol=0)
+torch.testing.assert_close(inside.view(t, heads + 2 * kv, d)[:, heads + kv:], qkv.view(t, heads + 2 * kv, d)[:, heads + kv:], rtol=0, atol=0)
 gu = torch.randn(t, 64, generator=torch.Generator().manual_seed(2))
 out = kernels.glu(gu, "silu", dtype=torch.bfloat16)
 assert out.dtype == torch.bfloat16

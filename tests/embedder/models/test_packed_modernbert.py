@@ -195,7 +195,7 @@ import sys, torch, transformers
 sys.path.insert(0, {tests!r})
 from tiny_models import hf_config, randomize
 from embedder.models.packed_bert import build_attention
-from embedder.models.packed_modernbert import PackedModernBertEncoder
+from embedder.models.packed_modernbert import PackedModernBertEncoder, _attend_window_kernel
 from embedder.models.pooling import token_segments
 lengths = [1, {max_len}, 7, 50, 2, 130, {window} // 2 + 1, 33]
 cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
@@ -212,16 +212,35 @@ for seed, biases in enumerate([False, True]):
     fused = PackedModernBertEncoder.from_hf(model, cpu, torch.float32, attention="padded", fused=True)
     assert fused.fused and not plain.fused and not fused.compiled
     meta = build_attention(cu, token_segments(cu, int(cu[-1])), max(lengths), int(cu[-1]), plain.varlen)
+    windowed = PackedModernBertEncoder.from_hf(model, cpu, torch.float32, attention="padded", fused=True)
+    windowed._local = _attend_window_kernel  # local layers as the GPU runs them (varlen+triton-window)
     with torch.inference_mode():
-        a, b = plain(ids, positions, meta), fused(ids, positions, meta)
+        a, b, c = plain(ids, positions, meta), fused(ids, positions, meta), windowed(ids, positions, meta)
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-4)
+# the window kernel alone, blocks smaller than the window and than the sequences (many key blocks,
+# ranges clipped at both ends of a sequence), on strided views, against masked SDPA per sequence
+from embedder.models import kernels
+lengths, heads, half = [200, 1, 65, 64, 130, 7, 17], 3, 20
+qkv = torch.randn(sum(lengths), 3, heads, 16, generator=torch.Generator().manual_seed(3))
+q, k, v = qkv.unbind(1)
+cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+for block_m, block_n in ((16, 16), (32, 16), (16, 64)):
+    got = kernels.local_attention(q, k, v, cu, max(lengths), half, block_m=block_m, block_n=block_n)
+    want = []
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        i = torch.arange(end - start)
+        mask = (i[:, None] - i[None, :]).abs() <= half
+        one = [t[start:end].transpose(0, 1) for t in (q, k, v)]
+        want.append(torch.nn.functional.scaled_dot_product_attention(*one, attn_mask=mask).transpose(0, 1))
+    torch.testing.assert_close(got, torch.cat(want), rtol=1e-5, atol=1e-5)
 print("fused kernels match")
 """
 
 
 def test_fused_modernbert_kernels_equal_the_pytorch_ops_in_the_triton_interpreter(tmp_path: Path) -> None:
-    """The float32-residual add + LayerNorm (with and without biases), RoPE of each layer's theta and
-    the GeGLU, as the GPU runs them (Triton kernels, here in Triton's interpreter), against the
+    """The float32-residual add + LayerNorm (with and without biases), RoPE of each layer's theta (in
+    place), the GeGLU and the sliding-window attention kernel of local layers, as the GPU runs them (Triton kernels, here in Triton's interpreter), against the
     eager forward in fp32 on sequences longer and shorter than the window; Triton reads
     TRITON_INTERPRET when first imported, hence a fresh interpreter."""
     import os

@@ -69,7 +69,7 @@ def _windowed_reference(q, k, v, lengths: list[int], half: int) -> torch.Tensor:
     return torch.cat(outs)
 
 
-@pytest.mark.parametrize("backend", ["varlen", "flex"])
+@pytest.mark.parametrize("backend", ["varlen", "flex", "triton-window"])
 def test_sliding_window_attention_kernels_are_exact(backend: str) -> None:
     from embedder.models.packed_modernbert import (
         _attend_flex,
@@ -83,7 +83,11 @@ def test_sliding_window_attention_kernels_are_exact(backend: str) -> None:
     lengths, half = [1, 64, 65, 66, 300, 1000, 129, 2], WINDOW // 2
     q, k, v, cu = _packed_qkv(lengths, dtype=torch.bfloat16)
     meta = _BatchAttention(cu_seqlens=cu, max_seqlen=max(lengths), rope={})
-    if backend == "flex":
+    if backend == "triton-window":
+        from embedder.models.packed_modernbert import _attend_window_kernel
+
+        got = _attend_window_kernel(q, k, v, meta, half)
+    elif backend == "flex":
         segments = torch.repeat_interleave(torch.arange(len(lengths), device="cuda"), torch.tensor(lengths, device="cuda"))
         meta.local_block_mask = _flex_block_mask(segments, half)
         got = _attend_flex(q, k, v, meta, half)
@@ -106,7 +110,7 @@ def test_modernbert_half_precision_matches_fp32_sentence_transformers(
     encoder = Encoder.load(ModelConfig(name=path, device="cuda", dtype=dtype))
     packed = encoder._packed_model
     assert encoder.packed and isinstance(packed, PackedModernBertEncoder)
-    assert packed.attention_backend in ("varlen", "varlen+flex") and packed.fused and not packed.compiled
+    assert packed.attention_backend == "varlen+triton-window" and packed.fused and not packed.compiled
     if forward == "compiled":
         hf = transformers.AutoModel.from_pretrained(path)
         packed = PackedModernBertEncoder.from_hf(hf, encoder.device, encoder.dtype, fused=False)
