@@ -13,8 +13,10 @@ builds in seconds. For each model, in one run:
 * ``embedder gpu-only``: the same packed batches, pre-built, through ``encode_async`` alone;
 * min cosine of embedder's vectors to sentence-transformers fp32 (on the GPU, TF32 off) on a sample;
   on the sentence-transformers row, its own bf16 vectors' min cosine to fp32;
-* ``--variants``: the same batches through other forwards, a gpu-only row each — ``compiled``,
-  ``eager``, and ``fp32out`` (the fused forward with float32 GEMM outputs, with its min cosine).
+* ``--variants``: the same batches through other forwards, a gpu-only row each with its min cosine
+  and peak GPU memory — ``compiled``, ``eager``, ``fp32out`` (the fused forward with float32 GEMM
+  outputs), ``fp16`` and ``fp16-fp32out`` (the fused forward in float16). One copy of the weights
+  is on the GPU at a time, so the 7B shape's variants fit an 80 GB card.
 
 % of peak counts the matmul FLOPs (q/k/v/o with GQA widths, gate/up/down) and attention (causal:
 half of QKᵀ and PV) against the bf16 matmul peak measured here.
@@ -32,6 +34,7 @@ CPU smoke run::
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -71,6 +74,7 @@ SHAPES: dict[str, dict[str, Any]] = {
     "tiny": dict(family="qwen3", hidden=64, layers=2, heads=4, kv_heads=2, head_dim=32, intermediate=192),
 }
 TOKENS = {"qwen3-0.6b": 4_000_000, "mistral-7b": 600_000, "tiny": 20_000}
+VARIANTS = ("compiled", "eager", "fp32out", "fp16", "fp16-fp32out")
 ST_BATCH_SIZES = {"qwen3-0.6b": "32,64,128", "mistral-7b": "16,32", "tiny": "16"}
 
 
@@ -185,6 +189,12 @@ def bench_model(name: str, args: argparse.Namespace, root: Path, peak: float) ->
     st_model = _st_model(path, device, torch.bfloat16 if device == "cuda" else torch.float32)
     st_vectors = st_model.encode([texts[i] for i in sample], batch_size=8, show_progress_bar=False, convert_to_numpy=True)
     del st_model
+    gc.collect()  # the sentence-transformers copies gone before the budget's batches run
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        print(f"    GPU memory before the embedder runs: {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated, "
+              f"{torch.cuda.memory_reserved() / 2**30:.1f} GiB reserved", flush=True)
+        torch.cuda.reset_peak_memory_stats()
     st_cos = float(cosines(st_vectors.astype(np.float32), reference).min())
     rows.append(_row(name, f"sentence-transformers {dtype} bs={st['batch_size']}", st_rate, flops / st["seconds"], peak, 1.0, st_cos))
     with ProcessPoolExecutor(
@@ -210,30 +220,40 @@ def bench_model(name: str, args: argparse.Namespace, root: Path, peak: float) ->
         print(f"    gpu-only: {gpu['seconds']:.2f}s ({rate / 1e3:.0f}k tok/s)", flush=True)
         if device == "cuda":
             rows[-1]["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            print(f"    peak GPU memory of the default forward's runs: {rows[-1]['peak_mem_gib']:.1f} GiB", flush=True)
         if args.profile:
             profile_batches(encoder, batches[:4])
         for variant in [v for v in args.variants.split(",") if v] if device == "cuda" else []:
-            # the same batches through the other forwards (torch.compile, eager), for the kernels'
-            # gain; fp32out: the fused forward with float32 GEMM outputs, with its fidelity
+            # the same batches through the other forwards, each with its fidelity: compiled/eager
+            # (the kernels' gain), fp32out (fused, float32 GEMM outputs), fp16 / fp16-fp32out (the
+            # fused forward in float16: 3 more mantissa bits than bf16, same tensor-core rate)
             from embedder.models.packed_decoder import PackedDecoderEncoder
 
-            hf = hf_base_model(path, device)
-            fp32out = variant == "fp32out"
+            if variant not in VARIANTS:
+                raise SystemExit(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+            encoder._packed_model = None  # one copy of the weights on the GPU at a time (a 7B is 14.5 GB)
+            gc.collect()
+            torch.cuda.empty_cache()
+            hf = hf_base_model(path, "cpu")
+            fused, fp32out = variant not in ("compiled", "eager"), variant.endswith("fp32out")
+            variant_dtype = torch.float16 if variant.startswith("fp16") else encoder.dtype
             encoder._packed_model = PackedDecoderEncoder.from_hf(
-                hf, encoder.device, encoder.dtype, fused=fp32out, compile=variant == "compiled", fp32_gemm_out=fp32out
+                hf, encoder.device, variant_dtype, fused=fused, compile=variant == "compiled", fp32_gemm_out=fp32out
             )
             del hf
+            torch.cuda.reset_peak_memory_stats()
             encoder.encode(batches[0])
             gpu = run_gpu_only(encoder, batches, device)
             rate = gpu["tokens"] / gpu["seconds"]
-            variant_cos = None
-            if fp32out:
-                ours = encoder.encode_texts([texts[i] for i in sample], encoder.document_prompt)
-                variant_cos = float(cosines(ours, reference).min())
+            ours = encoder.encode_texts([texts[i] for i in sample], encoder.document_prompt)
+            variant_cos = float(cosines(ours, reference).min())
             other = f"packed {packed.attention_backend} {forward_kind(encoder._packed_model)}"
-            rows.append(_row(name, f"embedder gpu-only {dtype} {other} budget={encoder.token_budget}", rate,
+            label_dtype = str(variant_dtype).removeprefix("torch.")
+            rows.append(_row(name, f"embedder gpu-only {label_dtype} {other} budget={encoder.token_budget}", rate,
                              flops / gpu["seconds"], peak, rate / st_rate, variant_cos))
-            print(f"    gpu-only {variant}: {gpu['seconds']:.2f}s ({rate / 1e3:.0f}k tok/s)", flush=True)
+            rows[-1]["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            print(f"    gpu-only {variant}: {gpu['seconds']:.2f}s ({rate / 1e3:.0f}k tok/s, min cos {variant_cos:.5f}, "
+                  f"peak {rows[-1]['peak_mem_gib']:.1f} GiB)", flush=True)
     del encoder
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -255,8 +275,8 @@ def main() -> None:
     parser.add_argument("--check-texts", type=int, default=128)
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of a few batches")
     parser.add_argument("--variants", default="compiled",
-                        help="GPU: comma-separated other forwards for a gpu-only row each, of compiled, eager, "
-                        "fp32out (float32 GEMM outputs, with its min cos) ('' for none)")
+                        help=f"GPU: comma-separated other forwards for a gpu-only row each (with its min cos), "
+                        f"of {', '.join(VARIANTS)} ('' for none)")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
