@@ -219,7 +219,7 @@ def glu_kernel(gu_ptr, out_ptr, n_elements, inter, BLOCK: tl.constexpr, ACT: tl.
 def local_attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    qk_scale,
+    qk_scale, m_blocks,
     WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Sliding-window attention over packed sequences (ModernBERT's local layers): query i of a
@@ -227,9 +227,13 @@ def local_attention_kernel(
     # queries of one sequence and head; it visits only the keys [m0 - WINDOW, m0 + BLOCK_M + WINDOW)
     # of its sequence, BLOCK_N at a time, with the online softmax of FlashAttention (fp32 statistics,
     # exp2 with the scale folded into qk_scale = softmax scale * log2(e)).
-    pid_m = tl.program_id(0)
-    seq = tl.program_id(1)
-    head = tl.program_id(2)
+    # Axis 0 is (sequence, query block), the blocks of a sequence adjacent so that neighbours,
+    # which share two thirds of their keys, run together (and sequences can outnumber the 65,535
+    # programs a grid's other axes allow); axis 1 is the head.
+    pid = tl.program_id(0)
+    seq = pid // m_blocks
+    pid_m = pid - seq * m_blocks
+    head = tl.program_id(1)
     start = tl.load(cu_ptr + seq)
     length = tl.load(cu_ptr + seq + 1) - start
     m0 = pid_m * BLOCK_M

@@ -294,11 +294,12 @@ def local_attention(
     num_tokens, heads, head_dim = q.shape
     out = torch.empty((num_tokens, heads, head_dim), dtype=q.dtype, device=q.device)
     scale = head_dim**-0.5 if scale is None else scale
-    grid = (triton.cdiv(max_seqlen, block_m), cu_seqlens.numel() - 1, heads)
+    m_blocks = triton.cdiv(max_seqlen, block_m)
+    grid = (m_blocks * (cu_seqlens.numel() - 1), heads)
     _kernels().local_attention_kernel[grid](
         q, k, v, out, cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        scale * 1.4426950408889634,  # log2(e): the kernel's exponentials are exp2
+        scale * 1.4426950408889634, m_blocks,  # log2(e): the kernel's exponentials are exp2
         WINDOW=window, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -96,6 +96,19 @@ def test_sliding_window_attention_kernels_are_exact(backend: str) -> None:
     torch.testing.assert_close(got.float(), _windowed_reference(q, k, v, lengths, half), atol=2e-2, rtol=2e-2)
 
 
+def test_the_window_kernel_takes_more_sequences_than_a_grid_axis_allows() -> None:
+    """70,000 short sequences (a batch of titles): more than the 65,535 programs of a CUDA grid's
+    second axis; each sequence fits its window, so the result is plain attention per sequence."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    from embedder.models import kernels
+
+    lengths = [2, 3] * 35_000
+    q, k, v, cu = _packed_qkv(lengths, dtype=torch.bfloat16)
+    got = kernels.local_attention(q, k, v, cu, max(lengths), WINDOW // 2)
+    torch.testing.assert_close(got, varlen_attn(q, k, v, cu, cu, 3, 3), atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize("forward", ["fused", "compiled"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("name", ["cls", "mean"])
