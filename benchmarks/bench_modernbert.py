@@ -191,14 +191,18 @@ def profile_forward(budgets: list[int]) -> None:
             rows.append((f"mm {name} ({2 * total * weight.numel() / sec / 1e12:.0f} TFLOP/s)", sec * layers * 1e3, None))
         qkv = F.linear(hidden, w["Wqkv"])
         gu = F.linear(hidden, w["Wi"])
-        elementwise = {
-            "rope, q/k/v copied (16 tok/program)": (lambda: kernels.qk_norm_rope(qkv, b["pos"], inv_freq, 1.0, heads, heads, None, None, 1e-5), layers, 2 * qkv.numel() * 2),
-            "rope in place (16)": (lambda: kernels.qk_norm_rope(qkv, b["pos"], inv_freq, 1.0, heads, heads, None, None, 1e-5, in_place=True), layers, 2 * qkv.numel() * 2 * 2 // 3),
-            "rope in place (32)": (lambda: kernels.qk_norm_rope(qkv, b["pos"], inv_freq, 1.0, heads, heads, None, None, 1e-5, in_place=True, tokens=32), layers, 2 * qkv.numel() * 2 * 2 // 3),
-            "rope in place (64)": (lambda: kernels.qk_norm_rope(qkv, b["pos"], inv_freq, 1.0, heads, heads, None, None, 1e-5, in_place=True, tokens=64), layers, 2 * qkv.numel() * 2 * 2 // 3),
-            "add + LayerNorm, fp32 residual": (lambda: kernels.add_layer_norm_f32(x, hidden, ones, None, 1e-5), 2 * layers, total * h * (4 + 2 + 4 + 2)),
-            "GeGLU": (lambda: kernels.glu(gu, "gelu"), layers, gu.numel() * 2 * 3 // 2),
+        rope_bytes = 2 * qkv.numel() * 2  # read and write of q, k and v (in place: of q and k only)
+        elementwise: dict[str, tuple[Any, int, int]] = {
+            f"rope, q/k/v copied ({tokens} tok/program)" if not in_place else f"rope in place ({tokens})": (
+                lambda in_place=in_place, tokens=tokens: kernels.qk_norm_rope(
+                    qkv, b["pos"], inv_freq, 1.0, heads, heads, None, None, 1e-5, in_place=in_place, tokens=tokens),
+                layers, rope_bytes * 2 // 3 if in_place else rope_bytes,
+            )
+            for in_place, tokens in ((False, 16), (True, 16), (True, 32), (True, 64))
         }
+        elementwise["add + LayerNorm, fp32 residual"] = (
+            lambda: kernels.add_layer_norm_f32(x, hidden, ones, None, 1e-5), 2 * layers, total * h * (4 + 2 + 4 + 2))
+        elementwise["GeGLU"] = (lambda: kernels.glu(gu, "gelu"), layers, gu.numel() * 2 * 3 // 2)
         for name, (fn, count, nbytes) in elementwise.items():
             sec = _cuda_seconds(fn)
             rows.append((name, sec * count * 1e3, nbytes / sec / 1e9))

@@ -317,7 +317,7 @@ def _attend_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: _Bat
 def _attend_window_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: _BatchAttention, half: int) -> torch.Tensor:
     from embedder.models import kernels
 
-    return kernels.local_attention(q, k, v, meta.cu_seqlens, meta.max_seqlen, half, block_m=64, block_n=64, num_stages=3)
+    return kernels.local_attention(q, k, v, meta.cu_seqlens, meta.max_seqlen, half)
 
 
 @functools.cache

@@ -213,9 +213,11 @@ for seed, biases in enumerate([False, True]):
     assert fused.fused and not plain.fused and not fused.compiled
     meta = build_attention(cu, token_segments(cu, int(cu[-1])), max(lengths), int(cu[-1]), plain.varlen)
     windowed = PackedModernBertEncoder.from_hf(model, cpu, torch.float32, attention="padded", fused=True)
-    windowed._local = _attend_window_kernel  # local layers as the GPU runs them (varlen+triton-window)
+    calls = []  # local layers as the GPU runs them (varlen+triton-window), counted so they surely ran
+    windowed._local = lambda *args: calls.append(1) or _attend_window_kernel(*args)
     with torch.inference_mode():
         a, b, c = plain(ids, positions, meta), fused(ids, positions, meta), windowed(ids, positions, meta)
+    assert len(calls) == sum(local for local, _ in windowed.plan) > 0, calls
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-4)
 # the window kernel alone, blocks smaller than the window and than the sequences (many key blocks,
