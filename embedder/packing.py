@@ -87,6 +87,13 @@ def plan_batches(lengths: np.ndarray, token_budget: int, max_sequences: int | No
     return groups
 
 
+MAX_SEQUENCES = 65_535
+"""Default cap on sequences per batch. FlashAttention-2's varlen kernel (behind
+``torch.nn.attention.varlen.varlen_attn``) puts a batch's sequences on CUDA's second grid axis,
+which holds at most 65,535 blocks: a bigger batch of short chunks (a token budget above ~200k with
+3-token chunks) would fail to launch. The cap only binds on such batches; the padded fallback
+gains a bound on its batch dimension too."""
+
 MAX_HOLDS = 4
 """Windows a chunk may be held back for to fill a later batch: every chunk leaves within
 ``MAX_HOLDS + 1`` windows. Each forced release can emit one part-full batch; 4 keeps those rare."""
@@ -103,7 +110,8 @@ class TokenBudgetPacker:
             as soon as a few documents are tokenized, not after a whole window), then the window
             is one budget and doubles with each emission — each fill overlaps the GPU's work on
             the batches before it.
-        max_sequences: Optional cap on sequences per batch.
+        max_sequences: Cap on sequences per batch (``MAX_SEQUENCES`` by default; ``None`` for
+            none, for forwards with no such limit).
 
     Example:
         >>> packer = TokenBudgetPacker(layout, token_budget=16384)
@@ -116,10 +124,12 @@ class TokenBudgetPacker:
         layout: SequenceLayout,
         token_budget: int,
         window_batches: int = 8,
-        max_sequences: int | None = None,
+        max_sequences: int | None = MAX_SEQUENCES,
     ) -> None:
         if token_budget < 1:
             raise ValueError("token_budget must be positive")
+        if max_sequences is not None and max_sequences < 1:
+            raise ValueError("max_sequences must be positive (or None for no cap)")
         self.layout = layout
         self.token_budget = token_budget
         self.window_tokens = token_budget * window_batches

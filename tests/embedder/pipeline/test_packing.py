@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from embedder.packing import SequenceLayout, TokenBudgetPacker, build_batch
+from embedder.packing import MAX_SEQUENCES, SequenceLayout, TokenBudgetPacker, build_batch
 from embedder.records import Chunk
 
 
@@ -55,3 +55,17 @@ def test_window_ramps_up_so_the_first_batch_leaves_early() -> None:
     assert list(packer.add(_chunks([100] * 38))) == []  # 3,900 < 4,000: the full window from now on
     assert [b.num_tokens for b in packer.add(_chunks([100] * 2))] == [1000] * 4
     assert list(packer.add(_chunks([100] * 38))) == []  # stays at the window (4,000)
+
+
+def test_batches_hold_at_most_max_sequences_by_default() -> None:
+    """FlashAttention-2's varlen kernel launches one grid row per sequence, at most 65,535: a big
+    budget of very short chunks is cut by sequence count as well as by tokens, every chunk once."""
+    layout = SequenceLayout(np.array([101]), np.zeros(0, np.int64), np.array([102]))
+    chunks = _chunks([1] * 70_000)  # 3 tokens a sequence: 210,000 tokens fit one 262,144 budget
+    packer = TokenBudgetPacker(layout, token_budget=262_144)
+    batches = [*packer.add(chunks), *packer.flush()]
+    assert packer.max_sequences == MAX_SEQUENCES == 65_535
+    assert max(b.num_sequences for b in batches) == MAX_SEQUENCES
+    assert sorted(cid for b in batches for cid in b.chunk_ids) == sorted(c.id for c in chunks)
+    uncapped = TokenBudgetPacker(layout, token_budget=262_144, max_sequences=None)
+    assert [b.num_sequences for b in [*uncapped.add(chunks), *uncapped.flush()]] == [70_000]
