@@ -131,6 +131,11 @@ def run_pipeline(path: str, docs: list[Any], root: Path, chunk_tokens: int, work
 
 
 LOCAL_CONFIGS = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 4, 3)]
+GLU_CONFIGS = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (128, 64, 64, 8, 3), (64, 128, 64, 4, 4),
+               (256, 64, 64, 8, 3)]  # linear_glu: block_m, block_n, block_k, warps, stages
+# whole-forward variants: (RoPE in place, RoPE inside the window kernel, GeGLU in Wi's GEMM)
+FORWARD_VARIANTS = {"rope copies": (False, False, False), "rope in place": (True, False, False),
+                    "+ rope in window kernel": (True, True, False), "+ GeGLU in Wi's GEMM": (True, True, True)}
 
 
 def profile_forward(budgets: list[int]) -> None:
@@ -165,13 +170,14 @@ def profile_forward(budgets: list[int]) -> None:
         with torch.inference_mode():
             return packed(b["ids"], b["pos"], build_attention(b["cu"], b["seg"], b["max_len"], b["total"], True))
 
-    for in_place in (False, True):
-        packed.rope_in_place = in_place
+    defaults = (packed.rope_in_place, packed.rope_in_window, packed.glu_in_gemm)
+    for label, (packed.rope_in_place, packed.rope_in_window, packed.glu_in_gemm) in FORWARD_VARIANTS.items():
         for b in batches:
             seconds = _cuda_seconds(lambda b=b: forward(b))
-            print(f"  forward T={b['total']} rope {'in place' if in_place else 'copies'}: {seconds * 1e3:.1f} ms/batch, "
+            print(f"  forward T={b['total']} {label}: {seconds * 1e3:.1f} ms/batch, "
                   f"{b['total'] / seconds / 1e6:.3f}M tok/s, {flops_per_corpus(b['lengths']) / seconds / 1e12:.0f} TFLOP/s",
                   flush=True)
+    packed.rope_in_place, packed.rope_in_window, packed.glu_in_gemm = defaults
     b = batches[-1]
     total = b["total"]
     n_global = len(range(0, layers, SHAPE["global_every"]))
@@ -206,6 +212,18 @@ def profile_forward(budgets: list[int]) -> None:
         for name, (fn, count, nbytes) in elementwise.items():
             sec = _cuda_seconds(fn)
             rows.append((name, sec * count * 1e3, nbytes / sec / 1e9))
+        two_pass = kernels.glu(gu, "gelu")
+        sec = _cuda_seconds(lambda: kernels.glu(F.linear(hidden, w["Wi"]), "gelu"))
+        rows.append(("mm Wi + GeGLU, two passes", sec * layers * 1e3, None))
+        for bm, bn, bk, warps, stages in GLU_CONFIGS:
+            def fused_glu(bm: int = bm, bn: int = bn, bk: int = bk, warps: int = warps, stages: int = stages) -> Any:
+                return kernels.linear_glu(hidden, w["Wi"], None, "gelu", block_m=bm, block_n=bn, block_k=bk,
+                                          num_warps=warps, num_stages=stages)
+
+            diff = (fused_glu().float() - two_pass.float()).abs().max().item()
+            sec = _cuda_seconds(fused_glu)
+            rows.append((f"mm Wi + GeGLU epilogue {bm}x{bn}x{bk} w{warps} s{stages} "
+                         f"({2 * total * w['Wi'].numel() / sec / 1e12:.0f} TFLOP/s, diff {diff:.1e})", sec * layers * 1e3, None))
         from torch.nn.attention.varlen import varlen_attn
 
         cu, m = b["cu"], b["max_len"]
@@ -228,6 +246,19 @@ def profile_forward(budgets: list[int]) -> None:
             sec = _cuda_seconds(local)
             rows.append((f"attention local, Triton {bm}x{bn} w{warps} s{stages} (diff {diff:.1e})",
                          sec * (layers - n_global) * 1e3, None))
+        # RoPE inside the kernel: q and k unrotated, against the kernel on q and k rotated by qk_norm_rope
+        tables = kernels.rope_tables(b["pos"], inv_freq, torch.bfloat16)
+        rotated = kernels.local_attention(*kernels.qk_norm_rope(qkv.clone(), b["pos"], inv_freq, 1.0, heads, heads,
+                                                                None, None, 1e-5), cu, m, half)
+        for bm, bn, warps, stages in LOCAL_CONFIGS:
+            def local_rope(bm: int = bm, bn: int = bn, warps: int = warps, stages: int = stages) -> Any:
+                return kernels.local_attention(*views, cu, m, half, block_m=bm, block_n=bn, num_warps=warps,
+                                               num_stages=stages, rope=tables)
+
+            diff = (local_rope().float() - rotated.float()).abs().max().item()
+            sec = _cuda_seconds(local_rope)
+            rows.append((f"attention local + RoPE, Triton {bm}x{bn} w{warps} s{stages} (diff {diff:.1e})",
+                         sec * (layers - n_global) * 1e3, None))
         reference = varlen_attn(*copies, cu, cu, m, m)
         try:
             def cudnn() -> Any:
@@ -240,14 +271,13 @@ def profile_forward(budgets: list[int]) -> None:
             print(f"    cuDNN varlen attention: {type(err).__name__}: {str(err).splitlines()[0][:160]}", flush=True)
     for name, ms, gbs in rows:
         print(f"    {name:<58} {ms:7.1f} ms/batch" + (f"  {gbs:6.0f} GB/s" if gbs else ""), flush=True)
-    packed.rope_in_place = True
     for bm, bn, warps, stages in LOCAL_CONFIGS:
-        packed._local = lambda q, k, v, meta, window, cfg=(bm, bn, warps, stages): kernels.local_attention(
+        packed._local = lambda q, k, v, meta, window, rope=None, cfg=(bm, bn, warps, stages): kernels.local_attention(
             q, k, v, meta.cu_seqlens, meta.max_seqlen, window, block_m=cfg[0], block_n=cfg[1], num_warps=cfg[2],
-            num_stages=cfg[3])
+            num_stages=cfg[3], rope=rope)
         for b in batches:
             seconds = _cuda_seconds(lambda b=b: forward(b))
-            print(f"  forward T={b['total']} rope in place, Triton local {bm}x{bn} w{warps} s{stages}: "
+            print(f"  forward T={b['total']} default, Triton local {bm}x{bn} w{warps} s{stages}: "
                   f"{seconds * 1e3:.1f} ms/batch, {b['total'] / seconds / 1e6:.3f}M tok/s", flush=True)
     forward(b)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:

@@ -216,11 +216,27 @@ def glu_kernel(gu_ptr, out_ptr, n_elements, inter, BLOCK: tl.constexpr, ACT: tl.
 
 
 @triton.jit
+def _rotated_halves(x_ptr, cos_ptr, sin_ptr, rows, row_ok, head, stride_t, stride_h, HALF: tl.constexpr):
+    # RoPE of rows [n, 2 HALF] of one head, as two [n, HALF] halves in x's dtype, computed as
+    # qk_norm_rope_kernel computes it (fp32, from cos/sin rounded to x's dtype, rounded once).
+    half = tl.arange(0, HALF)
+    base = x_ptr + rows[:, None] * stride_t + head * stride_h + half[None, :]
+    a = tl.load(base, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    b = tl.load(base + HALF, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    table = rows[:, None] * HALF + half[None, :]
+    cos = tl.load(cos_ptr + table, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + table, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    dtype = x_ptr.dtype.element_ty
+    return (a * cos - b * sin).to(dtype), (b * cos + a * sin).to(dtype)
+
+
+@triton.jit
 def local_attention_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, cos_ptr, sin_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     qk_scale, m_blocks,
     WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROPE: tl.constexpr,
 ):
     # Sliding-window attention over packed sequences (ModernBERT's local layers): query i of a
     # sequence attends the keys j of the same sequence with |i - j| <= WINDOW. One program: BLOCK_M
@@ -230,6 +246,10 @@ def local_attention_kernel(
     # Axis 0 is (sequence, query block), the blocks of a sequence adjacent so that neighbours,
     # which share two thirds of their keys, run together (and sequences can outnumber the 65,535
     # programs a grid's other axes allow); axis 1 is the head.
+    # ROPE: q and k come unrotated (straight from the QKV GEMM) and are rotated here as they are
+    # loaded, with the batch's [T, HEAD_DIM / 2] cos/sin tables in the model's dtype and
+    # qk_norm_rope_kernel's arithmetic, so no pass writes rotated q and k to memory and reads them
+    # back. The scores are the sum of the two halves' products.
     pid = tl.program_id(0)
     seq = pid // m_blocks
     pid_m = pid - seq * m_blocks
@@ -242,7 +262,10 @@ def local_attention_kernel(
         offs_d = tl.arange(0, HEAD_DIM)
         rows = (start + offs_m).to(tl.int64)
         row_ok = offs_m < length
-        q = tl.load(q_ptr + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        if ROPE:
+            q_lo, q_hi = _rotated_halves(q_ptr, cos_ptr, sin_ptr, rows, row_ok, head, stride_qt, stride_qh, HEAD_DIM // 2)
+        else:
+            q = tl.load(q_ptr + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -252,9 +275,13 @@ def local_attention_kernel(
             offs_n = n0 + tl.arange(0, BLOCK_N)
             keys = (start + offs_n).to(tl.int64)
             key_ok = offs_n < hi
-            k = tl.load(k_ptr + keys[:, None] * stride_kt + head * stride_kh + offs_d[None, :], mask=key_ok[:, None], other=0.0)
             v = tl.load(v_ptr + keys[:, None] * stride_vt + head * stride_vh + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
+            if ROPE:
+                k_lo, k_hi = _rotated_halves(k_ptr, cos_ptr, sin_ptr, keys, key_ok, head, stride_kt, stride_kh, HEAD_DIM // 2)
+                s = tl.dot(q_hi, tl.trans(k_hi), tl.dot(q_lo, tl.trans(k_lo))) * qk_scale
+            else:
+                k = tl.load(k_ptr + keys[:, None] * stride_kt + head * stride_kh + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+                s = tl.dot(q, tl.trans(k)) * qk_scale
             distance = offs_m[:, None] - offs_n[None, :]
             ok = key_ok[None, :] & (distance <= WINDOW) & (distance >= -WINDOW)
             s = tl.where(ok, s, float("-inf"))
@@ -268,3 +295,53 @@ def local_attention_kernel(
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(o_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def linear_glu_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ACT: tl.constexpr, BIAS: tl.constexpr,
+):
+    # out[M, N] = act(x @ W[:N].T + b[:N]) * (x @ W[N:].T + b[N:]): a gated MLP's fused gate/up
+    # projection (W is [2N, K], gate rows first) with the GLU in the epilogue, from the two fp32
+    # accumulators, rounded once; the [M, 2N] projection is never written. K is a multiple of
+    # BLOCK_K (the wrapper checks); rows and columns past the edges wrap around on load (valid
+    # addresses, no masks in the loop) and are masked on store. Programs go GROUP_M row blocks at
+    # a time down each column block, so the x tiles they share stay in L2.
+    pid = tl.program_id(0)
+    blocks_m = tl.cdiv(M, BLOCK_M)
+    blocks_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * blocks_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(blocks_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + (offs_m % M).to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
+    g_ptrs = w_ptr + (offs_n % N)[None, :] * stride_wn + offs_k[:, None]  # W's gate rows, as [K, N] tiles
+    u_ptrs = g_ptrs + N * stride_wn
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for _ in range(0, K, BLOCK_K):
+        x = tl.load(x_ptrs)
+        acc_g = tl.dot(x, tl.load(g_ptrs), acc_g)
+        acc_u = tl.dot(x, tl.load(u_ptrs), acc_u)
+        x_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K
+        u_ptrs += BLOCK_K
+    if BIAS:
+        acc_g += tl.load(b_ptr + (offs_n % N)).to(tl.float32)[None, :]
+        acc_u += tl.load(b_ptr + N + (offs_n % N)).to(tl.float32)[None, :]
+    g = acc_g
+    if ACT == ACT_SILU:
+        g = g * tl.sigmoid(g)
+    elif ACT == ACT_GELU_ERF:
+        g = 0.5 * g * (1.0 + tl.math.erf(g * SQRT_HALF))
+    else:  # ACT_GELU_TANH
+        g = g * tl.sigmoid(2.0 * SQRT_2_OVER_PI * (g + 0.044715 * g * g * g))
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    tl.store(out, (g * acc_u).to(out_ptr.dtype.element_ty), mask=mask)

@@ -32,6 +32,7 @@ import os
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 # Elements one program normalises: rows × the row's power-of-two width. 8192 bf16 values per input
 # keep a 1024-wide model at 8 rows a program (16 KB per input), enough bytes in flight per SM.
@@ -259,6 +260,44 @@ def glu(gate_up: torch.Tensor, activation: str, dtype: torch.dtype | None = None
     return out
 
 
+def linear_glu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str,
+    block_m: int = 128,
+    block_n: int = 128,
+    block_k: int = 64,
+    group_m: int = 8,
+    num_warps: int = 8,
+    num_stages: int = 3,
+) -> torch.Tensor:
+    """``glu(F.linear(x, weight, bias), activation)`` in one Triton GEMM, the GLU in its epilogue:
+    the ``[T, 2I]`` projection is never written or read back, and the GLU takes the fp32
+    accumulators (rounded once, where the two-pass form rounds the projection first).
+
+    Args:
+        x: ``[T, K]``, the last dimension contiguous.
+        weight: ``[2I, K]`` contiguous, gate (activated) rows first; ``bias`` ``[2I]`` or None.
+        block_m, block_n, block_k, group_m, num_warps, num_stages: the launch (``block_k`` must
+            divide ``K``; otherwise the two-pass form runs).
+    """
+    import triton
+
+    n_rows, k = x.shape
+    inter = weight.shape[0] // 2
+    if k % block_k or x.stride(1) != 1 or not weight.is_contiguous():
+        return glu(F.linear(x, weight, bias), activation)
+    out = torch.empty((n_rows, inter), dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(n_rows, block_m) * triton.cdiv(inter, block_n),)
+    _kernels().linear_glu_kernel[grid](
+        x, weight, weight if bias is None else bias, out, n_rows, inter, k, x.stride(0), weight.stride(0), out.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, ACT=GLU_ACTIVATIONS[activation],
+        BIAS=bias is not None, num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
+
 def local_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -271,6 +310,7 @@ def local_attention(
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 3,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Exact sliding-window attention over packed sequences: token ``i`` of a sequence attends the
     tokens ``j`` of the same sequence with ``|i - j| <= window`` (ModernBERT's local layers, where
@@ -287,6 +327,8 @@ def local_attention(
         scale: softmax scale (None: ``head_dim ** -0.5``).
         block_m, block_n, num_warps, num_stages: the launch; the defaults are the fastest of
             ``bench_modernbert.py --profile``'s configurations on an H100 (ModernBERT-base, window 64).
+        rope: ``rope_tables(...)`` of the batch: ``q`` and ``k`` are unrotated and the kernel
+            applies RoPE (rotate-half, as ``qk_norm_rope``) as it loads them. None: already rotated.
 
     Returns:
         ``[T, heads, head_dim]`` contiguous, ``q``'s dtype.
@@ -298,10 +340,19 @@ def local_attention(
     scale = head_dim**-0.5 if scale is None else scale
     m_blocks = triton.cdiv(max_seqlen, block_m)
     grid = (m_blocks * (cu_seqlens.numel() - 1), heads)
+    cos, sin = (q, q) if rope is None else rope
     _kernels().local_attention_kernel[grid](
-        q, k, v, out, cu_seqlens,
+        q, k, v, out, cu_seqlens, cos, sin,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         scale * 1.4426950408889634, m_blocks,  # log2(e): the kernel's exponentials are exp2
-        WINDOW=window, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
+        WINDOW=window, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, ROPE=rope is not None,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out
+
+
+def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE's ``cos`` and ``sin`` at each packed token, ``[T, head_dim / 2]`` contiguous in ``dtype``
+    (angles in float32, rounded once), for ``local_attention(rope=...)``."""
+    freqs = positions.float().unsqueeze(1) * inv_freq.float()
+    return freqs.cos().to(dtype), freqs.sin().to(dtype)

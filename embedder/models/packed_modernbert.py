@@ -44,7 +44,9 @@ pass between the GEMMs is one Triton kernel of ``embedder.models.kernels``, as i
 forward: the residual stream is float32, a layer's closing residual add fuses with the next
 LayerNorm (``add_layer_norm_f32``), RoPE rotates q and k in place inside ``Wqkv``'s output,
 attention reading strided views of it (``qk_norm_rope``, cos/sin from the positions in the
-kernel; v is never copied) and GeGLU is one pass (``glu``).
+kernel; v is never copied) and GeGLU is one pass (``glu``). On the local layers that run the
+window kernel there is no RoPE pass at all: the kernel rotates q and k as it loads them, from
+cos/sin tables computed once per batch (``local_attention(rope=...)``).
 Where that cannot run (no Triton, a head size that is not a power of two, an activation ``glu``
 lacks) or with ``fused=False``, the same math is compiled with ``torch.compile`` into a few fused
 kernels per layer (``compile=None``: on CUDA in fp16/bf16; ``False`` keeps eager PyTorch ops).
@@ -182,6 +184,7 @@ class _BatchAttention:
     cu_seqlens: torch.Tensor
     max_seqlen: int
     rope: dict[float, tuple[torch.Tensor, torch.Tensor]]
+    window_rope: dict[float, tuple[torch.Tensor, torch.Tensor]] | None = None  # local_attention(rope=...)'s tables
     pad_index: torch.Tensor | None = None
     global_mask: torch.Tensor | None = None
     local_mask: torch.Tensor | None = None
@@ -314,10 +317,13 @@ def _attend_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: _Bat
     return out.transpose(1, 2).reshape(n * length, heads, head_dim)[meta.pad_index]
 
 
-def _attend_window_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: _BatchAttention, half: int) -> torch.Tensor:
+def _attend_window_kernel(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: _BatchAttention, half: int,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     from embedder.models import kernels
 
-    return kernels.local_attention(q, k, v, meta.cu_seqlens, meta.max_seqlen, half)
+    return kernels.local_attention(q, k, v, meta.cu_seqlens, meta.max_seqlen, half, rope=rope)
 
 
 @functools.cache
@@ -396,12 +402,15 @@ class PackedModernBertEncoder:
         self.act_name = act_name
         self.fused = fused and act_name in GLU_ACTIVATIONS
         self.rope_in_place = True  # fused: RoPE rotates q and k inside Wqkv's output (False: copies, for benchmarks)
+        self.rope_in_window = False  # fused local layers on the window kernel: RoPE inside it (False: a pass before)
+        self.glu_in_gemm = False  # fused: GeGLU in Wi's GEMM epilogue (kernels.linear_glu; False: two passes)
         self.compiled = compile and not self.fused
         self._global = {"varlen": _attend_varlen, "flex": _attend_flex, "padded": _attend_padded}[attention]
         self._local = self._global
         self.attention_backend = attention
         if attention == "varlen" and self.fused:
             self._local = _attend_window_kernel
+            self.rope_in_window = True
             self.attention_backend = "varlen+triton-window"
         elif attention == "varlen" and not varlen_window_supported():
             self._local = _attend_flex
@@ -514,6 +523,12 @@ class PackedModernBertEncoder:
             freqs = positions.float().unsqueeze(1) * inv_freq  # [T, head_dim / 2], float32
             rope[theta] = (freqs.cos().unsqueeze(1), freqs.sin().unsqueeze(1))
         out = _BatchAttention(cu_seqlens=meta.cu_seqlens, max_seqlen=meta.max_seqlen, rope=rope)
+        if self.fused and self.rope_in_window and meta.max_seqlen - 1 > self.half_window:
+            from embedder.models.kernels import rope_tables
+
+            dtype = self.embeddings[0].dtype
+            thetas = {theta for local, theta in self.plan if local}
+            out.window_rope = {theta: rope_tables(positions, self._inv_freq[theta], dtype) for theta in thetas}
         uses_flex = self.attention_backend in ("flex", "varlen+flex")
         if self.attention_backend == "padded":
             out.pad_index, out.global_mask = meta.pad_index, meta.key_mask
@@ -573,13 +588,23 @@ class PackedModernBertEncoder:
         x = _layer_norm(F.embedding(input_ids, table).float(), emb_w.float(), None if emb_b is None else emb_b.float(), eps)
         h = x.to(table.dtype) if self.layers[0][0] is None else kernels.add_layer_norm_f32(x, None, *self.layers[0][:2], eps)
         for i, (_, _, qkv_w, qkv_b, wo, wo_b, mlp_w, mlp_b, wi, wi_b, w2, w2_b) in enumerate(self.layers):
-            inv_freq = self._inv_freq[self.plan[i][1]]
-            q, k, v = kernels.qk_norm_rope(
-                F.linear(h, qkv_w, qkv_b), position_ids, inv_freq, 1.0, heads, heads, None, None, eps,
-                in_place=self.rope_in_place, tokens=32,
-            )
-            h = kernels.add_layer_norm_f32(x, F.linear(self._attend(i, q, k, v, batch), wo, wo_b), mlp_w, mlp_b, eps)
-            out = F.linear(kernels.glu(F.linear(h, wi, wi_b), self.act_name), w2, w2_b)
+            local, theta = self.plan[i]
+            qkv = F.linear(h, qkv_w, qkv_b)
+            if batch.window_rope is not None and local and batch.max_seqlen - 1 > self.half_window:
+                # the window kernel rotates q and k itself, as it loads them
+                q, k, v = qkv.view(qkv.shape[0], 3, heads, -1).unbind(1)
+                attn = self._local(q, k, v, batch, self.half_window, batch.window_rope[theta]).reshape(h.shape)
+            else:
+                q, k, v = kernels.qk_norm_rope(
+                    qkv, position_ids, self._inv_freq[theta], 1.0, heads, heads, None, None, eps,
+                    in_place=self.rope_in_place, tokens=32,
+                )
+                attn = self._attend(i, q, k, v, batch)
+            h = kernels.add_layer_norm_f32(x, F.linear(attn, wo, wo_b), mlp_w, mlp_b, eps)
+            if self.glu_in_gemm:
+                out = F.linear(kernels.linear_glu(h, wi, wi_b, self.act_name), w2, w2_b)
+            else:
+                out = F.linear(kernels.glu(F.linear(h, wi, wi_b), self.act_name), w2, w2_b)
             norm_w, norm_b = self.final_norm if i == last else self.layers[i + 1][:2]
             if norm_w is None:  # an identity attn_norm: the residual itself goes on
                 x += out

@@ -212,14 +212,21 @@ for seed, biases in enumerate([False, True]):
     fused = PackedModernBertEncoder.from_hf(model, cpu, torch.float32, attention="padded", fused=True)
     assert fused.fused and not plain.fused and not fused.compiled
     meta = build_attention(cu, token_segments(cu, int(cu[-1])), max(lengths), int(cu[-1]), plain.varlen)
-    windowed = PackedModernBertEncoder.from_hf(model, cpu, torch.float32, attention="padded", fused=True)
-    calls = []  # local layers as the GPU runs them (varlen+triton-window), counted so they surely ran
-    windowed._local = lambda *args: calls.append(1) or _attend_window_kernel(*args)
     with torch.inference_mode():
-        a, b, c = plain(ids, positions, meta), fused(ids, positions, meta), windowed(ids, positions, meta)
-    assert len(calls) == sum(local for local, _ in windowed.plan) > 0, calls
+        a, b = plain(ids, positions, meta), fused(ids, positions, meta)
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-4)
+    # local layers as the GPU runs them (varlen+triton-window): RoPE by qk_norm_rope before the
+    # kernel, then inside it; calls counted (with whether the kernel got RoPE tables) so they surely
+    # ran; last with the GeGLU in Wi's GEMM (kernels.linear_glu)
+    for rope_in_window, glu_in_gemm in ((False, False), (True, False), (True, True)):
+        windowed = PackedModernBertEncoder.from_hf(model, cpu, torch.float32, attention="padded", fused=True)
+        calls = []
+        windowed._local = lambda *args: calls.append(len(args) == 6) or _attend_window_kernel(*args)
+        windowed.rope_in_window, windowed.glu_in_gemm = rope_in_window, glu_in_gemm
+        with torch.inference_mode():
+            c = windowed(ids, positions, meta)
+        assert calls == [rope_in_window] * sum(local for local, _ in windowed.plan) and calls, calls
+        torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-4)
 # the window kernel alone, blocks smaller than the window and than the sequences (many key blocks,
 # ranges clipped at both ends of a sequence), on strided views, against masked SDPA per sequence
 from embedder.models import kernels
@@ -236,13 +243,34 @@ for block_m, block_n in ((16, 16), (32, 16), (16, 64)):
         one = [t[start:end].transpose(0, 1) for t in (q, k, v)]
         want.append(torch.nn.functional.scaled_dot_product_attention(*one, attn_mask=mask).transpose(0, 1))
     torch.testing.assert_close(got, torch.cat(want), rtol=1e-5, atol=1e-5)
+    # RoPE inside the kernel: unrotated q and k, against the kernel on q and k rotated beforehand
+    positions = torch.cat([torch.arange(n) for n in lengths]) + 3  # any positions, from the table
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))
+    cos, sin = kernels.rope_tables(positions, inv_freq, q.dtype)
+    def rotate(t):
+        a, b = t.float().chunk(2, dim=-1)
+        c, s = cos.float().unsqueeze(1), sin.float().unsqueeze(1)
+        return torch.cat([a * c - b * s, b * c + a * s], dim=-1).to(t.dtype)
+    rotated = kernels.local_attention(rotate(q), rotate(k), v, cu, max(lengths), half, block_m=block_m, block_n=block_n)
+    got = kernels.local_attention(q, k, v, cu, max(lengths), half, block_m=block_m, block_n=block_n, rope=(cos, sin))
+    torch.testing.assert_close(got, rotated, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, kernels.local_attention(q, k, v, cu, max(lengths), half), atol=1e-3)
+# the GeGLU in the GEMM's epilogue, alone: with and without bias, edges of both output dimensions
+# (wrapped loads, masked stores), and a K that the block does not divide (the two-pass form runs)
+for rows, k, inter, bias in ((100, 64, 40, True), (7, 96, 24, False), (70, 48, 24, True)):
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+    w = torch.randn(2 * inter, k, generator=torch.Generator().manual_seed(k)) / k**0.5
+    b = torch.randn(2 * inter) if bias else None
+    got = kernels.linear_glu(x, w, b, "gelu", block_m=32, block_n=16, block_k=32, group_m=2)
+    torch.testing.assert_close(got, kernels.glu(torch.nn.functional.linear(x, w, b), "gelu"), rtol=1e-5, atol=1e-5)
 print("fused kernels match")
 """
 
 
 def test_fused_modernbert_kernels_equal_the_pytorch_ops_in_the_triton_interpreter(tmp_path: Path) -> None:
     """The float32-residual add + LayerNorm (with and without biases), RoPE of each layer's theta (in
-    place), the GeGLU and the sliding-window attention kernel of local layers, as the GPU runs them (Triton kernels, here in Triton's interpreter), against the
+    place), the GeGLU (alone and in Wi's GEMM) and the sliding-window attention kernel of local layers
+    (RoPE before it and inside it), as the GPU runs them (Triton kernels, here in Triton's interpreter), against the
     eager forward in fp32 on sequences longer and shorter than the window; Triton reads
     TRITON_INTERPRET when first imported, hence a fresh interpreter."""
     import os
