@@ -338,11 +338,13 @@ class PackedDecoderEncoder:
         ``fused`` (None: on CUDA in fp16/bf16 with Triton, varlen attention and a power-of-two
         head size) runs every elementwise pass between the GEMMs as one of ``kernels``' decoder
         kernels; otherwise ``compile`` (None: on CUDA in fp16/bf16) fuses them with ``torch.compile``.
-        ``fp32_gemm_out`` (fused forward only; opt-in, not measured on a GPU yet) has the GEMMs write
-        float32 (cuBLAS accumulates in fp32 anyway), so their outputs are rounded once, by the kernel
-        that reads them, instead of twice: a CPU emulation of the 7B shape moves min cos to fp32 from
-        0.99763 to 0.99845 (``benchmarks/decoder_bf16_sensitivity.py``). The gate/up output then
-        takes twice the memory, which ``auto_token_budget`` does not count: set the budget.
+        ``fp32_gemm_out`` (fused forward only; opt-in) has the GEMMs write float32 (cuBLAS
+        accumulates in fp32 anyway), so their outputs are rounded once, by the kernel that reads
+        them, instead of twice: a CPU emulation of the 7B shape moves min cos to fp32 from 0.99763
+        to 0.99845 (``benchmarks/decoder_bf16_sensitivity.py``); measured on an H100, 0.99780 ->
+        0.99822 at 5% less speed (float16 reaches 0.99997 at full speed: benchmarks/RESULTS.md).
+        The gate/up output then takes twice the memory, which ``auto_token_budget`` does not count:
+        set the budget.
 
         Raises:
             ValueError: an explicitly requested attention backend cannot run here.
