@@ -147,7 +147,9 @@ class ParquetSink(Sink):
 
     def fence(self, token: str) -> None:
         """Writes ``token`` to the fence file, then removes every file earlier writers staged
-        (local) or aborts their incomplete part uploads (S3): their publish can no longer happen."""
+        (local) or aborts their incomplete part uploads (S3): their publish can no longer happen.
+        Refused (``LeaseLost``, nothing touched) when a newer lease's token is already there."""
+        self.refuse_if_superseded(token, self._stored_fence())
         self.fence_token = token
         write_bytes_atomic(self.fs, join(self.root, FENCE_FILE), json.dumps({"token": token}).encode())
         if self.local:
@@ -165,16 +167,20 @@ class ParquetSink(Sink):
         """Raises ``LeaseLost`` when another run's token is in the fence file (this sink being fenced)."""
         if self.fence_token is None:
             return
+        holder = self._stored_fence()
+        if holder != self.fence_token:
+            raise self.fenced_out(what, holder)
+
+    def _stored_fence(self) -> str | None:
+        """The token in the fence file (None: no file, or one that is not a fence record)."""
         path = join(self.root, FENCE_FILE)
         if not self.local:
             self.fs.invalidate_cache(path)
         raw = read_bytes(self.fs, path)
         try:
-            holder = json.loads(raw)["token"] if raw else None
+            return json.loads(raw)["token"] if raw else None
         except (ValueError, KeyError, TypeError):
-            holder = None
-        if holder != self.fence_token:
-            raise self.fenced_out(what, holder)
+            return None
 
     def begin(self, shard_id: str) -> ParquetShardWriter:
         return ParquetShardWriter(self, shard_id)

@@ -169,6 +169,7 @@ class Run:
         # over, nor go on if its fence landed after the newer one's (Lease.check_held).
         lease.check_held("opening the output")
         self._open_output(sink, checkpoint, generation)
+        failpoint("before_fence")
         sink.fence(lease.token)  # only this lease's commits land from now on (a stalled writer's are refused)
         lease.check_held("fencing the output")
         result.load_seconds = time.perf_counter() - started

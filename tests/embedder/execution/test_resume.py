@@ -243,6 +243,18 @@ def test_a_writer_paused_past_its_lease_cannot_commit_after_a_takeover(corpus, r
         }  # every shard committed by the second run
 
 
+@pytest.mark.parametrize("sink", ["parquet", "lance"])
+def test_a_writer_frozen_before_fencing_does_not_fence_out_the_takeover(corpus, references, sink, tmp_path) -> None:
+    """The stale writer freezes after checking its lease and before fencing the output (SIGSTOP at
+    ``before_fence``) and thaws after a second run took the output over and committed a shard: its
+    late fence must not replace the newer token (the second run would then be the one refused, and
+    the Parquet fence would delete its staged files). It stops with the lease-lost line; the second
+    run ends like a clean run."""
+    output = str(tmp_path / "out")
+    _stale_writer_thawed_after_a_takeover(corpus, output, sink, {"EMBEDDER_FAILPOINT_STOP": "before_fence"})
+    _assert_equal_to_reference(output, sink, references[sink])
+
+
 def test_a_writer_frozen_mid_renewal_does_not_overwrite_the_takeovers_lease(corpus, references, tmp_path) -> None:
     """The stale writer freezes inside its lease heartbeat, after reading its own lease and before
     renewing it (SIGSTOP at ``lease_renew``), and thaws after a second run took the output over:
