@@ -146,22 +146,6 @@ class Sink(ABC):
         """
         self.fence_token = token
 
-    def refuse_if_superseded(self, token: str, holder: str | None) -> None:
-        """Raises ``fenced_out`` when the stored token ``holder`` is of a newer lease than ``token``.
-
-        A job frozen after it took the lease, thawed after a newer job took the output over and
-        fenced it, must not put its older token back: the newer job's commits would then be the
-        ones refused. Tokens are ``<generation>:<owner>`` (``Lease.token``); others never compare.
-        """
-        def generation(t: str | None) -> int | None:
-            head = str(t).split(":", 1)[0]
-            return int(head) if head.isdigit() else None
-
-        mine, theirs = generation(token), generation(holder)
-        if mine is not None and theirs is not None and theirs > mine:
-            self.fence_token = token
-            raise self.fenced_out("fencing", holder)
-
     def fenced_out(self, what: str, holder: str | None) -> LeaseLost:
         """The error a stale writer gets: another run took the output over (token ``holder``)."""
         return LeaseLost(

@@ -407,10 +407,8 @@ class LanceSink(Sink):
 
     def fence(self, token: str) -> None:
         """Stores ``token`` in the table's config, then commits a ``Restore`` of the head version,
-        so every transaction an older writer staged against an earlier version conflicts.
-        Refused (``LeaseLost``, nothing touched) when a newer lease's token is already there."""
+        so every transaction an older writer staged against an earlier version conflicts."""
         self._require_open()
-        self.refuse_if_superseded(token, self.dataset().config().get(FENCE_KEY))
         self.fence_token = token
         self.dataset().update_config({FENCE_KEY: token})
         self.dataset().restore()

@@ -147,9 +147,7 @@ class ParquetSink(Sink):
 
     def fence(self, token: str) -> None:
         """Writes ``token`` to the fence file, then removes every file earlier writers staged
-        (local) or aborts their incomplete part uploads (S3): their publish can no longer happen.
-        Refused (``LeaseLost``, nothing touched) when a newer lease's token is already there."""
-        self.refuse_if_superseded(token, self._stored_fence())
+        (local) or aborts their incomplete part uploads (S3): their publish can no longer happen."""
         self.fence_token = token
         write_bytes_atomic(self.fs, join(self.root, FENCE_FILE), json.dumps({"token": token}).encode())
         if self.local:

@@ -166,10 +166,14 @@ class Run:
         result.dtype = str(encoder.provenance().get("dtype"))
         sink = self.sink_for(encoder)
         # A job frozen since it took the lease must not reset or fence an output a newer job took
-        # over, nor go on if its fence landed after the newer one's (Lease.check_held).
+        # over, nor go on if its fence landed after the newer one's (Lease.check_held). The check
+        # right before the fence is what stops a job frozen while it opened the output: the sink
+        # cannot order two tokens itself (generations restart at 1 once a finished job removed
+        # its lease file), so the lease file is the judge.
         lease.check_held("opening the output")
         self._open_output(sink, checkpoint, generation)
         failpoint("before_fence")
+        lease.check_held("fencing the output")
         sink.fence(lease.token)  # only this lease's commits land from now on (a stalled writer's are refused)
         lease.check_held("fencing the output")
         result.load_seconds = time.perf_counter() - started

@@ -25,6 +25,7 @@ import pytest
 from embedder import run
 from embedder.checkpoint import Checkpoint
 from embedder.config import build_job
+from embedder.lease import LEASE_FILE
 from tests.embedder.outputs import read_output, wait_lease_expired
 
 REPO = Path(__file__).resolve().parents[3]
@@ -252,6 +253,24 @@ def test_a_writer_frozen_before_fencing_does_not_fence_out_the_takeover(corpus, 
     run ends like a clean run."""
     output = str(tmp_path / "out")
     _stale_writer_thawed_after_a_takeover(corpus, output, sink, {"EMBEDDER_FAILPOINT_STOP": "before_fence"})
+    _assert_equal_to_reference(output, sink, references[sink])
+
+
+@pytest.mark.parametrize("sink", ["parquet", "lance"])
+def test_a_run_whose_lease_generation_restarted_still_fences(corpus, references, sink, tmp_path) -> None:
+    """Lease generations restart at 1 once a finished run removed its lease file, so the next run's
+    token can carry a smaller generation than the token stored in the sink (a job took an expired
+    lease of generation 5 over, finished, and the next run starts at 1). It must still fence and
+    run: a sink that ordered tokens by generation refused it (CI's test_random_kills_then_resume)."""
+    output = str(tmp_path / "out")
+    lease = Path(output, LEASE_FILE)
+    lease.parent.mkdir(parents=True)
+    lease.write_text(json.dumps({"owner": "dead", "generation": 5, "host": "gone", "pid": 1, "expires_at": 0}))
+    first = _run_cli(corpus, output, sink)
+    assert first.returncode == 0, first.stderr
+    assert not lease.exists()  # released: the next run's lease is generation 1
+    second = _run_cli(corpus, output, sink)  # nothing pending, but it fences like every run
+    assert second.returncode == 0, second.stderr
     _assert_equal_to_reference(output, sink, references[sink])
 
 
