@@ -167,7 +167,8 @@ def bench_model(name: str, args: argparse.Namespace, root: Path, peak: float) ->
     device = args.device
     t_build = time.perf_counter()
     path = build_decoder(name, root, args.minilm, args.max_seq_length, device)
-    dtype = "bfloat16" if device == "cuda" else "float32"
+    st_dtype = "bfloat16" if device == "cuda" else "float32"
+    dtype = args.dtype if device == "cuda" else "float32"  # the embedder's (model.dtype); ST runs bf16
     encoder = Encoder.load(ModelConfig(name=path, device=device, dtype=dtype))
     assert encoder.packed, "the decoder did not load on the packed path"
     tokens = args.tokens or TOKENS[name]
@@ -196,7 +197,7 @@ def bench_model(name: str, args: argparse.Namespace, root: Path, peak: float) ->
               f"{torch.cuda.memory_reserved() / 2**30:.1f} GiB reserved", flush=True)
         torch.cuda.reset_peak_memory_stats()
     st_cos = float(cosines(st_vectors.astype(np.float32), reference).min())
-    rows.append(_row(name, f"sentence-transformers {dtype} bs={st['batch_size']}", st_rate, flops / st["seconds"], peak, 1.0, st_cos))
+    rows.append(_row(name, f"sentence-transformers {st_dtype} bs={st['batch_size']}", st_rate, flops / st["seconds"], peak, 1.0, st_cos))
     with ProcessPoolExecutor(
         max_workers=args.workers, mp_context=get_context("spawn"), initializer=_init_worker,
         initargs=(encoder.tokenizer_json, encoder.max_seq_length - encoder.layout.overhead),
@@ -275,6 +276,8 @@ def main() -> None:
     parser.add_argument("--variants", default="compiled",
                         help=f"GPU: comma-separated other forwards for a gpu-only row each (with its min cos), "
                         f"of {', '.join(VARIANTS)} ('' for none)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"],
+                        help="GPU: the embedder's model.dtype for its e2e and gpu-only rows (sentence-transformers: bf16)")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     unknown = [v for v in args.variants.split(",") if v and v not in VARIANTS]

@@ -16,7 +16,10 @@ The corpus is ``bench_encoder``'s synthetic Wikipedia-like mix of chunks up to `
 
 Variants: ``default`` (what ``Encoder.load`` gives: on CUDA the elementwise passes as Triton
 kernels, ``fused``), ``compiled`` (``fused=False``: the same passes fused by ``torch.compile``),
-``eager`` (neither), ``flex`` (every layer in ``flex_attention``; opt-in). Each row names the
+``eager`` (neither), ``flex`` (every layer in ``flex_attention``; opt-in), ``rope-window``,
+``glu-gemm`` and ``rope-window+glu-gemm`` (the default with RoPE inside the local layers' window
+kernel and/or the GeGLU in Wi's GEMM epilogue: ``PackedModernBertEncoder.rope_in_window``,
+``glu_in_gemm``). Each row names the
 attention backend and the forward (fused, compiled or eager).
 
 Usage (GPU machine, repository root; ~4 minutes on an H200)::
@@ -96,6 +99,10 @@ def load_variant(path: str, label: str, device: str) -> Any:
     if label == "flex":
         return Encoder.load(ModelConfig(name=path, device=device, dtype=dtype, attention="flex"))
     encoder = Encoder.load(ModelConfig(name=path, device=device, dtype=dtype))
+    packed = encoder._packed_model
+    if label in ("rope-window", "glu-gemm", "rope-window+glu-gemm"):  # the fused forward's opt-in fusions
+        packed.rope_in_window = "rope-window" in label
+        packed.glu_in_gemm = "glu-gemm" in label
     if label in ("compiled", "eager"):  # the job config's compile: false means "auto"; force the forward here
         hf = transformers.AutoModel.from_pretrained(path)
         encoder._packed_model = PackedModernBertEncoder.from_hf(
@@ -294,7 +301,7 @@ def main() -> None:
     parser.add_argument("--chunk-tokens", type=int, default=512, help="longest chunk (specials included)")
     parser.add_argument("--pooling", default="mean", choices=["mean", "cls"])
     parser.add_argument("--st-batch-sizes", default="32,64,128")
-    parser.add_argument("--variants", default="default,compiled", help="of default, compiled, eager, flex")
+    parser.add_argument("--variants", default="default,compiled", help="of default, compiled, eager, flex, rope-window, glu-gemm, rope-window+glu-gemm")
     parser.add_argument("--token-budget", type=int, default=0, help="0: the encoder's auto budget")
     parser.add_argument("--budget-sweep", default="", help="GPU-only token budgets for the first variant, e.g. 65536,131072")
     parser.add_argument("--e2e-repeats", type=int, default=2)

@@ -115,13 +115,14 @@ def test_the_window_kernel_takes_more_sequences_than_a_grid_axis_allows() -> Non
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("forward", ["fused", "compiled"])
+@pytest.mark.parametrize("forward", ["fused", "fused+rope-window+glu-gemm", "compiled"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("name", ["cls", "mean"])
 def test_modernbert_half_precision_matches_fp32_sentence_transformers(
     gpu_modernbert_dirs: dict[str, str], name: str, dtype: str, forward: str
 ) -> None:
-    """The default forward (Triton kernels between the GEMMs) and the ``torch.compile`` one."""
+    """The default forward (Triton kernels between the GEMMs), the same with RoPE inside the window
+    kernel and the GeGLU in Wi's GEMM epilogue (opt-in until measured), and the ``torch.compile`` one."""
     import transformers
     from sentence_transformers import SentenceTransformer
 
@@ -135,6 +136,8 @@ def test_modernbert_half_precision_matches_fp32_sentence_transformers(
         packed = PackedModernBertEncoder.from_hf(hf, encoder.device, encoder.dtype, fused=False)
         assert packed.compiled and not packed.fused
         encoder._packed_model = packed
+    elif forward != "fused":
+        packed.rope_in_window = packed.glu_in_gemm = True
     room = encoder.max_seq_length - encoder.layout.overhead
     rng = np.random.default_rng(0)
     lengths = sorted({1, 2, 3, WINDOW // 2, WINDOW, room - 1, room, *rng.integers(1, room, size=40).tolist()})
