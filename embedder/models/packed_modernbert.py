@@ -402,11 +402,14 @@ class PackedModernBertEncoder:
         self.act_name = act_name
         self.fused = fused and act_name in GLU_ACTIVATIONS
         self.rope_in_place = True  # fused: RoPE rotates q and k inside Wqkv's output (False: copies, for benchmarks)
-        # fused local layers on the window kernel: RoPE inside it (False: a pass before). Off until
-        # a GPU run measures it against the pass before (bench_modernbert.py --profile); the CPU
-        # tests check it against that pass in Triton's interpreter.
-        self.rope_in_window = False
-        self.glu_in_gemm = False  # fused: GeGLU in Wi's GEMM epilogue (kernels.linear_glu; False: two passes)
+        # fused local layers on the window kernel: RoPE inside it (False: a pass before). On an
+        # H100 (RESULTS.md, 2026-12-07 third session) the kernel with RoPE took 8.7 ms a 131k batch
+        # against 5.8 ms + 4.7 ms of RoPE passes: the forward 89.0 -> 87.3 ms, the same vectors.
+        self.rope_in_window = True
+        # fused: GeGLU in Wi's GEMM epilogue (kernels.linear_glu; False: cuBLAS, then the glu pass).
+        # Off: that Triton GEMM ran at 490 TFLOP/s against cuBLAS's 727 on an H100, 20.8 ms a 131k
+        # batch against 20.0 ms for the two passes.
+        self.glu_in_gemm = False
         self.compiled = compile and not self.fused
         self._global = {"varlen": _attend_varlen, "flex": _attend_flex, "padded": _attend_padded}[attention]
         self._local = self._global
@@ -417,6 +420,9 @@ class PackedModernBertEncoder:
         elif attention == "varlen" and not varlen_window_supported():
             self._local = _attend_flex
             self.attention_backend = "varlen+flex"
+        # whether the local layers' attention rotates q and k itself (the window kernel; the
+        # other backends take q and k rotated by the RoPE pass, whatever rope_in_window says)
+        self.local_takes_rope = self._local is _attend_window_kernel
         head_dim = self.hidden_size // num_heads
         self._inv_freq = {
             theta: 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=embeddings[0].device) / head_dim))
@@ -525,7 +531,7 @@ class PackedModernBertEncoder:
             freqs = positions.float().unsqueeze(1) * inv_freq  # [T, head_dim / 2], float32
             rope[theta] = (freqs.cos().unsqueeze(1), freqs.sin().unsqueeze(1))
         out = _BatchAttention(cu_seqlens=meta.cu_seqlens, max_seqlen=meta.max_seqlen, rope=rope)
-        if self.fused and self.rope_in_window and meta.max_seqlen - 1 > self.half_window:
+        if self.fused and self.rope_in_window and self.local_takes_rope and meta.max_seqlen - 1 > self.half_window:
             from embedder.models.kernels import rope_tables
 
             dtype = self.embeddings[0].dtype

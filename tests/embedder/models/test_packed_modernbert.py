@@ -210,7 +210,9 @@ for seed, biases in enumerate([False, True]):
     cpu = torch.device("cpu")
     plain = PackedModernBertEncoder.from_hf(model, cpu, torch.float32, attention="padded", fused=False, compile=False)
     fused = PackedModernBertEncoder.from_hf(model, cpu, torch.float32, attention="padded", fused=True)
-    assert fused.fused and not plain.fused and not fused.compiled
+    # (fused with padded attention: rope_in_window is on by default, yet its local layers take q
+    # and k rotated by the RoPE pass, as padded attention needs)
+    assert fused.fused and not plain.fused and not fused.compiled and fused.rope_in_window and not fused.local_takes_rope
     meta = build_attention(cu, token_segments(cu, int(cu[-1])), max(lengths), int(cu[-1]), plain.varlen)
     with torch.inference_mode():
         a, b = plain(ids, positions, meta), fused(ids, positions, meta)
@@ -222,6 +224,7 @@ for seed, biases in enumerate([False, True]):
         windowed = PackedModernBertEncoder.from_hf(model, cpu, torch.float32, attention="padded", fused=True)
         calls = []
         windowed._local = lambda *args: calls.append(len(args) == 6) or _attend_window_kernel(*args)
+        windowed.local_takes_rope = True  # as with varlen attention on a GPU
         windowed.rope_in_window, windowed.glu_in_gemm = rope_in_window, glu_in_gemm
         with torch.inference_mode():
             c = windowed(ids, positions, meta)
