@@ -196,6 +196,18 @@ def qk_norm_rope_kernel(
 
 
 @triton.jit
+def _gate_activation(g, ACT: tl.constexpr):
+    # a GLU's activation of its gate, in fp32 (ACT: embedder.models.kernels.GLU_ACTIVATIONS)
+    if ACT == ACT_SILU:
+        g = g * tl.sigmoid(g)
+    elif ACT == ACT_GELU_ERF:
+        g = 0.5 * g * (1.0 + tl.math.erf(g * SQRT_HALF))
+    else:  # ACT_GELU_TANH
+        g = g * tl.sigmoid(2.0 * SQRT_2_OVER_PI * (g + 0.044715 * g * g * g))
+    return g
+
+
+@triton.jit
 def glu_kernel(gu_ptr, out_ptr, n_elements, inter, BLOCK: tl.constexpr, ACT: tl.constexpr):
     # out[t, j] = act(gu[t, j]) * gu[t, inter + j] (gate then up halves of the fused projection),
     # in fp32, rounded once.
@@ -206,12 +218,7 @@ def glu_kernel(gu_ptr, out_ptr, n_elements, inter, BLOCK: tl.constexpr, ACT: tl.
     src = row * (2 * inter) + col
     g = tl.load(gu_ptr + src, mask=ok, other=0.0).to(tl.float32)
     u = tl.load(gu_ptr + src + inter, mask=ok, other=0.0).to(tl.float32)
-    if ACT == ACT_SILU:
-        g = g * tl.sigmoid(g)
-    elif ACT == ACT_GELU_ERF:
-        g = 0.5 * g * (1.0 + tl.math.erf(g * SQRT_HALF))
-    else:  # ACT_GELU_TANH
-        g = g * tl.sigmoid(2.0 * SQRT_2_OVER_PI * (g + 0.044715 * g * g * g))
+    g = _gate_activation(g, ACT)
     tl.store(out_ptr + idx, (g * u).to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -335,13 +342,7 @@ def linear_glu_kernel(
     if BIAS:
         acc_g += tl.load(b_ptr + (offs_n % N)).to(tl.float32)[None, :]
         acc_u += tl.load(b_ptr + N + (offs_n % N)).to(tl.float32)[None, :]
-    g = acc_g
-    if ACT == ACT_SILU:
-        g = g * tl.sigmoid(g)
-    elif ACT == ACT_GELU_ERF:
-        g = 0.5 * g * (1.0 + tl.math.erf(g * SQRT_HALF))
-    else:  # ACT_GELU_TANH
-        g = g * tl.sigmoid(2.0 * SQRT_2_OVER_PI * (g + 0.044715 * g * g * g))
+    g = _gate_activation(acc_g, ACT)
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     tl.store(out, (g * acc_u).to(out_ptr.dtype.element_ty), mask=mask)

@@ -403,7 +403,7 @@ class PackedModernBertEncoder:
         self.fused = fused and act_name in GLU_ACTIVATIONS
         self.rope_in_place = True  # fused: RoPE rotates q and k inside Wqkv's output (False: copies, for benchmarks)
         # fused local layers on the window kernel: RoPE inside it (False: a pass before). On an
-        # H100 (RESULTS.md, 2026-12-07 third session) the kernel with RoPE took 8.7 ms a 131k batch
+        # H100 (RESULTS.md, "2026-12-07/08 (third session)") the kernel with RoPE took 8.7 ms a 131k batch
         # against 5.8 ms + 4.7 ms of RoPE passes: the forward 89.0 -> 87.3 ms, the same vectors.
         self.rope_in_window = True
         # fused: GeGLU in Wi's GEMM epilogue (kernels.linear_glu; False: cuBLAS, then the glu pass).
