@@ -598,7 +598,7 @@ class PackedModernBertEncoder:
         for i, (_, _, qkv_w, qkv_b, wo, wo_b, mlp_w, mlp_b, wi, wi_b, w2, w2_b) in enumerate(self.layers):
             local, theta = self.plan[i]
             qkv = F.linear(h, qkv_w, qkv_b)
-            if batch.window_rope is not None and local and batch.max_seqlen - 1 > self.half_window:
+            if batch.window_rope is not None and local:  # built only where the window kernel runs local layers
                 # the window kernel rotates q and k itself, as it loads them
                 q, k, v = qkv.view(qkv.shape[0], 3, heads, -1).unbind(1)
                 attn = self._local(q, k, v, batch, self.half_window, batch.window_rope[theta]).reshape(h.shape)

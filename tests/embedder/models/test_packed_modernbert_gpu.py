@@ -132,6 +132,8 @@ def test_modernbert_half_precision_matches_fp32_sentence_transformers(
     packed = encoder._packed_model
     assert encoder.packed and isinstance(packed, PackedModernBertEncoder)
     assert packed.attention_backend == "varlen+triton-window" and packed.fused and not packed.compiled
+    # the default rotates q and k inside the window kernel (else the RoPE pass would hide a broken path)
+    assert packed.rope_in_window and packed.local_takes_rope and not packed.glu_in_gemm
     if forward == "compiled":
         hf = transformers.AutoModel.from_pretrained(path)
         packed = PackedModernBertEncoder.from_hf(hf, encoder.device, encoder.dtype, fused=False)
