@@ -19,8 +19,10 @@ kernels, ``fused``), ``compiled`` (``fused=False``: the same passes fused by ``t
 ``eager`` (neither), ``flex`` (every layer in ``flex_attention``; opt-in), and the fused forward
 with its two fusions set as named (``PackedModernBertEncoder.rope_in_window``: RoPE inside the local
 layers' window kernel, on by default; ``glu_in_gemm``: the GeGLU in Wi's GEMM epilogue, off):
-``rope-pass`` (neither), ``rope-window``, ``glu-gemm``, ``rope-window+glu-gemm``. Each row names the
-attention backend and the forward (fused, compiled or eager).
+``rope-pass`` (neither), ``rope-window``, ``glu-gemm``, ``rope-window+glu-gemm``; and ``bf16-residual``
+(the default with ``residual_fp32`` off: the residual stream in bf16 as transformers keeps it, the
+adds in cuBLAS's epilogue, the norm passes reading it alone). Each row names the attention backend
+and the forward (fused, compiled or eager).
 
 Usage (GPU machine, repository root; ~4 minutes on an H200)::
 
@@ -103,6 +105,8 @@ def load_variant(path: str, label: str, device: str) -> Any:
     if label in ("rope-pass", "rope-window", "glu-gemm", "rope-window+glu-gemm"):  # the fused forward's fusions
         packed.rope_in_window = "rope-window" in label
         packed.glu_in_gemm = "glu-gemm" in label
+    if label == "bf16-residual":
+        packed.residual_fp32 = False
     if label in ("compiled", "eager"):  # the job config's compile: false means "auto"; force the forward here
         hf = transformers.AutoModel.from_pretrained(path)
         encoder._packed_model = PackedModernBertEncoder.from_hf(
@@ -140,9 +144,10 @@ def run_pipeline(path: str, docs: list[Any], root: Path, chunk_tokens: int, work
 LOCAL_CONFIGS = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 4, 3)]
 GLU_CONFIGS = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (128, 64, 64, 8, 3), (64, 128, 64, 4, 4),
                (256, 64, 64, 8, 3)]  # linear_glu: block_m, block_n, block_k, warps, stages
-# whole-forward variants: (RoPE in place, RoPE inside the window kernel, GeGLU in Wi's GEMM)
-FORWARD_VARIANTS = {"rope copies": (False, False, False), "rope in place": (True, False, False),
-                    "+ rope in window kernel": (True, True, False), "+ GeGLU in Wi's GEMM": (True, True, True)}
+# whole-forward variants: (RoPE in place, RoPE inside the window kernel, GeGLU in Wi's GEMM, fp32 residual)
+FORWARD_VARIANTS = {"rope copies": (False, False, False, True), "rope in place": (True, False, False, True),
+                    "+ rope in window kernel": (True, True, False, True), "+ GeGLU in Wi's GEMM": (True, True, True, True),
+                    "rope in window kernel, bf16 residual": (True, True, False, False)}
 
 
 def profile_forward(budgets: list[int]) -> None:
@@ -177,14 +182,14 @@ def profile_forward(budgets: list[int]) -> None:
         with torch.inference_mode():
             return packed(b["ids"], b["pos"], build_attention(b["cu"], b["seg"], b["max_len"], b["total"], True))
 
-    defaults = (packed.rope_in_place, packed.rope_in_window, packed.glu_in_gemm)
-    for label, (packed.rope_in_place, packed.rope_in_window, packed.glu_in_gemm) in FORWARD_VARIANTS.items():
+    defaults = (packed.rope_in_place, packed.rope_in_window, packed.glu_in_gemm, packed.residual_fp32)
+    for label, (packed.rope_in_place, packed.rope_in_window, packed.glu_in_gemm, packed.residual_fp32) in FORWARD_VARIANTS.items():
         for b in batches:
             seconds = _cuda_seconds(lambda b=b: forward(b))
             print(f"  forward T={b['total']} {label}: {seconds * 1e3:.1f} ms/batch, "
                   f"{b['total'] / seconds / 1e6:.3f}M tok/s, {flops_per_corpus(b['lengths']) / seconds / 1e12:.0f} TFLOP/s",
                   flush=True)
-    packed.rope_in_place, packed.rope_in_window, packed.glu_in_gemm = defaults
+    packed.rope_in_place, packed.rope_in_window, packed.glu_in_gemm, packed.residual_fp32 = defaults
     b = batches[-1]
     total = b["total"]
     n_global = len(range(0, layers, SHAPE["global_every"]))
@@ -202,6 +207,11 @@ def profile_forward(budgets: list[int]) -> None:
             inp = wide if name == "Wo (mlp)" else hidden
             sec = _cuda_seconds(lambda inp=inp, weight=weight: F.linear(inp, weight))
             rows.append((f"mm {name} ({2 * total * weight.numel() / sec / 1e12:.0f} TFLOP/s)", sec * layers * 1e3, None))
+        for name, inp in (("Wo", hidden), ("Wo (mlp)", wide)):  # the residual add in the epilogue (bf16 residual)
+            residual = hidden.clone()
+            sec = _cuda_seconds(lambda inp=inp, name=name, residual=residual: residual.addmm_(inp, w[name].t()))
+            rows.append((f"mm {name} + residual, addmm ({2 * total * w[name].numel() / sec / 1e12:.0f} TFLOP/s)",
+                         sec * layers * 1e3, None))
         qkv = F.linear(hidden, w["Wqkv"])
         gu = F.linear(hidden, w["Wi"])
         rope_bytes = 2 * qkv.numel() * 2  # read and write of q, k and v (in place: of q and k only)
@@ -215,6 +225,9 @@ def profile_forward(budgets: list[int]) -> None:
         }
         elementwise["add + LayerNorm, fp32 residual"] = (
             lambda: kernels.add_layer_norm_f32(x, hidden, ones, None, 1e-5), 2 * layers, total * h * (4 + 2 + 4 + 2))
+        x16 = x.to(torch.bfloat16)
+        elementwise["LayerNorm alone, bf16 residual"] = (
+            lambda: kernels.add_layer_norm_f32(x16, None, ones, None, 1e-5), 2 * layers, total * h * (2 + 2))
         elementwise["GeGLU"] = (lambda: kernels.glu(gu, "gelu"), layers, gu.numel() * 2 * 3 // 2)
         for name, (fn, count, nbytes) in elementwise.items():
             sec = _cuda_seconds(fn)
@@ -303,7 +316,7 @@ def main() -> None:
     parser.add_argument("--chunk-tokens", type=int, default=512, help="longest chunk (specials included)")
     parser.add_argument("--pooling", default="mean", choices=["mean", "cls"])
     parser.add_argument("--st-batch-sizes", default="32,64,128")
-    parser.add_argument("--variants", default="default,compiled", help="of default, compiled, eager, flex, rope-pass, rope-window, glu-gemm, rope-window+glu-gemm")
+    parser.add_argument("--variants", default="default,compiled", help="of default, compiled, eager, flex, rope-pass, rope-window, glu-gemm, rope-window+glu-gemm, bf16-residual")
     parser.add_argument("--token-budget", type=int, default=0, help="0: the encoder's auto budget")
     parser.add_argument("--budget-sweep", default="", help="GPU-only token budgets for the first variant, e.g. 65536,131072")
     parser.add_argument("--e2e-repeats", type=int, default=2)

@@ -165,6 +165,8 @@ def add_layer_norm_f32(
 
     ``add_layer_norm`` with a float32 residual stream: the sum is kept in ``x`` in float32 and only
     the normalised output is rounded, once, to the weight's dtype (ModernBERT's pre-norm layers).
+    Without ``h`` the pass only reads ``x``, which may then be in any float dtype (ModernBERT's
+    ``residual_fp32`` off: the adds happened in the GEMMs).
     """
     return _add_norm(x, h, weight, bias, eps, layer=True)
 

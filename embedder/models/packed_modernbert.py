@@ -46,7 +46,10 @@ LayerNorm (``add_layer_norm_f32``), RoPE rotates q and k in place inside ``Wqkv`
 attention reading strided views of it (``qk_norm_rope``, cos/sin from the positions in the
 kernel; v is never copied) and GeGLU is one pass (``glu``). On the local layers that run the
 window kernel there is no RoPE pass at all: the kernel rotates q and k as it loads them, from
-cos/sin tables computed once per batch (``local_attention(rope=...)``).
+cos/sin tables computed once per batch (``local_attention(rope=...)``). ``residual_fp32 = False``
+(a benchmark variant, not a job option) keeps the residual stream in the run's dtype instead, as
+transformers does: ``Wo`` and the MLP's second GEMM add into it in cuBLAS's epilogue
+(``x.addmm_``) and the norm passes only read it.
 Where that cannot run (no Triton, a head size that is not a power of two, an activation ``glu``
 lacks) or with ``fused=False``, the same math is compiled with ``torch.compile`` into a few fused
 kernels per layer (``compile=None``: on CUDA in fp16/bf16; ``False`` keeps eager PyTorch ops).
@@ -294,6 +297,15 @@ def _post_then_final(x: torch.Tensor, attn: torch.Tensor, *weights: Any) -> torc
 # --- attention backends ---------------------------------------------------------------------------
 
 
+def _add_linear(x: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x += inp @ weightᵀ (+ bias)`` in place, the add in the GEMM's epilogue (cuBLAS's ``beta = 1``:
+    fp32 accumulation, ``x`` rounded once); ``x`` in the GEMM's dtype."""
+    x.addmm_(inp, weight.t())
+    if bias is not None:
+        x += bias
+    return x
+
+
 def _attend_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: _BatchAttention, half: int | None) -> torch.Tensor:
     from torch.nn.attention.varlen import varlen_attn
 
@@ -410,6 +422,11 @@ class PackedModernBertEncoder:
         # Off: that Triton GEMM ran at 490 TFLOP/s against cuBLAS's 727 on an H100, 20.8 ms a 131k
         # batch against 20.0 ms for the two passes.
         self.glu_in_gemm = False
+        # fused: the residual stream in float32 (False: in the run's dtype, as transformers keeps it,
+        # Wo's and the MLP's GEMMs adding their output to it in cuBLAS's epilogue and the norm pass
+        # reading it alone: 4 bytes an element of the add + LayerNorm passes instead of 12). On for
+        # fidelity; the other is a benchmark variant (``bench_modernbert.py``, ``bf16-residual``).
+        self.residual_fp32 = True
         self.compiled = compile and not self.fused
         self._global = {"varlen": _attend_varlen, "flex": _attend_flex, "padded": _attend_padded}[attention]
         self._local = self._global
@@ -587,13 +604,17 @@ class PackedModernBertEncoder:
     def _forward_fused(self, input_ids: torch.Tensor, position_ids: torch.Tensor, batch: _BatchAttention) -> torch.Tensor:
         """The forward with each elementwise pass one Triton kernel (``kernels.add_layer_norm_f32``,
         ``qk_norm_rope``, ``glu``) around a float32 residual stream; a layer's closing residual add
-        fuses with the next layer's ``attn_norm`` (the last one's with ``final_norm``)."""
+        fuses with the next layer's ``attn_norm`` (the last one's with ``final_norm``). With
+        ``residual_fp32`` off the stream is in the run's dtype and the adds happen in the GEMMs
+        (``_add_linear``), the norm passes only reading it."""
         from embedder.models import kernels
 
         heads, eps, last = self.num_heads, self.eps, len(self.layers) - 1
         table, emb_w, emb_b = self.embeddings
-        # the float32 residual stream, updated in place by the kernels
+        # the residual stream (float32 unless residual_fp32 is off), updated in place
         x = _layer_norm(F.embedding(input_ids, table).float(), emb_w.float(), None if emb_b is None else emb_b.float(), eps)
+        if not self.residual_fp32:
+            x = x.to(table.dtype)
         h = x.to(table.dtype) if self.layers[0][0] is None else kernels.add_layer_norm_f32(x, None, *self.layers[0][:2], eps)
         for i, (_, _, qkv_w, qkv_b, wo, wo_b, mlp_w, mlp_b, wi, wi_b, w2, w2_b) in enumerate(self.layers):
             local, theta = self.plan[i]
@@ -608,12 +629,20 @@ class PackedModernBertEncoder:
                     in_place=self.rope_in_place, tokens=32,
                 )
                 attn = self._attend(i, q, k, v, batch)
-            h = kernels.add_layer_norm_f32(x, F.linear(attn, wo, wo_b), mlp_w, mlp_b, eps)
-            if self.glu_in_gemm:
-                out = F.linear(kernels.linear_glu(h, wi, wi_b, self.act_name), w2, w2_b)
+            if self.residual_fp32:
+                h = kernels.add_layer_norm_f32(x, F.linear(attn, wo, wo_b), mlp_w, mlp_b, eps)
             else:
-                out = F.linear(kernels.glu(F.linear(h, wi, wi_b), self.act_name), w2, w2_b)
+                h = kernels.add_layer_norm_f32(_add_linear(x, attn, wo, wo_b), None, mlp_w, mlp_b, eps)
+            if self.glu_in_gemm:
+                glu = kernels.linear_glu(h, wi, wi_b, self.act_name)
+            else:
+                glu = kernels.glu(F.linear(h, wi, wi_b), self.act_name)
             norm_w, norm_b = self.final_norm if i == last else self.layers[i + 1][:2]
+            if not self.residual_fp32:
+                _add_linear(x, glu, w2, w2_b)
+                h = x.clone() if norm_w is None else kernels.add_layer_norm_f32(x, None, norm_w, norm_b, eps)
+                continue
+            out = F.linear(glu, w2, w2_b)
             if norm_w is None:  # an identity attn_norm: the residual itself goes on
                 x += out
                 h = x.to(table.dtype)

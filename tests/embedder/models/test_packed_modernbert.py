@@ -217,6 +217,11 @@ for seed, biases in enumerate([False, True]):
     with torch.inference_mode():
         a, b = plain(ids, positions, meta), fused(ids, positions, meta)
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    # the residual stream in the run's dtype: the adds in the GEMMs (addmm), the norm passes reading it
+    fused.residual_fp32 = False
+    with torch.inference_mode():
+        d = fused(ids, positions, meta)
+    torch.testing.assert_close(d, a, rtol=1e-4, atol=1e-4)
     # local layers as the GPU runs them (varlen+triton-window): RoPE by qk_norm_rope before the
     # kernel, then inside it; calls counted (with whether the kernel got RoPE tables) so they surely
     # ran; last with the GeGLU in Wi's GEMM (kernels.linear_glu)
@@ -271,7 +276,8 @@ print("fused kernels match")
 
 
 def test_fused_modernbert_kernels_equal_the_pytorch_ops_in_the_triton_interpreter(tmp_path: Path) -> None:
-    """The float32-residual add + LayerNorm (with and without biases), RoPE of each layer's theta (in
+    """The float32-residual add + LayerNorm (with and without biases; and the residual added in the
+    GEMMs, the norm pass reading it alone), RoPE of each layer's theta (in
     place), the GeGLU (alone and in Wi's GEMM) and the sliding-window attention kernel of local layers
     (RoPE before it and inside it), as the GPU runs them (Triton kernels, here in Triton's interpreter), against the
     eager forward in fp32 on sequences longer and shorter than the window; Triton reads

@@ -115,14 +115,15 @@ def test_the_window_kernel_takes_more_sequences_than_a_grid_axis_allows() -> Non
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("forward", ["fused", "fused+rope-window+glu-gemm", "compiled"])
+@pytest.mark.parametrize("forward", ["fused", "fused+rope-window+glu-gemm", "fused+bf16-residual", "compiled"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("name", ["cls", "mean"])
 def test_modernbert_half_precision_matches_fp32_sentence_transformers(
     gpu_modernbert_dirs: dict[str, str], name: str, dtype: str, forward: str
 ) -> None:
     """The default forward (Triton kernels between the GEMMs, RoPE inside the window kernel), the
-    same with the GeGLU in Wi's GEMM epilogue too (opt-in: slower than cuBLAS on an H100), and the
+    same with the GeGLU in Wi's GEMM epilogue too (opt-in: slower than cuBLAS on an H100), the same
+    with the residual stream in the run's dtype (``residual_fp32`` off, a benchmark variant) and the
     ``torch.compile`` one."""
     import transformers
     from sentence_transformers import SentenceTransformer
@@ -133,12 +134,14 @@ def test_modernbert_half_precision_matches_fp32_sentence_transformers(
     assert encoder.packed and isinstance(packed, PackedModernBertEncoder)
     assert packed.attention_backend == "varlen+triton-window" and packed.fused and not packed.compiled
     # the default rotates q and k inside the window kernel (else the RoPE pass would hide a broken path)
-    assert packed.rope_in_window and packed.local_takes_rope and not packed.glu_in_gemm
+    assert packed.rope_in_window and packed.local_takes_rope and not packed.glu_in_gemm and packed.residual_fp32
     if forward == "compiled":
         hf = transformers.AutoModel.from_pretrained(path)
         packed = PackedModernBertEncoder.from_hf(hf, encoder.device, encoder.dtype, fused=False)
         assert packed.compiled and not packed.fused
         encoder._packed_model = packed
+    elif forward == "fused+bf16-residual":
+        packed.residual_fp32 = False
     elif forward != "fused":
         packed.rope_in_window = packed.glu_in_gemm = True
     room = encoder.max_seq_length - encoder.layout.overhead
