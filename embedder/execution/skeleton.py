@@ -104,8 +104,8 @@ class Run:
         started = time.perf_counter()
         self._started = started
         try:
-            self._preload_sink()
             self._start(stops)
+            self._preload_sink()
             for milestone, at in self.scheduler.marks.items():  # those of setup (Ray: encoders_started)
                 result.mark(milestone, at, started)
             result.mark("connected", time.perf_counter(), started)
@@ -363,19 +363,17 @@ class Run:
         return sink_registry().SINKS.get(job.output.sink)(job.output, schema)
 
     def _preload_sink(self) -> None:
-        """Imports the sink's libraries in a background thread while the scheduler connects and
-        the model loads (``Sink.preload``); ``open`` later finds them imported."""
-        import threading
-
+        """Imports the sink's libraries (``Sink.preload``) once the scheduler has started, so that on
+        Ray the import overlaps the encoder actors loading the model; ``open`` later finds them
+        imported. In this thread: importing them in a background thread while this one imported
+        torch made ``import torch`` fail now and then ("cannot import name 'fft' from partially
+        initialized module 'torch'", 1 of 42 quickstart runs on a loaded 2-core machine): CPython
+        breaks an import-lock cycle between two threads by handing one a half-initialised module."""
         sink_class = sink_registry().SINKS.get(self.job.output.sink)
-
-        def preload() -> None:
-            try:
-                sink_class.preload()
-            except Exception:  # open() reports a missing library with its fix
-                log.debug("preloading the sink's libraries failed", exc_info=True)
-
-        threading.Thread(target=preload, name="embedder-sink-preload", daemon=True).start()
+        try:
+            sink_class.preload()
+        except Exception:  # open() reports a missing library with its fix
+            log.debug("preloading the sink's libraries failed", exc_info=True)
 
     def _preload_reference(self, encoder: Any) -> None:
         """Loads the canary check's reference model in the background while the run embeds."""
