@@ -25,24 +25,30 @@ def resolve_job(job: Job) -> Job:
 
 
 def plugin_modules(job: Job) -> list[str]:
-    """Modules that other processes (readers, Ray tasks) import so the job's connector is registered
-    there: the module of a connector registered by the user's own code (built-ins register themselves).
+    """Modules that other processes (readers, Ray tasks) import so that the job they validate finds its
+    connector and its sink registered there: the modules of those the user's own code registered
+    (built-ins register themselves). Readers never write, but they validate the whole job, sink name
+    included: without its module a plugin sink failed every reader.
 
     Raises:
-        ConfigError: the connector is defined in the script being run (``__main__``), which other
-            processes cannot import; the message says to move it into a module.
+        ConfigError: the connector or sink is defined in the script being run (``__main__``), which
+            other processes cannot import; the message says to move it into a module.
     """
-    registry = connector_registry()
-    cls = registry.CONNECTORS.get(job.source.format)
-    module = cls.__module__
-    if module.startswith("connectors."):
-        return []
-    if module in ("__main__", "__mp_main__"):
-        raise ConfigError(
-            f"connector {job.source.format!r} is defined in the script being run (__main__), which reader "
-            "processes cannot import: move the class into a module (e.g. my_connectors.py) and import it"
-        )
-    return [module]
+    modules = []
+    for kind, name, cls, builtin in (
+        ("connector", job.source.format, connector_registry().CONNECTORS.get(job.source.format), "connectors."),
+        ("sink", job.output.sink, sink_registry().SINKS.get(job.output.sink), "indexes."),
+    ):
+        module = cls.__module__
+        if module.startswith(builtin):
+            continue
+        if module in ("__main__", "__mp_main__"):
+            raise ConfigError(
+                f"{kind} {name!r} is defined in the script being run (__main__), which reader "
+                f"processes cannot import: move the class into a module (e.g. my_{kind}s.py) and import it"
+            )
+        modules.append(module)
+    return modules
 
 
 def import_plugins(modules: Sequence[str]) -> None:
