@@ -105,10 +105,10 @@ class Run:
         self._started = started
         try:
             self._start(stops)
-            self._preload_sink()
             for milestone, at in self.scheduler.marks.items():  # those of setup (Ray: encoders_started)
                 result.mark(milestone, at, started)
             result.mark("connected", time.perf_counter(), started)
+            self._preload_sink()
             plan = self._plan(checkpoint, result, started, lease)
             if plan.pending and not self.control.draining:
                 self._execute(plan, result)
