@@ -150,6 +150,17 @@ FORWARD_VARIANTS = {"rope copies": (False, False, False, True), "rope in place":
                     "rope in window kernel, bf16 residual": (True, True, False, False)}
 
 
+def base_config(layers: int = SHAPE["layers"], **extra: Any) -> Any:
+    """transformers' ``ModernBertConfig`` of the ModernBERT-base shape (``SHAPE``), ``layers`` deep (``extra``: more fields)."""
+    import transformers
+
+    return transformers.ModernBertConfig(
+        vocab_size=50368, hidden_size=SHAPE["hidden"], num_hidden_layers=layers, num_attention_heads=SHAPE["heads"],
+        intermediate_size=SHAPE["intermediate"], local_attention=SHAPE["local_attention"],
+        global_attn_every_n_layers=SHAPE["global_every"], max_position_embeddings=SHAPE["max_positions"], **extra,
+    )
+
+
 def profile_forward(budgets: list[int]) -> None:
     """Where the fused forward's time goes, on one GPU: whole forwards of a random ModernBERT-base
     (RoPE copying q/k/v out of Wqkv's output, then in place) at each token budget, each piece alone
@@ -166,12 +177,7 @@ def profile_forward(budgets: list[int]) -> None:
     from embedder.models.packed_modernbert import PackedModernBertEncoder
 
     h, i, layers, heads = SHAPE["hidden"], SHAPE["intermediate"], SHAPE["layers"], SHAPE["heads"]
-    config = transformers.ModernBertConfig(
-        vocab_size=50368, hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=i,
-        local_attention=SHAPE["local_attention"], global_attn_every_n_layers=SHAPE["global_every"],
-        max_position_embeddings=SHAPE["max_positions"],
-    )
-    model = transformers.ModernBertModel(config).eval()
+    model = transformers.ModernBertModel(base_config()).eval()
     cuda = torch.device("cuda")
     packed = PackedModernBertEncoder.from_hf(model, cuda, torch.bfloat16)
     print(f"  profile: attention {packed.attention_backend}, {packed.elementwise}", flush=True)

@@ -31,13 +31,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.bench_modernbert import SHAPE
-
-
-def _pooled(hidden: torch.Tensor, lengths: list[int]) -> dict[str, torch.Tensor]:
-    """Mean and CLS pooling of packed token states ``[T, hidden]`` (float32)."""
-    parts = hidden.float().split(lengths)
-    return {"mean": torch.stack([p.mean(0) for p in parts]), "cls": torch.stack([p[0] for p in parts])}
+from benchmarks.bench_modernbert import SHAPE, base_config
 
 
 def main() -> None:
@@ -50,23 +44,21 @@ def main() -> None:
 
     from embedder.models.packed_bert import build_attention
     from embedder.models.packed_modernbert import PackedModernBertEncoder
-    from embedder.models.pooling import token_segments
+    from embedder.models.pooling import pool, token_segments
 
     torch.manual_seed(args.seed)
-    config = transformers.ModernBertConfig(
-        vocab_size=50368, hidden_size=SHAPE["hidden"], num_hidden_layers=args.layers,
-        num_attention_heads=SHAPE["heads"], intermediate_size=SHAPE["intermediate"],
-        local_attention=SHAPE["local_attention"], global_attn_every_n_layers=SHAPE["global_every"],
-        max_position_embeddings=SHAPE["max_positions"], attn_implementation="sdpa",
-    )
-    model = transformers.ModernBertModel(config).eval()
+    model = transformers.ModernBertModel(base_config(args.layers, attn_implementation="sdpa")).eval()
     lengths = [int(n) for n in args.lengths.split(",")]
     generator = torch.Generator().manual_seed(args.seed + 1)
     texts = [torch.randint(5, 50000, (n,), generator=generator) for n in lengths]
     ids = torch.cat(texts)
     positions = torch.cat([torch.arange(n) for n in lengths])
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    meta = build_attention(cu, token_segments(cu, int(cu[-1])), max(lengths), int(cu[-1]), False)
+    segments = token_segments(cu, int(cu[-1]))
+    meta = build_attention(cu, segments, max(lengths), int(cu[-1]), False)
+
+    def pooled(hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {mode: pool(hidden, cu, segments, mode) for mode in ("mean", "cls")}
     print(f"ModernBERT-base shape, {args.layers} layers, {len(lengths)} sequences of {lengths} tokens", flush=True)
 
     def hf(m: torch.nn.Module) -> torch.Tensor:
@@ -75,15 +67,15 @@ def main() -> None:
 
     cpu = torch.device("cpu")
     t0 = time.perf_counter()
-    reference = _pooled(hf(model), lengths)
+    reference = pooled(hf(model))
     rows = {}
     packed = PackedModernBertEncoder.from_hf(model, cpu, torch.float32, attention="padded", fused=False, compile=False)
     with torch.inference_mode():
-        rows["embedder eager fp32"] = _pooled(packed(ids, positions, meta), lengths)
+        rows["embedder eager fp32"] = pooled(packed(ids, positions, meta))
     packed = PackedModernBertEncoder.from_hf(model, cpu, torch.bfloat16, attention="padded", fused=False, compile=False)
     with torch.inference_mode():
-        rows["embedder eager bf16"] = _pooled(packed(ids, positions, meta), lengths)
-    rows["transformers bf16"] = _pooled(hf(model.to(torch.bfloat16)), lengths)
+        rows["embedder eager bf16"] = pooled(packed(ids, positions, meta))
+    rows["transformers bf16"] = pooled(hf(model.to(torch.bfloat16)))
     print(f"{'variant':<22} {'pooling':<7} {'min cos':>9} {'mean cos':>9}  per sequence", flush=True)
     for name, pooled in rows.items():
         for pooling, vectors in pooled.items():

@@ -297,15 +297,6 @@ def _post_then_final(x: torch.Tensor, attn: torch.Tensor, *weights: Any) -> torc
 # --- attention backends ---------------------------------------------------------------------------
 
 
-def _add_linear(x: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x += inp @ weightᵀ (+ bias)`` in place, the add in the GEMM's epilogue (cuBLAS's ``beta = 1``:
-    fp32 accumulation, ``x`` rounded once); ``x`` in the GEMM's dtype."""
-    x.addmm_(inp, weight.t())
-    if bias is not None:
-        x += bias
-    return x
-
-
 def _attend_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: _BatchAttention, half: int | None) -> torch.Tensor:
     from torch.nn.attention.varlen import varlen_attn
 
@@ -608,7 +599,7 @@ class PackedModernBertEncoder:
         ``qk_norm_rope``, ``glu``) around a float32 residual stream; a layer's closing residual add
         fuses with the next layer's ``attn_norm`` (the last one's with ``final_norm``). With
         ``residual_fp32`` off the stream is in the run's dtype and the adds happen in the GEMMs
-        (``_add_linear``), the norm passes only reading it."""
+        (``_sublayer_out``), the norm passes only reading it."""
         from embedder.models import kernels
 
         heads, eps, last = self.num_heads, self.eps, len(self.layers) - 1
@@ -631,23 +622,29 @@ class PackedModernBertEncoder:
                     in_place=self.rope_in_place, tokens=32,
                 )
                 attn = self._attend(i, q, k, v, batch)
-            if self.residual_fp32:
-                h = kernels.add_layer_norm_f32(x, F.linear(attn, wo, wo_b), mlp_w, mlp_b, eps)
-            else:
-                h = kernels.add_layer_norm_f32(_add_linear(x, attn, wo, wo_b), None, mlp_w, mlp_b, eps)
+            h = kernels.add_layer_norm_f32(x, self._sublayer_out(x, attn, wo, wo_b), mlp_w, mlp_b, eps)
             if self.glu_in_gemm:
                 glu = kernels.linear_glu(h, wi, wi_b, self.act_name)
             else:
                 glu = kernels.glu(F.linear(h, wi, wi_b), self.act_name)
+            out = self._sublayer_out(x, glu, w2, w2_b)
             norm_w, norm_b = self.final_norm if i == last else self.layers[i + 1][:2]
-            if not self.residual_fp32:
-                _add_linear(x, glu, w2, w2_b)
-                h = x.clone() if norm_w is None else kernels.add_layer_norm_f32(x, None, norm_w, norm_b, eps)
-                continue
-            out = F.linear(glu, w2, w2_b)
             if norm_w is None:  # an identity attn_norm: the residual itself goes on
-                x += out
+                if out is not None:
+                    x += out
                 h = x.to(table.dtype)
             else:
                 h = kernels.add_layer_norm_f32(x, out, norm_w, norm_b, eps)
         return h
+
+    def _sublayer_out(
+        self, x: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """A sublayer's closing linear: its output, which the next norm pass adds to the float32
+        residual ``x``; or, with ``residual_fp32`` off, None, the GEMM having added it to ``x`` itself."""
+        if self.residual_fp32:
+            return F.linear(inp, weight, bias)
+        x.addmm_(inp, weight.t())  # cuBLAS's beta = 1: fp32 accumulation, x rounded once
+        if bias is not None:
+            x += bias
+        return None
